@@ -1,0 +1,210 @@
+"""Command line: gateway serve | check | user add/passwd/remove/list/enable/disable."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from . import paths
+from .config import Config, ConfigError, check_listeners, load_config
+from .errors import GatewayError, InvalidPath
+from .permissions import ALL, parse_perms
+from .users import Location, Mount, User, UserStore, UsersFileError, hash_password, parse_public_key
+
+
+class CommandError(Exception):
+    """A usage or input problem the user can fix; printed as one line."""
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise CommandError("no terminal to prompt for a password: use --password-stdin")
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise CommandError("the passwords do not match")
+    if len(password) < 8:
+        raise CommandError("password too short: use at least 8 characters")
+    return password
+
+
+def _store(config: Config) -> UserStore:
+    return UserStore(config.server.users_file, backends=config.backends.keys())
+
+
+def _parse_perm_rules(rules: list[str]) -> dict:
+    result = {}
+    for rule in rules:
+        path, sep, words = rule.partition("=")
+        if not sep:
+            raise CommandError(f"--perm {rule!r}: expected /path=perm,perm")
+        try:
+            result[paths.normalize(path)] = parse_perms(words.split(","))
+        except (ValueError, InvalidPath) as exc:
+            raise CommandError(f"--perm {rule!r}: {exc}") from None
+    return result
+
+
+def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
+    keys = []
+    for key_file in args.key:
+        try:
+            text = Path(key_file).read_text()
+        except OSError as exc:
+            raise CommandError(f"--key {key_file}: {exc.strerror}") from None
+        for line in text.splitlines():
+            if line.strip() and not line.startswith("#"):
+                try:
+                    keys.append(parse_public_key(line))
+                except ValueError as exc:
+                    raise CommandError(f"--key {key_file}: {exc}") from None
+    password_hash = None
+    if args.password_stdin or not keys:
+        password_hash = hash_password(_read_password(args))
+    default_backend = next(iter(config.backends))
+    try:
+        home = Location.parse(args.home or f"{default_backend}:/{args.name}")
+    except ValueError as exc:
+        raise CommandError(f"--home: {exc}") from None
+    if home.backend not in config.backends:
+        raise CommandError(f"--home: backend '{home.backend}' is not defined in {config.path}")
+    mounts = []
+    for spec in args.mount:
+        vpath, sep, target = spec.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected /path=backend:/path")
+            loc = Location.parse(target)
+            if loc.backend not in config.backends:
+                raise ValueError(f"backend '{loc.backend}' is not defined")
+            mounts.append(Mount(paths.normalize(vpath), loc, ALL))
+        except (ValueError, InvalidPath) as exc:
+            raise CommandError(f"--mount {spec!r}: {exc}") from None
+    perms = {"/": ALL}
+    perms.update(_parse_perm_rules(args.perm))
+    user = User(args.name, password_hash, tuple(keys), home, tuple(mounts), perms,
+                args.quota_bytes, args.quota_files, False)
+    _store(config).add(user)
+    print(f"added user '{args.name}' (home {home})")
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    if store.get(args.name) is None:
+        raise CommandError(f"no user '{args.name}'")
+    store.update(args.name, password_hash=hash_password(_read_password(args)))
+    print(f"password changed for '{args.name}'")
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace, config: Config) -> int:
+    _store(config).remove(args.name)
+    print(f"removed user '{args.name}' (their files are kept)")
+    return 0
+
+
+def cmd_user_enable(args: argparse.Namespace, config: Config, disabled: bool) -> int:
+    _store(config).update(args.name, disabled=disabled)
+    print(f"{'disabled' if disabled else 'enabled'} user '{args.name}'")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
+    users = _store(config).all()
+    if not users:
+        print("no users")
+    for user in users:
+        flags = []
+        if user.password_hash:
+            flags.append("password")
+        if user.keys:
+            flags.append(f"{len(user.keys)} key(s)")
+        if user.quota_bytes or user.quota_files:
+            flags.append(f"quota {user.quota_bytes or '-'} bytes/{user.quota_files or '-'} files")
+        if user.disabled:
+            flags.append("DISABLED")
+        mounts = "".join(f" {m.path}->{m.target}" for m in user.mounts)
+        print(f"{user.name}\t{user.home}{mounts}\t{', '.join(flags)}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    from .storage import create_backend
+    for name, section in config.backends.items():
+        try:
+            backend = create_backend(section.type, section.options)
+            backend.check()
+            backend.close()
+        except GatewayError as exc:
+            raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
+    users = _store(config).load()
+    check_listeners(config)
+    listeners = [f"{n} {getattr(config, n).listen}" for n in ("webdav", "sftp")
+                 if getattr(config, n).enabled]
+    backends = [f"{n} ({s.type})" for n, s in config.backends.items()]
+    print(f"OK: {config.path}: backends: {', '.join(backends)}; users: {len(users)}; "
+          f"listeners: {', '.join(listeners) or 'none'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from .server import serve
+    return serve(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="WebDAV + SFTP file gateway")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="path to gateway.toml (default: config/gateway.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the gateway").set_defaults(func=cmd_serve)
+    sub.add_parser("check", parents=[common], help="validate the config and users file").set_defaults(
+        func=cmd_check)
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
+    add = user.add_parser("add", parents=[common], help="add a user")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--key", action="append", default=[], metavar="PUBKEY_FILE",
+                     help="an OpenSSH public key file (repeatable)")
+    add.add_argument("--home", metavar="BACKEND:/path", help="home folder (default: first backend:/NAME)")
+    add.add_argument("--perm", action="append", default=[], metavar="/path=perm,perm",
+                     help="permission rule (repeatable); longest path wins")
+    add.add_argument("--mount", action="append", default=[], metavar="/path=BACKEND:/path",
+                     help="virtual folder (repeatable)")
+    add.add_argument("--quota-bytes", type=int, default=0)
+    add.add_argument("--quota-files", type=int, default=0)
+    add.set_defaults(func=cmd_user_add)
+    passwd = user.add_parser("passwd", parents=[common], help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true")
+    passwd.set_defaults(func=cmd_user_passwd)
+    for verb, func in (("remove", cmd_user_remove),
+                       ("disable", lambda a, c: cmd_user_enable(a, c, True)),
+                       ("enable", lambda a, c: cmd_user_enable(a, c, False))):
+        p = user.add_parser(verb, parents=[common], help=f"{verb} a user")
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    user.add_parser("list", parents=[common], help="list users").set_defaults(func=cmd_user_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return args.func(args, config)
+    except (ConfigError, UsersFileError, CommandError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

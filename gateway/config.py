@@ -1,0 +1,272 @@
+"""Configuration: gateway.toml read with tomllib into validated dataclasses.
+
+Every problem becomes one ConfigError whose message names the file and the
+key, so `gateway serve` and `gateway check` can print a single line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .storage import BACKEND_TYPES, backend_classes
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, stated in one line that names the file and key."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Listen":
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"expected 'HOST:PORT', got '{text}'")
+        host = host.strip("[]") or "0.0.0.0"
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+
+@dataclass
+class ServerSection:
+    state_dir: Path = Path("var")
+    users_file: Path = Path("users.toml")
+    log_level: str = "info"
+    # Audit lines (one per file operation) go to this file; unset: to the main log.
+    audit_log: Path | None = None
+
+
+@dataclass
+class WebDAVSection:
+    enabled: bool = True
+    listen: Listen = Listen("127.0.0.1", 8080)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    threads: int = 32
+    block_size: int = 1024 * 1024
+    # "allow", "hide" (not listed) or "refuse" (403) for macOS ._* and .DS_Store files.
+    macos_files: str = "allow"
+    max_xml_body: int = 1024 * 1024
+    timeout: int = 60
+
+
+@dataclass
+class SFTPSection:
+    enabled: bool = True
+    listen: Listen = Listen("127.0.0.1", 2022)
+    idle_timeout: int = 900
+    max_handles: int = 512
+    # ssh-rsa (SHA-1) signatures are broken; only very old clients need them.
+    allow_ssh_rsa_sha1: bool = False
+    window_size: int = 64 * 1024 * 1024
+    max_packet_size: int = 256 * 1024
+
+
+@dataclass
+class DefenderSection:
+    enabled: bool = True
+    max_failures: int = 10       # failed logins within `window` before a ban
+    window: int = 300            # seconds
+    ban_time: int = 900          # seconds
+    max_connections: int = 512
+    max_connections_per_ip: int = 64
+    exempt: list[str] = field(default_factory=list)   # IPs never banned
+
+
+@dataclass
+class BackendSection:
+    name: str
+    type: str
+    options: Any  # the backend type's own config dataclass
+
+
+@dataclass
+class Config:
+    path: Path
+    server: ServerSection
+    webdav: WebDAVSection
+    sftp: SFTPSection
+    defender: DefenderSection
+    backends: dict[str, BackendSection]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+_PATH_TYPES = (Path,)
+
+
+def _convert(value: Any, hint: Any, key: str, where: str, base: Path) -> Any:
+    """Check `value` against a type hint, converting paths and listen addresses."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(value, options[0], key, where, base)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} {key}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]", where, base) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} {key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where} {key}: expected a whole number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where} {key}: must not be negative, got {value}")
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} {key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} {key}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} {key}: expected a path string, got {value!r}")
+        return (base / value).resolve()
+    if hint is Listen:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} {key}: expected 'HOST:PORT', got {value!r}")
+        try:
+            return Listen.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where} {key}: {exc}") from None
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def build_dataclass(cls: type, table: Any, where: str, base: Path, skip: tuple[str, ...] = ()) -> Any:
+    """Build `cls` from a TOML table: unknown keys, wrong types and missing keys are errors."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields or key in skip:
+            raise ConfigError(f"{where} {key}: unknown key")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in skip:
+            continue
+        if name in table:
+            kwargs[name] = _convert(table[name], hints[name], name, where, base)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where} {name}: missing key")
+        elif hints[name] is Path and isinstance(f.default, Path):
+            kwargs[name] = (base / f.default).resolve()
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate a gateway.toml.
+
+    Raises:
+        ConfigError: with one line naming the file and key.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    where_file = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where_file}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where_file}: cannot read config file: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where_file}: not valid TOML: {exc}") from None
+    path = path.resolve()
+    base = path.parent
+    known = {"server", "webdav", "sftp", "defender", "backends"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where_file}: [{key}]: unknown section")
+    server = build_dataclass(ServerSection, data.get("server", {}), f"{where_file}: [server]", base)
+    webdav = build_dataclass(WebDAVSection, data.get("webdav", {}), f"{where_file}: [webdav]", base)
+    sftp = build_dataclass(SFTPSection, data.get("sftp", {}), f"{where_file}: [sftp]", base)
+    defender = build_dataclass(DefenderSection, data.get("defender", {}), f"{where_file}: [defender]", base)
+    if webdav.macos_files not in ("allow", "hide", "refuse"):
+        raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
+                          f"got {webdav.macos_files!r}")
+    if bool(webdav.tls_cert) != bool(webdav.tls_key):
+        raise ConfigError(f"{where_file}: [webdav] tls_key: tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(webdav, key)
+        if value is not None and not os.access(value, os.R_OK):
+            raise ConfigError(f"{where_file}: [webdav] {key}: cannot read '{value}'")
+    backends = {}
+    raw_backends = data.get("backends", {})
+    if not isinstance(raw_backends, dict) or not raw_backends:
+        raise ConfigError(f"{where_file}: [backends]: define at least one backend")
+    for name, table in raw_backends.items():
+        where = f"{where_file}: [backends.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        type_name = table.get("type")
+        if type_name not in BACKEND_TYPES:
+            raise ConfigError(f"{where} type: expected one of {', '.join(sorted(BACKEND_TYPES))}, "
+                              f"got {type_name!r}")
+        try:
+            _, config_cls = backend_classes(type_name)
+        except ImportError as exc:
+            raise ConfigError(f"{where} type: backend '{type_name}' cannot be loaded: {exc}") from None
+        options = {k: v for k, v in table.items() if k != "type"}
+        built = build_dataclass(config_cls, options, where, base)
+        if type_name == "local":
+            built = dataclasses.replace(built, root=str((base / built.root).resolve()))
+            _check_local_root(Path(built.root), f"{where} root")
+        backends[name] = BackendSection(name, type_name, built)
+    return Config(path, server, webdav, sftp, defender, backends)
+
+
+def _check_local_root(root: Path, where: str) -> None:
+    if not root.exists():
+        try:
+            root.mkdir(parents=True)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot create '{root}': {exc.strerror}") from None
+    if not root.is_dir():
+        raise ConfigError(f"{where}: '{root}' is not a directory")
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: '{root}' is not readable and writable by this process")
+
+
+def check_listeners(config: Config) -> None:
+    """Bind each enabled listener once to prove its port is free.
+
+    Raises:
+        ConfigError: naming the key of the listener that cannot bind.
+    """
+    for section_name in ("webdav", "sftp"):
+        section = getattr(config, section_name)
+        if not section.enabled or section.listen.port == 0:
+            continue
+        try:
+            family = socket.AF_INET6 if ":" in section.listen.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((section.listen.host, section.listen.port))
+        except OSError as exc:
+            raise ConfigError(f"{config.path}: [{section_name}] listen: cannot listen on "
+                              f"{section.listen}: {exc.strerror}") from None

@@ -1,0 +1,165 @@
+"""The running gateway: backends, users and front-ends wired together, and clean shutdown."""
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+import signal
+import sys
+import threading
+import weakref
+from typing import Protocol
+
+from .auth import Authenticator, Defender
+from .config import Config, ConfigError
+from .errors import GatewayError
+from .permissions import ALL
+from .storage import Backend, create_backend
+from .storage.base import Upload
+from .users import Location, User, UserStore, hash_password
+from .vfs import QuotaTracker, UserFS, ensure_location
+
+log = logging.getLogger(__name__)
+
+# Front-end name -> module exposing create_server(gateway) -> FrontEnd.
+FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp"}
+
+
+class FrontEnd(Protocol):
+    """What a protocol front-end gives the server."""
+
+    name: str
+    address: tuple[str, int]   # bound (host, port), valid after start()
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Gateway:
+    """Everything a front-end needs: users, authentication and per-session file systems."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = config.server.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.backends: dict[str, Backend] = {}
+        for name, section in config.backends.items():
+            try:
+                self.backends[name] = create_backend(section.type, section.options)
+            except GatewayError as exc:
+                raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
+            except OSError as exc:
+                raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
+        self.users = UserStore(config.server.users_file, backends=self.backends.keys())
+        self.defender = Defender(config.defender)
+        self.auth = Authenticator(self.users, self.defender)
+        self.frontends: list[FrontEnd] = []
+        self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
+        self._ready: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._open_uploads: weakref.WeakSet[Upload] = weakref.WeakSet()
+
+    # -- sessions -------------------------------------------------------------
+
+    def _quota_for(self, user: User) -> QuotaTracker:
+        limits = (user.quota_bytes, user.quota_files)
+        with self._lock:
+            known = self._quotas.get(user.name)
+            if known is None or known[0] != limits:
+                home = self.backends[user.home.backend]
+                tracker = QuotaTracker(user.quota_bytes, user.quota_files,
+                                       lambda: home.usage(user.home.path))
+                self._quotas[user.name] = (limits, tracker)
+                return tracker
+            return known[1]
+
+    def open_fs(self, user: User, protocol: str, client: str = "") -> UserFS:
+        """A file system for one session of `user`; creates the home and mount targets on first use."""
+        for location in [user.home] + [m.target for m in user.mounts]:
+            key = (location.backend, location.path)
+            if key not in self._ready:
+                ensure_location(self.backends[location.backend], location.path)
+                self._ready.add(key)
+        return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
+                      client=client, open_uploads=self._open_uploads)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def ensure_first_user(self, out=sys.stdout) -> None:
+        """On a first run with no users, create one and print its password once."""
+        if self.users.all() or self.users.path.exists():
+            return
+        backend = next(iter(self.backends))
+        password = secrets.token_urlsafe(15)
+        user = User("admin", hash_password(password), home=Location(backend, "/admin"),
+                    permissions={"/": ALL})
+        self.users.add(user)
+        print(f"Created user 'admin' with password: {password}\n"
+              f"(shown once; change it with 'gateway user passwd admin')", file=out, flush=True)
+
+    def start(self) -> None:
+        self.users.load()
+        for backend in self.backends.values():
+            sweep = getattr(backend, "sweep_temp_files", None)
+            if sweep is not None:
+                threading.Thread(target=sweep, name="sweep-temp", daemon=True).start()
+        for name, module_name in FRONTENDS.items():
+            section = getattr(self.config, name)
+            if not section.enabled:
+                continue
+            module = importlib.import_module(module_name)
+            frontend = module.create_server(self)
+            try:
+                frontend.start()
+            except OSError as exc:
+                self.stop()
+                raise ConfigError(f"{self.config.path}: [{name}] listen: cannot listen on "
+                                  f"{section.listen}: {exc.strerror or exc}") from None
+            self.frontends.append(frontend)
+            host, port = frontend.address
+            log.info("%s listening on %s:%d", name, host, port)
+
+    def stop(self) -> None:
+        for frontend in reversed(self.frontends):
+            try:
+                frontend.stop()
+            except Exception:
+                log.exception("stopping %s failed", frontend.name)
+        self.frontends.clear()
+        # Whatever a front-end left open is aborted: the previous versions stay.
+        for upload in list(self._open_uploads):
+            if not upload.closed:
+                upload.abort()
+        for backend in self.backends.values():
+            backend.close()
+
+
+def setup_logging(config: Config) -> None:
+    level = getattr(logging, config.server.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.server.audit_log:
+        handler = logging.FileHandler(config.server.audit_log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        audit = logging.getLogger("gateway.audit")
+        audit.addHandler(handler)
+        audit.propagate = False
+
+
+def serve(config: Config) -> int:
+    """Run until SIGINT or SIGTERM; returns the exit status."""
+    setup_logging(config)
+    gateway = Gateway(config)
+    gateway.ensure_first_user()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    gateway.start()
+    for frontend in gateway.frontends:
+        host, port = frontend.address
+        print(f"{frontend.name} listening on {host}:{port}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        log.info("shutting down")
+        gateway.stop()
+    return 0

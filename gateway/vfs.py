@@ -1,0 +1,537 @@
+"""UserFS: one user's view of storage, and the only API front-ends use.
+
+Every operation normalizes its path, resolves the home or mount it falls in,
+checks the permission it needs exactly once, and delegates to the backend.
+Derived operations (copy tree, remove tree, moves across backends) live here.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import paths
+from .errors import (AlreadyExists, GatewayError, InvalidPath, IsADirectory, NotADirectory,
+                     NotFound, PermissionDenied, QuotaExceeded)
+from .permissions import Perm, Policy
+from .storage.base import Backend, Entry, Upload, Usage
+from .users import Location, User
+
+audit_log = logging.getLogger("gateway.audit")
+
+
+class QuotaTracker:
+    """Bytes and files used in one user's home, shared by all of that user's sessions.
+
+    The first use scans the home once; after that the gateway's own operations
+    keep the numbers current.
+    """
+
+    def __init__(self, limit_bytes: int, limit_files: int, scan: Callable[[], Usage]) -> None:
+        self.limit_bytes = limit_bytes
+        self.limit_files = limit_files
+        self._scan = scan
+        self._lock = threading.Lock()
+        self._used: list[int] | None = None
+
+    def _ensure(self) -> list[int]:
+        if self._used is None:
+            usage = self._scan()
+            self._used = [usage.used_bytes, usage.used_files]
+        return self._used
+
+    def used(self) -> tuple[int, int]:
+        with self._lock:
+            used = self._ensure()
+            return used[0], used[1]
+
+    def check(self, path: str, add_bytes: int = 0, add_files: int = 0) -> None:
+        """Raise QuotaExceeded if adding this much would pass a limit."""
+        if not (self.limit_bytes or self.limit_files):
+            return
+        with self._lock:
+            used = self._ensure()
+            if self.limit_bytes and add_bytes > 0 and used[0] + add_bytes > self.limit_bytes:
+                raise QuotaExceeded(path, f"quota of {self.limit_bytes} bytes exceeded writing '{path}'")
+            if self.limit_files and add_files > 0 and used[1] + add_files > self.limit_files:
+                raise QuotaExceeded(path, f"quota of {self.limit_files} files exceeded creating '{path}'")
+
+    def apply(self, delta_bytes: int, delta_files: int) -> None:
+        with self._lock:
+            if self._used is not None:
+                self._used[0] = max(0, self._used[0] + delta_bytes)
+                self._used[1] = max(0, self._used[1] + delta_files)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a virtual path lands: a backend, the path in it, and whether it is the home."""
+
+    backend: Backend
+    path: str
+    in_home: bool
+    root: str  # the virtual path of the home ("/") or mount this path falls in
+
+
+class GuardedUpload(Upload):
+    """Wraps a backend upload: enforces the quota while writing, counts and audits on commit."""
+
+    def __init__(self, fs: "UserFS", vpath: str, inner: Upload, old_size: int | None,
+                 track: bool, offset: int) -> None:
+        self.path = vpath
+        self._fs = fs
+        self._inner = inner
+        self._old_size = old_size
+        self._track = track
+        self._pos = offset
+        self._high = inner.size
+        self._started = time.monotonic()
+
+    def _check(self, end: int) -> None:
+        if self._track and end > self._high:
+            base = self._old_size or 0
+            self._fs._quota.check(self.path, end - max(base, self._high))
+        self._high = max(self._high, end)
+
+    def write(self, data: bytes) -> None:
+        self._check(self._pos + len(data))
+        self._inner.write(data)
+        self._pos += len(data)
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        self._check(offset + len(data))
+        self._inner.write_at(offset, data)
+        self._pos = offset + len(data)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._inner.read_at(offset, length)
+
+    def truncate(self, size: int) -> None:
+        self._check(size)
+        self._inner.truncate(size)
+        self._high = size
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    def commit(self) -> Entry:
+        try:
+            entry = self._inner.commit()
+        except GatewayError as exc:
+            self._fs._audit("upload", self.path, type(exc).__name__)
+            raise
+        if self._track:
+            self._fs._quota.apply(entry.size - (self._old_size or 0), 0 if self._old_size is not None else 1)
+        self._fs._audit("upload", self.path, "ok", entry.size)
+        return entry
+
+    def abort(self) -> None:
+        if not self._inner.closed:
+            self._inner.abort()
+            self._fs._audit("upload", self.path, "aborted", self._high)
+
+
+class UserFS:
+    """One session's file system: confine, authorize, delegate."""
+
+    # The guard test holds every public method to exactly one of these lists,
+    # so a new write method cannot slip in without a permission check.
+    READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize")
+    WRITE_METHODS = ("open_write", "make_dir", "remove_file", "remove_dir", "remove_tree",
+                     "rename", "copy_file", "copy_tree", "set_mtime", "truncate")
+
+    def __init__(self, user: User, backends: Mapping[str, Backend], *,
+                 quota: QuotaTracker | None = None, protocol: str = "", client: str = "",
+                 open_uploads: "weakref.WeakSet[Upload] | None" = None) -> None:
+        self.user = user
+        self._open_uploads = open_uploads
+        self.protocol = protocol
+        self.client = client
+        self._backends = backends
+        self._policy: Policy = user.policy()
+        # Longest mount path first: the first match decides.
+        self._mounts = sorted(user.mounts, key=lambda m: len(m.path), reverse=True)
+        home = self._backend(user.home)
+        self._quota = quota or QuotaTracker(user.quota_bytes, user.quota_files,
+                                            lambda: home.usage(user.home.path))
+
+    # -- resolution -----------------------------------------------------------
+
+    def _backend(self, location: Location) -> Backend:
+        return self._backends[location.backend]
+
+    @staticmethod
+    def normalize(path: str | bytes) -> str:
+        """The one normalizer (gateway.paths.normalize), exposed for front-ends."""
+        return paths.normalize(path)
+
+    def _resolve(self, vpath: str) -> _Target:
+        for mount in self._mounts:
+            if paths.is_within(vpath, mount.path):
+                return _Target(self._backend(mount.target),
+                               paths.rebase(vpath, mount.path, mount.target.path), False, mount.path)
+        return _Target(self._backend(self.user.home),
+                       paths.rebase(vpath, "/", self.user.home.path), True, "/")
+
+    def _is_mount_point(self, vpath: str) -> bool:
+        return any(m.path == vpath for m in self._mounts)
+
+    def _is_mount_ancestor(self, vpath: str) -> bool:
+        return any(paths.is_within(m.path, vpath) and m.path != vpath for m in self._mounts)
+
+    def _refuse_structural(self, vpath: str, op: str) -> None:
+        """Mount points and the folders that hold them are not the user's to change."""
+        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
+            raise PermissionDenied(vpath, f"cannot {op} '{vpath}': it is the home or holds a mount")
+
+    def _audit(self, op: str, path: str, result: str, size: int | None = None, target: str = "") -> None:
+        if audit_log.isEnabledFor(logging.INFO):
+            audit_log.info("user=%s proto=%s ip=%s op=%s path=%r%s bytes=%s result=%s",
+                           self.user.name, self.protocol, self.client, op, path,
+                           f" to={target!r}" if target else "", "-" if size is None else size, result)
+
+    def _stat_target(self, vpath: str) -> Entry:
+        target = self._resolve(vpath)
+        try:
+            entry = target.backend.stat(target.path)
+        except NotFound:
+            if self._is_mount_ancestor(vpath):
+                return Entry(paths.split(vpath)[1], True, 0, 0.0)
+            raise
+        name = paths.split(vpath)[1]
+        return entry if entry.name == name else Entry(name, entry.is_dir, entry.size, entry.mtime, entry.etag)
+
+    def _exists(self, vpath: str) -> Entry | None:
+        try:
+            return self._stat_target(vpath)
+        except NotFound:
+            return None
+
+    # -- reading --------------------------------------------------------------
+
+    def stat(self, path: str | bytes) -> Entry:
+        """Describe one path; needs `list` on its parent folder.
+
+        Raises:
+            NotFound, PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        if vpath != "/":
+            self._policy.require(Perm.LIST, paths.split(vpath)[0])
+        return self._stat_target(vpath)
+
+    def exists(self, path: str | bytes) -> bool:
+        try:
+            self.stat(path)
+            return True
+        except NotFound:
+            return False
+
+    def list_dir(self, path: str | bytes) -> Iterator[Entry]:
+        """Stream a folder's entries, mount points included; needs `list`.
+
+        Raises:
+            NotFound, NotADirectory, PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        self._policy.require(Perm.LIST, vpath)
+        target = self._resolve(vpath)
+        mounted = {paths.split(m.path)[1]: m for m in self._mounts
+                   if m.path != vpath and paths.split(m.path)[0] == vpath}
+        # Folders on the way to a deeper mount ("/a" for a mount at "/a/b").
+        for m in self._mounts:
+            if paths.is_within(m.path, vpath) and m.path != vpath:
+                first = paths.relative_to(m.path, vpath).split("/")[1]
+                mounted.setdefault(first, None)
+        try:
+            entries = target.backend.list_dir(target.path)
+        except NotFound:
+            if not mounted:
+                raise
+            entries = iter(())
+        return self._merge_listing(entries, mounted, vpath)
+
+    def _merge_listing(self, entries: Iterator[Entry], mounted: dict, vpath: str) -> Iterator[Entry]:
+        for entry in entries:
+            if entry.name not in mounted:
+                yield entry
+        for name in mounted:
+            try:
+                yield self._stat_target(paths.join(vpath, name))
+            except GatewayError:
+                yield Entry(name, True, 0, 0.0)
+
+    def open_read(self, path: str | bytes, offset: int = 0, length: int | None = None) -> BinaryIO:
+        """Open a file for reading; needs `download`.
+
+        Raises:
+            NotFound, IsADirectory, PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        self._policy.require(Perm.DOWNLOAD, vpath)
+        target = self._resolve(vpath)
+        stream = target.backend.open_read(target.path, offset, length)
+        self._audit("download", vpath, "ok")
+        return stream
+
+    def usage(self) -> Usage:
+        """Space for quota reporting (statvfs, RFC 4331): the quota if set, else the storage's."""
+        used_bytes, used_files = self._quota.used()
+        if self.user.quota_bytes:
+            return Usage(used_bytes, used_files, self.user.quota_bytes,
+                         max(0, self.user.quota_bytes - used_bytes))
+        capacity = self._backend(self.user.home).capacity()
+        if capacity is None:
+            return Usage(used_bytes, used_files)
+        return Usage(used_bytes, used_files, capacity[0], capacity[1])
+
+    # -- writing --------------------------------------------------------------
+
+    def open_write(self, path: str | bytes, *, offset: int = 0, truncate: bool = True) -> Upload:
+        """Start an upload; needs `upload` for a new file, `overwrite` for an existing one.
+
+        Nothing is visible until the returned upload is committed.
+
+        Raises:
+            NotFound (parent), IsADirectory, PermissionDenied, QuotaExceeded, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
+            raise IsADirectory(vpath)
+        target = self._resolve(vpath)
+        try:
+            existing = target.backend.stat(target.path)
+        except NotFound:
+            existing = None
+        if existing is not None and existing.is_dir:
+            raise IsADirectory(vpath)
+        self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vpath)
+        if target.in_home and existing is None:
+            self._quota.check(vpath, 0, 1)
+        inner = target.backend.open_write(target.path, offset=offset, truncate=truncate)
+        upload = GuardedUpload(self, vpath, inner, existing.size if existing else None,
+                               target.in_home, offset)
+        if self._open_uploads is not None:
+            # The server aborts whatever is still open when it shuts down.
+            self._open_uploads.add(upload)
+        return upload
+
+    def truncate(self, path: str | bytes, size: int) -> None:
+        """Cut or extend a file to `size` bytes; needs `overwrite`."""
+        vpath = paths.normalize(path)
+        with self.open_write(vpath, truncate=False) as upload:
+            upload.truncate(size)
+
+    def make_dir(self, path: str | bytes) -> None:
+        """Create one folder; needs `mkdir`.
+
+        Raises:
+            AlreadyExists, NotFound (parent), PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
+            raise AlreadyExists(vpath)
+        self._policy.require(Perm.MKDIR, vpath)
+        target = self._resolve(vpath)
+        target.backend.make_dir(target.path)
+        self._audit("mkdir", vpath, "ok")
+
+    def remove_file(self, path: str | bytes) -> None:
+        """Remove a file; needs `delete`."""
+        vpath = paths.normalize(path)
+        self._refuse_structural(vpath, "delete")
+        self._policy.require(Perm.DELETE, vpath)
+        target = self._resolve(vpath)
+        size = target.backend.stat(target.path).size if target.in_home else 0
+        target.backend.remove_file(target.path)
+        if target.in_home:
+            self._quota.apply(-size, -1)
+        self._audit("delete", vpath, "ok", size)
+
+    def remove_dir(self, path: str | bytes) -> None:
+        """Remove an empty folder; needs `delete`."""
+        vpath = paths.normalize(path)
+        self._refuse_structural(vpath, "delete")
+        self._policy.require(Perm.DELETE, vpath)
+        target = self._resolve(vpath)
+        target.backend.remove_dir(target.path)
+        self._audit("rmdir", vpath, "ok")
+
+    def remove_tree(self, path: str | bytes) -> None:
+        """Remove a file or a folder with everything in it; needs `delete` on all of it."""
+        vpath = paths.normalize(path)
+        self._refuse_structural(vpath, "delete")
+        self._policy.require_tree(Perm.DELETE, vpath)
+        target = self._resolve(vpath)
+        self._remove_tree_unchecked(target, vpath)
+
+    def _remove_tree_unchecked(self, target: _Target, vpath: str) -> None:
+        entry = target.backend.stat(target.path)
+        if not entry.is_dir:
+            target.backend.remove_file(target.path)
+            if target.in_home:
+                self._quota.apply(-entry.size, -1)
+            self._audit("delete", vpath, "ok", entry.size)
+            return
+        for child in list(target.backend.list_dir(target.path)):
+            child_target = _Target(target.backend, paths.join(target.path, child.name),
+                                   target.in_home, target.root)
+            self._remove_tree_unchecked(child_target, paths.join(vpath, child.name))
+        target.backend.remove_dir(target.path)
+        self._audit("rmdir", vpath, "ok")
+
+    def rename(self, src: str | bytes, dst: str | bytes, *, overwrite: bool = False) -> None:
+        """Move a file or folder; needs `rename` on both sides (and `overwrite` to replace).
+
+        Within one backend this is the backend's rename; across backends it is
+        a copy followed by a delete of the source.
+
+        Raises:
+            NotFound, AlreadyExists, PermissionDenied, InvalidPath
+        """
+        vsrc, vdst = paths.normalize(src), paths.normalize(dst)
+        self._refuse_structural(vsrc, "rename")
+        self._refuse_structural(vdst, "replace")
+        if vsrc == vdst:
+            self._stat_target(vsrc)
+            return
+        if paths.is_within(vdst, vsrc):
+            raise InvalidPath(vdst, f"cannot move '{vsrc}' into itself")
+        self._policy.require_tree(Perm.RENAME, vsrc)
+        self._policy.require_tree(Perm.RENAME, vdst)
+        st, dt = self._resolve(vsrc), self._resolve(vdst)
+        entry = st.backend.stat(st.path)
+        existing = self._exists(vdst)
+        if existing is not None:
+            if existing.is_dir or entry.is_dir or not overwrite:
+                raise AlreadyExists(vdst)
+            self._policy.require(Perm.OVERWRITE, vdst)
+        if st.backend is dt.backend:
+            st.backend.rename(st.path, dt.path, overwrite=overwrite)
+            if st.in_home != dt.in_home:
+                self._quota_move(st, dt, vdst, entry)
+        else:
+            self._check_quota_for_tree(st, dt, vdst, entry)
+            self._copy_unchecked(st, dt, vsrc, vdst)
+            self._remove_tree_unchecked(st, vsrc)
+        self._audit("rename", vsrc, "ok", target=vdst)
+
+    def _tree_usage(self, target: _Target, entry: Entry) -> tuple[int, int]:
+        if not entry.is_dir:
+            return entry.size, 1
+        usage = target.backend.usage(target.path)
+        return usage.used_bytes, usage.used_files
+
+    def _check_quota_for_tree(self, st: _Target, dt: _Target, vdst: str, entry: Entry) -> None:
+        if dt.in_home and not st.in_home:
+            size, files = self._tree_usage(st, entry)
+            self._quota.check(vdst, size, files)
+
+    def _quota_move(self, st: _Target, dt: _Target, vdst: str, entry: Entry) -> None:
+        size, files = self._tree_usage(dt, entry)
+        sign = 1 if dt.in_home else -1
+        self._quota.apply(sign * size, sign * files)
+
+    def copy_file(self, src: str | bytes, dst: str | bytes) -> None:
+        """Copy one file; needs `download` on the source, `upload`/`overwrite` on the destination."""
+        vsrc, vdst = paths.normalize(src), paths.normalize(dst)
+        self._policy.require(Perm.DOWNLOAD, vsrc)
+        st, dt = self._resolve(vsrc), self._resolve(vdst)
+        entry = st.backend.stat(st.path)
+        if entry.is_dir:
+            raise IsADirectory(vsrc)
+        existing = self._exists(vdst)
+        if existing is not None and existing.is_dir:
+            raise IsADirectory(vdst)
+        self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vdst)
+        if dt.in_home:
+            self._quota.check(vdst, entry.size - (existing.size if existing else 0),
+                              0 if existing else 1)
+        self._copy_file_unchecked(st, dt, entry)
+        if dt.in_home:
+            self._quota.apply(entry.size - (existing.size if existing else 0), 0 if existing else 1)
+        self._audit("copy", vsrc, "ok", entry.size, target=vdst)
+
+    def _copy_file_unchecked(self, st: _Target, dt: _Target, entry: Entry) -> None:
+        if st.backend is dt.backend:
+            st.backend.copy_file(st.path, dt.path)
+            return
+        with st.backend.open_read(st.path) as reader, dt.backend.open_write(dt.path) as upload:
+            while chunk := reader.read(1024 * 1024):
+                upload.write(chunk)
+        try:
+            dt.backend.set_mtime(dt.path, entry.mtime)
+        except GatewayError:
+            pass
+
+    def copy_tree(self, src: str | bytes, dst: str | bytes) -> None:
+        """Copy a file or folder with all it holds to a destination that does not exist yet.
+
+        Needs `download` on all of the source and `upload`/`mkdir` on the destination.
+
+        Raises:
+            NotFound, AlreadyExists, PermissionDenied, InvalidPath
+        """
+        vsrc, vdst = paths.normalize(src), paths.normalize(dst)
+        if paths.is_within(vdst, vsrc):
+            raise InvalidPath(vdst, f"cannot copy '{vsrc}' into itself")
+        self._policy.require_tree(Perm.DOWNLOAD, vsrc)
+        st, dt = self._resolve(vsrc), self._resolve(vdst)
+        entry = st.backend.stat(st.path)
+        if self._exists(vdst) is not None:
+            raise AlreadyExists(vdst)
+        self._policy.require(Perm.MKDIR if entry.is_dir else Perm.UPLOAD, vdst)
+        if dt.in_home:
+            self._quota.check(vdst, *self._tree_usage(st, entry))
+        self._copy_unchecked(st, dt, vsrc, vdst)
+        if dt.in_home:
+            self._quota.apply(*self._tree_usage(dt, entry))
+        self._audit("copy", vsrc, "ok", target=vdst)
+
+    def _copy_unchecked(self, st: _Target, dt: _Target, vsrc: str, vdst: str) -> None:
+        entry = st.backend.stat(st.path)
+        if not entry.is_dir:
+            self._copy_file_unchecked(st, dt, entry)
+            return
+        dt.backend.make_dir(dt.path)
+        for child in list(st.backend.list_dir(st.path)):
+            self._copy_unchecked(
+                _Target(st.backend, paths.join(st.path, child.name), st.in_home, st.root),
+                _Target(dt.backend, paths.join(dt.path, child.name), dt.in_home, dt.root),
+                paths.join(vsrc, child.name), paths.join(vdst, child.name))
+
+    def set_mtime(self, path: str | bytes, mtime: float) -> None:
+        """Set a file's or folder's modification time; needs `set_times`."""
+        vpath = paths.normalize(path)
+        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
+            raise PermissionDenied(vpath, f"cannot change the times of '{vpath}'")
+        self._policy.require(Perm.SET_TIMES, vpath)
+        target = self._resolve(vpath)
+        target.backend.set_mtime(target.path, mtime)
+        self._audit("set_times", vpath, "ok")
+
+
+def ensure_location(backend: Backend, path: str) -> None:
+    """Create a home or mount target (and its parents) if it does not exist yet."""
+    if path == "/":
+        return
+    try:
+        entry = backend.stat(path)
+    except NotFound:
+        ensure_location(backend, paths.split(path)[0])
+        try:
+            backend.make_dir(path)
+        except AlreadyExists:
+            pass
+        return
+    if not entry.is_dir:
+        raise NotADirectory(path)
