@@ -219,14 +219,18 @@ class UserFS:
     # -- reading --------------------------------------------------------------
 
     def stat(self, path: str | bytes) -> Entry:
-        """Describe one path; needs `list` on its parent folder.
+        """Describe one path; needs `list` on its parent folder, or any permission on the path.
+
+        The second case lets a drop box (upload only) or a no-list folder with
+        `download` work with clients that look before they act.
 
         Raises:
             NotFound, PermissionDenied, InvalidPath
         """
         vpath = paths.normalize(path)
-        if vpath != "/":
-            self._policy.require(Perm.LIST, paths.split(vpath)[0])
+        if vpath != "/" and not self._policy.perms_for(vpath) \
+                and not self._policy.allows(Perm.LIST, paths.split(vpath)[0]):
+            raise PermissionDenied(vpath, f"permission 'list' denied on '{paths.split(vpath)[0]}'")
         return self._stat_target(vpath)
 
     def exists(self, path: str | bytes) -> bool:

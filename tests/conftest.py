@@ -1,0 +1,115 @@
+"""Shared fixtures: a real gateway on port 0, users, and a leak check."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from gateway.config import load_config
+from gateway.permissions import parse_perms
+from gateway.server import Gateway
+from gateway.users import Location, Mount, User, hash_password
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class RunningGateway:
+    """A gateway started in this process, bound to ephemeral ports."""
+
+    gateway: Gateway
+    config_path: Path
+    data: Path                      # root of the "local" backend
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def webdav_port(self) -> int:
+        return self.ports["webdav"]
+
+    @property
+    def sftp_port(self) -> int:
+        return self.ports["sftp"]
+
+    def add_user(self, name: str, password: str | None = PASSWORD, *, keys: tuple[str, ...] = (),
+                 home: str | None = None, perms: dict[str, list[str]] | None = None,
+                 mounts: dict[str, tuple[str, list[str]]] | None = None,
+                 quota_bytes: int = 0, quota_files: int = 0, disabled: bool = False) -> User:
+        rules = {p: parse_perms(w) for p, w in (perms or {"/": ["*"]}).items()}
+        user = User(
+            name, hash_password(password) if password else None, tuple(keys),
+            Location.parse(home or f"local:/{name}"),
+            tuple(Mount(p, Location.parse(t), parse_perms(w)) for p, (t, w) in (mounts or {}).items()),
+            rules, quota_bytes, quota_files, disabled)
+        self.gateway.users.add(user)
+        return user
+
+    def fs(self, name: str, protocol: str = "test"):
+        user = self.gateway.users.get(name)
+        assert user is not None
+        return self.gateway.open_fs(user, protocol, "127.0.0.1")
+
+
+def write_config(tmp_path: Path, *, webdav: bool = True, sftp: bool = True,
+                 backends: dict | None = None, extra: dict | None = None) -> Path:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    config = {
+        "server": {"state_dir": "state", "users_file": "users.toml", "log_level": "warning"},
+        "webdav": {"enabled": webdav, "listen": "127.0.0.1:0"},
+        "sftp": {"enabled": sftp, "listen": "127.0.0.1:0"},
+        "backends": {"local": {"type": "local", "root": "data"}, **(backends or {})},
+    }
+    for section, values in (extra or {}).items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path / "gateway.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+@pytest.fixture
+def make_gateway(tmp_path):
+    """Factory: start a real gateway (front-ends as asked) and stop it after the test."""
+    started: list[Gateway] = []
+
+    def factory(*, webdav: bool = False, sftp: bool = False, backends: dict | None = None,
+                extra: dict | None = None, start: bool = True) -> RunningGateway:
+        path = write_config(tmp_path, webdav=webdav, sftp=sftp, backends=backends, extra=extra)
+        gateway = Gateway(load_config(path))
+        running = RunningGateway(gateway, path, tmp_path / "data")
+        if start:
+            gateway.start()
+            started.append(gateway)
+            for frontend in gateway.frontends:
+                running.ports[frontend.name] = frontend.address[1]
+        return running
+
+    yield factory
+    for gateway in started:
+        gateway.stop()
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Flag threads and file descriptors a test leaves behind."""
+    threads_before = set(threading.enumerate())
+    fds_before = _fd_count()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+                  and not t.name.startswith(("sweep-temp", "asyncio"))]
+        fds_leaked = _fd_count() - fds_before
+        if (not leaked and fds_leaked <= 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+    assert fds_leaked <= 0, f"{fds_leaked} file descriptor(s) left open"
