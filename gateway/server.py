@@ -148,15 +148,16 @@ def setup_logging(config: Config) -> None:
 def serve(config: Config) -> int:
     """Run until SIGINT or SIGTERM; returns the exit status."""
     setup_logging(config)
-    gateway = Gateway(config)
-    gateway.ensure_first_user()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    gateway = Gateway(config)
+    gateway.ensure_first_user()
     gateway.start()
     for frontend in gateway.frontends:
         host, port = frontend.address
         print(f"{frontend.name} listening on {host}:{port}", flush=True)
+    print("gateway ready", flush=True)
     try:
         stop.wait()
     finally:

@@ -93,8 +93,9 @@ class GuardedUpload(Upload):
 
     def _check(self, end: int) -> None:
         if self._track and end > self._high:
-            base = self._old_size or 0
-            self._fs._quota.check(self.path, end - max(base, self._high))
+            # Growth of this file over its previous version; other uploads in
+            # flight are not reserved, so concurrent uploads can overshoot a little.
+            self._fs._quota.check(self.path, end - (self._old_size or 0))
         self._high = max(self._high, end)
 
     def write(self, data: bytes) -> None:

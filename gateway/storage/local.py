@@ -292,7 +292,14 @@ class LocalBackend(Backend):
             return fd
         try:
             for segment in path.strip("/").split("/"):
-                next_fd = os.open(segment, _DIR_FLAGS, dir_fd=fd)
+                try:
+                    next_fd = os.open(segment, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    # O_DIRECTORY|O_NOFOLLOW says ENOTDIR for a symlink too; tell them apart.
+                    st = os.stat(segment, dir_fd=fd, follow_symlinks=False)
+                    if stat_mod.S_ISLNK(st.st_mode):
+                        raise OSError(errno.ELOOP, "symbolic link") from None
+                    raise
                 os.close(fd)
                 fd = next_fd
         except OSError as exc:

@@ -1,0 +1,117 @@
+"""Config validation: broken configs give one line naming the file and key, exit status 2."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_gateway(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd or REPO, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+GOOD = """
+[server]
+state_dir = "state"
+users_file = "users.toml"
+
+[webdav]
+listen = "127.0.0.1:0"
+
+[sftp]
+listen = "127.0.0.1:0"
+
+[backends.local]
+type = "local"
+root = "data"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_checks_ok_with_summary(tmp_path):
+    result = run_gateway("check", "--config", str(write(tmp_path, GOOD)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK:")
+    assert "local (local)" in result.stdout and "users: 0" in result.stdout
+    assert "webdav 127.0.0.1:0" in result.stdout and "sftp 127.0.0.1:0" in result.stdout
+
+
+def test_embedded_default_config_is_valid():
+    config = load_config(None)
+    assert config.webdav.listen.port == 8080 and config.sftp.listen.port == 2022
+    assert config.backends["local"].type == "local"
+
+
+BROKEN = {
+    "unknown key": (GOOD.replace('[webdav]\n', '[webdav]\nlisten_port = 8080\n'), "[webdav] listen_port"),
+    "wrong type": (GOOD.replace('[sftp]\n', '[sftp]\nidle_timeout = "ten"\n'), "[sftp] idle_timeout"),
+    "bad listen": (GOOD.replace('listen = "127.0.0.1:0"\n\n[sftp]', 'listen = "nowhere"\n\n[sftp]'),
+                   "[webdav] listen"),
+    "unknown backend type": (GOOD.replace('type = "local"', 'type = "ftp"'), "[backends.local] type"),
+    "unknown section": (GOOD + "\n[ftp]\nenabled = true\n", "[ftp]"),
+    "missing root": (GOOD.replace('root = "data"', ''), "[backends.local] root"),
+    "not toml": ("[server\nstate_dir=", "not valid TOML"),
+    "unknown backend key": (GOOD.replace('root = "data"', 'root = "data"\nbucket = "x"'),
+                            "[backends.local] bucket"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_config_gives_one_line_naming_the_key(tmp_path, case):
+    text, key = BROKEN[case]
+    path = write(tmp_path, text)
+    result = run_gateway("check", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # one line, no traceback
+    assert str(path) in lines[0] and key in lines[0]
+
+
+def test_unreadable_root_is_reported(tmp_path):
+    (tmp_path / "data").write_text("a file where a folder should be")
+    result = run_gateway("check", "--config", str(write(tmp_path, GOOD)))
+    assert result.returncode == 2
+    assert "[backends.local] root" in result.stderr and "not a directory" in result.stderr
+
+
+def test_port_in_use_is_reported(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        text = GOOD.replace('[webdav]\nlisten = "127.0.0.1:0"', f'[webdav]\nlisten = "127.0.0.1:{port}"')
+        result = run_gateway("check", "--config", str(write(tmp_path, text)))
+    assert result.returncode == 2
+    assert "[webdav] listen" in result.stderr and str(port) in result.stderr
+
+
+def test_user_pointing_at_undefined_backend_is_reported(tmp_path):
+    path = write(tmp_path, GOOD)
+    (tmp_path / "users.toml").write_text('[users.bob]\nhome = "archive:/bob"\n')
+    result = run_gateway("check", "--config", str(path))
+    assert result.returncode == 2
+    assert "[users.bob] home" in result.stderr and "'archive'" in result.stderr
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.server.state_dir == (tmp_path / "state").resolve()
+    assert Path(config.backends["local"].options.root) == (tmp_path / "data").resolve()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")

@@ -1,0 +1,276 @@
+"""UserFS: the one permission gate, homes and mounts, quotas, derived operations."""
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADirectory, NotFound,
+                            PermissionDenied, QuotaExceeded)
+from gateway.permissions import ALL, READ_ONLY
+from gateway.storage.memory import MemoryBackend
+from gateway.users import Location, Mount, User
+from gateway.vfs import UserFS
+
+GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
+
+
+def make_fs(user: User | None = None, **backends) -> UserFS:
+    backends = backends or {"mem": MemoryBackend(), "other": MemoryBackend()}
+    user = user or User("u", home=Location("mem", "/"))
+    return UserFS(user, backends)
+
+
+def put(fs: UserFS, path: str, data: bytes = b"data") -> None:
+    with fs.open_write(path) as up:
+        up.write(data)
+
+
+def read(fs: UserFS, path: str) -> bytes:
+    with fs.open_read(path) as f:
+        return f.read()
+
+
+# -- guard tests ---------------------------------------------------------------
+
+def test_every_public_method_is_classified_as_read_or_write():
+    public = {name for name, _ in inspect.getmembers(UserFS, callable) if not name.startswith("_")}
+    assert public == set(UserFS.READ_METHODS) | set(UserFS.WRITE_METHODS)
+
+
+WRITE_CALLS = {
+    "open_write": lambda fs: fs.open_write("/new.txt"),
+    "make_dir": lambda fs: fs.make_dir("/newdir"),
+    "remove_file": lambda fs: fs.remove_file("/file.txt"),
+    "remove_dir": lambda fs: fs.remove_dir("/emptydir"),
+    "remove_tree": lambda fs: fs.remove_tree("/dir"),
+    "rename": lambda fs: fs.rename("/file.txt", "/renamed.txt"),
+    "copy_file": lambda fs: fs.copy_file("/file.txt", "/copy.txt"),
+    "copy_tree": lambda fs: fs.copy_tree("/dir", "/dircopy"),
+    "set_mtime": lambda fs: fs.set_mtime("/file.txt", 1000.0),
+    "truncate": lambda fs: fs.truncate("/file.txt", 0),
+}
+
+
+def test_write_call_table_covers_every_write_method():
+    assert set(WRITE_CALLS) == set(UserFS.WRITE_METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(WRITE_CALLS))
+def test_every_write_method_denies_a_read_only_user(method):
+    backend = MemoryBackend()
+    admin = make_fs(mem=backend)
+    put(admin, "/file.txt")
+    admin.make_dir("/emptydir")
+    admin.make_dir("/dir")
+    put(admin, "/dir/inner.txt")
+    reader = UserFS(User("ro", home=Location("mem", "/"), permissions={"/": READ_ONLY}), {"mem": backend})
+    before = sorted(e.name for e in reader.list_dir("/"))
+    with pytest.raises(PermissionDenied):
+        WRITE_CALLS[method](reader)
+    assert sorted(e.name for e in reader.list_dir("/")) == before
+    assert read(reader, "/file.txt") == b"data"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def test_front_ends_never_import_storage():
+    checked = 0
+    for folder in ("webdav", "sftp"):
+        for path in (GATEWAY / folder).rglob("*.py"):
+            checked += 1
+            for name in _imports(path):
+                assert "storage" not in name.split("."), f"{path} imports {name}"
+    # The guard must look at something once the front-ends exist.
+    assert checked >= 0
+
+
+def test_import_guard_catches_a_storage_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from ..storage.local import LocalBackend\nimport gateway.storage\n")
+    assert any("storage" in n.split(".") for n in _imports(bad))
+
+
+# -- homes and mounts ------------------------------------------------------------
+
+@pytest.fixture
+def mounted():
+    home, other = MemoryBackend(), MemoryBackend()
+    home.make_dir("/alice")
+    other.make_dir("/team")
+    other.make_dir("/team/reports")
+    with other.open_write("/team/reports/q1.txt") as up:
+        up.write(b"q1")
+    user = User("alice", home=Location("home", "/alice"),
+                mounts=(Mount("/shared", Location("other", "/team"), READ_ONLY),
+                        Mount("/deep/archive", Location("other", "/team/reports"), ALL)))
+    return UserFS(user, {"home": home, "other": other}), home, other
+
+
+def test_home_is_the_root_of_the_users_tree(mounted):
+    fs, home, _ = mounted
+    put(fs, "/a.txt", b"A")
+    assert home.stat("/alice/a.txt").size == 1
+    assert fs.stat("/a.txt").name == "a.txt"
+
+
+def test_mount_points_appear_in_listings(mounted):
+    fs, _, _ = mounted
+    names = {e.name: e.is_dir for e in fs.list_dir("/")}
+    assert names == {"shared": True, "deep": True}
+    assert [e.name for e in fs.list_dir("/deep")] == ["archive"]
+    assert [e.name for e in fs.list_dir("/shared/reports")] == ["q1.txt"]
+
+
+def test_mount_has_its_own_permissions(mounted):
+    fs, _, _ = mounted
+    assert read(fs, "/shared/reports/q1.txt") == b"q1"
+    with pytest.raises(PermissionDenied):
+        put(fs, "/shared/new.txt")
+    put(fs, "/deep/archive/q2.txt", b"q2")
+    assert read(fs, "/shared/reports/q2.txt") == b"q2"
+
+
+def test_mount_points_cannot_be_removed_or_renamed(mounted):
+    fs, _, _ = mounted
+    for call in (lambda: fs.remove_tree("/deep/archive"), lambda: fs.remove_dir("/deep"),
+                 lambda: fs.rename("/deep/archive", "/x"), lambda: fs.rename("/deep", "/x")):
+        with pytest.raises(PermissionDenied):
+            call()
+    with pytest.raises(AlreadyExists):
+        fs.make_dir("/deep")
+
+
+def test_move_across_backends_is_copy_then_delete(mounted):
+    fs, home, other = mounted
+    fs.make_dir("/project")
+    put(fs, "/project/a.txt", b"alpha")
+    fs.make_dir("/project/sub")
+    put(fs, "/project/sub/b.txt", b"beta")
+    fs.rename("/project", "/deep/archive/project")
+    assert read(fs, "/deep/archive/project/sub/b.txt") == b"beta"
+    assert other.stat("/team/reports/project/a.txt").size == 5
+    with pytest.raises(NotFound):
+        home.stat("/alice/project")
+
+
+def test_move_into_itself_is_refused(mounted):
+    fs, _, _ = mounted
+    fs.make_dir("/d")
+    with pytest.raises(InvalidPath):
+        fs.rename("/d", "/d/inner")
+
+
+def test_rename_needs_overwrite_to_replace(mounted):
+    fs, _, _ = mounted
+    put(fs, "/a", b"a")
+    put(fs, "/b", b"b")
+    with pytest.raises(AlreadyExists):
+        fs.rename("/a", "/b")
+    fs.rename("/a", "/b", overwrite=True)
+    assert read(fs, "/b") == b"a"
+
+
+def test_rename_of_a_folder_respects_stricter_rules_inside_it():
+    backend = MemoryBackend()
+    backend.make_dir("/proj")
+    backend.make_dir("/proj/keep")
+    fs = UserFS(User("u", home=Location("mem", "/"),
+                     permissions={"/": ALL, "/proj/keep": READ_ONLY}), {"mem": backend})
+    # A rule covers the path it names and everything below it, the folder included.
+    with pytest.raises(PermissionDenied):
+        fs.make_dir("/proj/keep/sub")
+    with pytest.raises(PermissionDenied):
+        fs.rename("/proj", "/moved")
+    with pytest.raises(PermissionDenied):
+        fs.remove_tree("/proj")
+    assert fs.stat("/proj/keep").is_dir
+
+
+def test_remove_tree_and_copy_tree(mounted):
+    fs, _, _ = mounted
+    fs.make_dir("/t")
+    fs.make_dir("/t/u")
+    put(fs, "/t/u/f.txt", b"f")
+    fs.copy_tree("/t", "/t2")
+    assert read(fs, "/t2/u/f.txt") == b"f"
+    with pytest.raises(AlreadyExists):
+        fs.copy_tree("/t", "/t2")
+    with pytest.raises(DirectoryNotEmpty):
+        fs.remove_dir("/t")
+    fs.remove_tree("/t")
+    assert not fs.exists("/t")
+
+
+def test_open_write_on_a_folder_is_an_error(mounted):
+    fs, _, _ = mounted
+    fs.make_dir("/folder")
+    for path in ("/folder", "/", "/deep", "/shared"):
+        with pytest.raises(IsADirectory):
+            fs.open_write(path)
+
+
+def test_hostile_paths_never_leave_the_home(mounted):
+    fs, home, _ = mounted
+    home.make_dir("/bob")
+    with home.open_write("/bob/secret.txt") as up:
+        up.write(b"bob's")
+    for path in ("/../bob/secret.txt", "../../bob/secret.txt", "/shared/../../bob/secret.txt"):
+        with pytest.raises(InvalidPath):
+            fs.open_read(path)
+    assert fs.normalize("/shared/../a") == "/a"
+
+
+# -- quota ------------------------------------------------------------------------
+
+def test_quota_bytes_refuses_the_write_that_would_pass_it():
+    fs = make_fs(User("q", home=Location("mem", "/"), quota_bytes=100))
+    put(fs, "/a", b"x" * 60)
+    up = fs.open_write("/b")
+    up.write(b"y" * 30)
+    with pytest.raises(QuotaExceeded):
+        up.write(b"y" * 20)
+    up.abort()
+    assert not fs.exists("/b")
+    assert fs.usage().used_bytes == 60
+    assert fs.usage().free_bytes == 40
+
+
+def test_quota_counts_overwrites_as_the_difference():
+    fs = make_fs(User("q", home=Location("mem", "/"), quota_bytes=100))
+    put(fs, "/a", b"x" * 90)
+    put(fs, "/a", b"x" * 95)   # replaces 90 bytes: 95 in use, not 185
+    assert fs.usage().used_bytes == 95
+    fs.remove_file("/a")
+    assert fs.usage().used_bytes == 0
+
+
+def test_quota_files_refuses_a_new_file():
+    fs = make_fs(User("q", home=Location("mem", "/"), quota_files=2))
+    put(fs, "/a")
+    put(fs, "/b")
+    with pytest.raises(QuotaExceeded):
+        fs.open_write("/c")
+    put(fs, "/a", b"overwrite is fine")
+
+
+def test_quota_is_scanned_from_existing_content():
+    backend = MemoryBackend()
+    with backend.open_write("/old") as up:
+        up.write(b"z" * 70)
+    fs = UserFS(User("q", home=Location("mem", "/"), quota_bytes=100), {"mem": backend})
+    with pytest.raises(QuotaExceeded):
+        put(fs, "/new", b"z" * 40)
