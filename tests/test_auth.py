@@ -1,0 +1,101 @@
+"""Authentication and the defender shared by both protocols."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from gateway.auth import Authenticator, Defender
+from gateway.config import DefenderSection
+from gateway.users import User, UserStore, hash_password
+
+PW = "the right password"
+
+
+def _public_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    return Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+KEY = _public_key()
+OTHER_KEY = _public_key()
+
+
+@pytest.fixture
+def auth(tmp_path):
+    store = UserStore(tmp_path / "users.toml")
+    store.add(User("alice", hash_password(PW), keys=(KEY + " alice@x",)))
+    store.add(User("mallory", hash_password(PW), disabled=True))
+    return Authenticator(store, Defender(DefenderSection(max_failures=3, window=60, ban_time=60)))
+
+
+def test_right_password_is_accepted_and_wrong_one_refused(auth):
+    assert auth.check_password("alice", PW, "10.0.0.1").name == "alice"
+    assert auth.check_password("alice", "wrong", "10.0.0.1") is None
+
+
+def test_unknown_and_disabled_users_are_refused_alike(auth):
+    assert auth.check_password("nobody", PW, "10.0.0.1") is None
+    assert auth.check_password("mallory", PW, "10.0.0.1") is None
+
+
+def test_cached_password_still_checks_the_password(auth):
+    assert auth.check_password("alice", PW, "10.0.0.1") is not None
+    assert auth.check_password("alice", PW, "10.0.0.1") is not None  # from the cache
+    assert auth.check_password("alice", PW + "x", "10.0.0.1") is None
+
+
+def test_ip_is_banned_after_max_failures_even_with_the_right_password(auth):
+    for _ in range(3):
+        assert auth.check_password("alice", "wrong", "10.0.0.2") is None
+    assert auth.defender.is_banned("10.0.0.2")
+    assert auth.check_password("alice", PW, "10.0.0.2") is None
+    assert auth.check_key("alice", KEY, "10.0.0.2") is None
+
+
+def test_user_is_banned_after_failures_from_many_ips(auth):
+    for i in range(3):
+        auth.check_password("alice", "wrong", f"10.0.1.{i}")
+    assert auth.check_password("alice", PW, "10.0.9.9") is None
+
+
+def test_exempt_ip_is_never_banned(tmp_path):
+    store = UserStore(tmp_path / "users.toml")
+    store.add(User("alice", hash_password(PW)))
+    auth = Authenticator(store, Defender(DefenderSection(max_failures=2, exempt=["127.0.0.1"])))
+    for _ in range(5):
+        auth.check_password("alice", "wrong", "127.0.0.1")
+    assert auth.check_password("alice", PW, "127.0.0.1") is not None
+
+
+def test_key_must_match_type_and_blob(auth):
+    assert auth.check_key("alice", KEY + " other-comment", "10.0.0.1") is not None
+    assert auth.check_key("alice", OTHER_KEY, "10.0.0.1") is None
+    assert auth.check_key("mallory", KEY, "10.0.0.1") is None
+
+
+def test_connection_limits_per_ip_and_in_total():
+    defender = Defender(DefenderSection(max_connections=3, max_connections_per_ip=2))
+    assert defender.open_connection("a") and defender.open_connection("a")
+    assert not defender.open_connection("a")
+    assert defender.open_connection("b")
+    assert not defender.open_connection("c")
+    defender.close_connection("a")
+    assert defender.open_connection("c")
+
+
+def test_userfs_writes_one_audit_line_per_operation(tmp_path, caplog):
+    from gateway.storage.memory import MemoryBackend
+    from gateway.users import Location
+    from gateway.vfs import UserFS
+    fs = UserFS(User("alice", home=Location("m", "/")), {"m": MemoryBackend()},
+                protocol="sftp", client="10.1.2.3")
+    with caplog.at_level(logging.INFO, logger="gateway.audit"):
+        with fs.open_write("/a.txt") as up:
+            up.write(b"12345")
+        fs.rename("/a.txt", "/b.txt")
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.audit"]
+    assert lines[0] == "user=alice proto=sftp ip=10.1.2.3 op=upload path='/a.txt' bytes=5 result=ok"
+    assert "op=rename path='/a.txt' to='/b.txt'" in lines[1]
