@@ -427,6 +427,9 @@ class UserFS:
         else:
             self._check_quota_for_tree(st, dt, vdst, entry)
             self._copy_unchecked(st, dt, vsrc, vdst)
+            if dt.in_home:
+                self._quota.apply(*self._tree_usage(dt, entry))
+            # Removing the source counts its bytes out of the home if it was there.
             self._remove_tree_unchecked(st, vsrc)
         self._audit("rename", vsrc, "ok", target=vdst)
 

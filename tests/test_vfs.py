@@ -274,3 +274,20 @@ def test_quota_is_scanned_from_existing_content():
     fs = UserFS(User("q", home=Location("mem", "/"), quota_bytes=100), {"mem": backend})
     with pytest.raises(QuotaExceeded):
         put(fs, "/new", b"z" * 40)
+
+
+def test_quota_follows_moves_between_home_and_mount():
+    home, other = MemoryBackend(), MemoryBackend()
+    user = User("q", home=Location("home", "/"), quota_bytes=1000,
+                mounts=(Mount("/ext", Location("other", "/"), ALL),))
+    fs = UserFS(user, {"home": home, "other": other})
+    put(fs, "/ext/big", b"b" * 600)
+    assert fs.usage().used_bytes == 0        # mounts are not counted
+    fs.rename("/ext/big", "/big")
+    assert fs.usage().used_bytes == 600
+    put(fs, "/ext/second", b"s" * 600)
+    with pytest.raises(QuotaExceeded):
+        fs.rename("/ext/second", "/second")
+    assert fs.exists("/ext/second")
+    fs.rename("/big", "/ext/big")
+    assert fs.usage().used_bytes == 0
