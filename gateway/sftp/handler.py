@@ -311,7 +311,8 @@ class UserFSInterface(SFTPServerInterface):
 
     def open(self, path: bytes, pflags: int, attr: SFTPAttributes) -> FileHandle:
         vpath = self.fs.normalize(path)
-        if not pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND):
+        writing = bool(pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND | SFTP_FLAG_TRUNC))
+        if not writing and not pflags & SFTP_FLAG_CREATE:
             return ReadHandle(self.fs, vpath)
         try:
             entry = self.fs.stat(vpath)
@@ -322,6 +323,8 @@ class UserFSInterface(SFTPServerInterface):
                 raise IsADirectory(vpath)
             if pflags & SFTP_FLAG_CREATE and pflags & SFTP_FLAG_EXCL:
                 raise AlreadyExists(vpath)
+            if not writing:
+                return ReadHandle(self.fs, vpath)
             if pflags & SFTP_FLAG_READ:
                 # A read-write handle reads the old content back: that is a download.
                 self.fs.open_read(vpath, 0, 0).close()

@@ -47,6 +47,9 @@ class _Transport(paramiko.Transport):
         try:
             super().run()
         finally:
+            # A handshake that failed leaves paramiko's handshake timer thread
+            # running for its full timeout; a flood of garbage would pile them up.
+            self.packetizer.complete_handshake()
             self._frontend._connection_ended(self._login)
 
 

@@ -115,7 +115,8 @@ class OpenSSH:
         opts = ["-F", "/dev/null", "-o", f"UserKnownHostsFile={self.known_hosts}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]
         if password:
-            opts += ["-o", "PubkeyAuthentication=no",
+            # sftp -b turns BatchMode on, which forbids password prompts; the first value wins.
+            opts += ["-o", "BatchMode=no", "-o", "PubkeyAuthentication=no",
                      "-o", "PreferredAuthentications=keyboard-interactive,password",
                      "-o", "NumberOfPasswordPrompts=1"]
         else:
