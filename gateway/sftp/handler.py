@@ -178,9 +178,10 @@ class WriteHandle(FileHandle):
     """An upload: nothing is visible until close() commits it atomically."""
 
     def __init__(self, fs: UserFS, path: str, *, truncate: bool, append: bool, readable: bool,
-                 existed: bool) -> None:
+                 existed: bool, on_done: Callable[["WriteHandle"], None] = lambda handle: None) -> None:
         super().__init__(fs, path)
         self._upload: Upload = fs.open_write(path, truncate=truncate)
+        self._on_done = on_done
         self._append = append
         self._readable = readable
         self._next = 0                      # where a plain write() would land
@@ -232,6 +233,7 @@ class WriteHandle(FileHandle):
         if self._done:
             return
         self._done = True
+        self._on_done(self)
         if not self._changed:
             self._upload.abort()
             return
@@ -246,6 +248,7 @@ class WriteHandle(FileHandle):
     def abort(self) -> None:
         if not self._done:
             self._done = True
+            self._on_done(self)
             self._upload.abort()
 
 
@@ -308,6 +311,17 @@ class UserFSInterface(SFTPServerInterface):
     def __init__(self, server, *args, **kwargs) -> None:
         super().__init__(server)
         self.fs: UserFS = server.open_fs()
+        # Uploads this session has open, by path. A file a client created must
+        # exist for that client (sshfs stats it right after creating it, cp sets
+        # its times before closing) although others see it only after close.
+        self.uploads: dict[str, WriteHandle] = {}
+
+    def _pending(self, path: bytes) -> WriteHandle | None:
+        return self.uploads.get(self.fs.normalize(path)) if self.uploads else None
+
+    def _forget(self, handle: WriteHandle) -> None:
+        if self.uploads.get(handle.path) is handle:
+            del self.uploads[handle.path]
 
     def open(self, path: bytes, pflags: int, attr: SFTPAttributes) -> FileHandle:
         vpath = self.fs.normalize(path)
@@ -332,14 +346,19 @@ class UserFSInterface(SFTPServerInterface):
             raise NotFound(vpath)
         # Without O_TRUNC the upload starts from the existing content, so a
         # client resuming (reput, FileZilla, WinSCP) continues where it stopped.
-        return WriteHandle(self.fs, vpath, truncate=bool(pflags & SFTP_FLAG_TRUNC),
-                           append=bool(pflags & SFTP_FLAG_APPEND), readable=bool(pflags & SFTP_FLAG_READ),
-                           existed=entry is not None)
+        handle = WriteHandle(self.fs, vpath, truncate=bool(pflags & SFTP_FLAG_TRUNC),
+                             append=bool(pflags & SFTP_FLAG_APPEND), readable=bool(pflags & SFTP_FLAG_READ),
+                             existed=entry is not None, on_done=self._forget)
+        self.uploads[vpath] = handle
+        return handle
 
     def list_folder(self, path: bytes) -> FolderHandle:
         return FolderHandle(self.fs.list_dir(path))
 
     def stat(self, path: bytes) -> SFTPAttributes:
+        pending = self._pending(path)
+        if pending is not None:
+            return pending.stat()
         return attributes(self.fs.stat(path))
 
     # Links are never listed or followed, so lstat and stat agree.
@@ -364,6 +383,10 @@ class UserFSInterface(SFTPServerInterface):
     def chattr(self, path: bytes, attr: SFTPAttributes) -> None:
         """Apply size and times; permission bits and owners are accepted and ignored."""
         vpath = self.fs.normalize(path)
+        pending = self._pending(vpath)
+        if pending is not None:
+            pending.set_attributes(attr)
+            return
         changed = False
         if _has(attr, SFTPAttributes.FLAG_SIZE):
             self.fs.truncate(vpath, attr.st_size)

@@ -485,3 +485,18 @@ def test_idle_connections_are_closed(tmp_path, host_key_dir):
             transport.close()
     finally:
         server.gateway.stop()
+
+
+def test_a_file_being_uploaded_exists_for_its_own_session_only(sftp, sftp_server):
+    f = sftp.open("/fresh.txt", "w")
+    f.write(b"12345")
+    f.flush()
+    assert sftp.stat("/fresh.txt").st_size == 5
+    sftp.utime("/fresh.txt", (1_200_000_000, 1_200_000_000))
+    with sftp_client(sftp_server.sftp_port) as other:
+        with pytest.raises(FileNotFoundError):
+            other.stat("/fresh.txt")
+    f.close()
+    path = _home(sftp_server) / "fresh.txt"
+    assert path.read_bytes() == b"12345"
+    assert int(path.stat().st_mtime) == 1_200_000_000
