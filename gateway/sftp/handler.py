@@ -13,6 +13,7 @@ import stat as stat_mod
 import struct
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from paramiko import SFTPAttributes, SFTPHandle, SFTPServer, SFTPServerInterface
 from paramiko.message import Message
@@ -29,9 +30,11 @@ from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, Gate
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
 from .. import paths
-from ..storage.base import Entry, Upload
 from ..users import User
 from ..vfs import UserFS
+
+# UserFS hands out storage Entry records; front-ends never import storage/.
+Entry = Any
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +100,17 @@ def status_for(exc: BaseException, user: User | None = None) -> tuple[int, str]:
 
 
 def attributes(entry: Entry) -> SFTPAttributes:
-    """SFTP attributes for an entry: type bits, size and times (atime = mtime)."""
+    """SFTP attributes for an entry from UserFS: type bits, size and times."""
+    return _attributes(entry.name, entry.is_dir, entry.size, entry.mtime)
+
+
+def _attributes(name: str, is_dir: bool, size: int, mtime: float) -> SFTPAttributes:
     attr = SFTPAttributes()
-    attr.filename = entry.name
-    attr.st_size = entry.size
-    attr.st_mode = (stat_mod.S_IFDIR | 0o755) if entry.is_dir else (stat_mod.S_IFREG | 0o644)
-    # paramiko sends times only when both are set.
-    attr.st_mtime = attr.st_atime = int(entry.mtime)
+    attr.filename = name
+    attr.st_size = size
+    attr.st_mode = (stat_mod.S_IFDIR | 0o755) if is_dir else (stat_mod.S_IFREG | 0o644)
+    # paramiko sends times only when both are set; atime is not tracked.
+    attr.st_mtime = attr.st_atime = int(mtime)
     return attr
 
 
@@ -180,7 +187,7 @@ class WriteHandle(FileHandle):
     def __init__(self, fs: UserFS, path: str, *, truncate: bool, append: bool, readable: bool,
                  existed: bool, on_done: Callable[["WriteHandle"], None] = lambda handle: None) -> None:
         super().__init__(fs, path)
-        self._upload: Upload = fs.open_write(path, truncate=truncate)
+        self._upload = fs.open_write(path, truncate=truncate)
         self._on_done = on_done
         self._append = append
         self._readable = readable
@@ -212,8 +219,8 @@ class WriteHandle(FileHandle):
 
     def stat(self) -> SFTPAttributes:
         self._check_open()
-        return attributes(Entry(self.path.rsplit("/", 1)[-1], False, self._upload.size,
-                                self._mtime if self._mtime is not None else time.time()))
+        return _attributes(self.path.rsplit("/", 1)[-1], False, self._upload.size,
+                           self._mtime if self._mtime is not None else time.time())
 
     def set_attributes(self, attr: SFTPAttributes) -> None:
         self._check_open()
