@@ -72,12 +72,13 @@ class WebDAVSection:
 class SFTPSection:
     enabled: bool = True
     listen: Listen = Listen("127.0.0.1", 2022)
-    idle_timeout: int = 900
-    max_handles: int = 512
+    idle_timeout: int = 900          # seconds without a request before a connection is closed; 0: never
+    max_handles: int = 512           # open files and folders per SFTP session
     # ssh-rsa (SHA-1) signatures are broken; only very old clients need them.
+    # paramiko 5 removed them entirely, so there this only logs a warning.
     allow_ssh_rsa_sha1: bool = False
-    window_size: int = 64 * 1024 * 1024
-    max_packet_size: int = 256 * 1024
+    window_size: int = 64 * 1024 * 1024   # SSH channel window: bytes in flight per session
+    max_packet_size: int = 256 * 1024     # SSH packet and SFTP read/write size (limits@openssh.com)
 
 
 @dataclass
@@ -209,6 +210,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if webdav.macos_files not in ("allow", "hide", "refuse"):
         raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
                           f"got {webdav.macos_files!r}")
+    if sftp.max_packet_size < 34000:
+        # RFC 4254 and SFTP clients assume packets of at least 32 KiB plus headers.
+        raise ConfigError(f"{where_file}: [sftp] max_packet_size: must be at least 34000, "
+                          f"got {sftp.max_packet_size}")
     if bool(webdav.tls_cert) != bool(webdav.tls_key):
         raise ConfigError(f"{where_file}: [webdav] tls_key: tls_cert and tls_key go together")
     for key in ("tls_cert", "tls_key"):

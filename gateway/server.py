@@ -157,6 +157,8 @@ def serve(config: Config) -> int:
     for frontend in gateway.frontends:
         host, port = frontend.address
         print(f"{frontend.name} listening on {host}:{port}", flush=True)
+        for notice in getattr(frontend, "notices", ()):
+            print(f"  {notice}", flush=True)
     print("gateway ready", flush=True)
     try:
         stop.wait()
