@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -122,6 +123,10 @@ def test_host_key_algorithm_ssh_rsa_sha1_is_refused(openssh, caplog):
          "-b", "/dev/null", "alice@127.0.0.1"], capture_output=True, text=True,
         stdin=subprocess.DEVNULL, timeout=60)
     assert result.returncode != 0
+    # The server thread logs the refusal after the client has gone: wait for it.
+    deadline = time.monotonic() + 10
+    while "no acceptable host key" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "no acceptable host key" in caplog.text
 
 
