@@ -6,6 +6,7 @@ Derived operations (copy tree, remove tree, moves across backends) live here.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -22,6 +23,19 @@ from .storage.base import Backend, Entry, Upload, Usage
 from .users import Location, User
 
 audit_log = logging.getLogger("gateway.audit")
+
+
+def _virtual_errors(method: Callable) -> Callable:
+    """Re-raise backend errors with the user's virtual path instead of the storage path."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        fs = self if isinstance(self, UserFS) else self._fs
+        try:
+            return method(self, *args, **kwargs)
+        except GatewayError as exc:
+            hints = [a for a in args if isinstance(a, str)] or [getattr(self, "path", "/")]
+            raise fs._public_error(exc, hints) from None
+    return wrapper
 
 
 class QuotaTracker:
@@ -98,19 +112,23 @@ class GuardedUpload(Upload):
             self._fs._quota.check(self.path, end - (self._old_size or 0))
         self._high = max(self._high, end)
 
+    @_virtual_errors
     def write(self, data: bytes) -> None:
         self._check(self._pos + len(data))
         self._inner.write(data)
         self._pos += len(data)
 
+    @_virtual_errors
     def write_at(self, offset: int, data: bytes) -> None:
         self._check(offset + len(data))
         self._inner.write_at(offset, data)
         self._pos = offset + len(data)
 
+    @_virtual_errors
     def read_at(self, offset: int, length: int) -> bytes:
         return self._inner.read_at(offset, length)
 
+    @_virtual_errors
     def truncate(self, size: int) -> None:
         self._check(size)
         self._inner.truncate(size)
@@ -124,6 +142,7 @@ class GuardedUpload(Upload):
     def closed(self) -> bool:
         return self._inner.closed
 
+    @_virtual_errors
     def commit(self) -> Entry:
         try:
             entry = self._inner.commit()
@@ -161,6 +180,9 @@ class UserFS:
         self._policy: Policy = user.policy()
         # Longest mount path first: the first match decides.
         self._mounts = sorted(user.mounts, key=lambda m: len(m.path), reverse=True)
+        # (storage path, virtual path) pairs, most specific first, to rewrite errors.
+        self._places = sorted([(user.home.path, "/")] + [(m.target.path, m.path) for m in user.mounts],
+                              key=lambda place: len(place[0]), reverse=True)
         home = self._backend(user.home)
         self._quota = quota or QuotaTracker(user.quota_bytes, user.quota_files,
                                             lambda: home.usage(user.home.path))
@@ -169,6 +191,25 @@ class UserFS:
 
     def _backend(self, location: Location) -> Backend:
         return self._backends[location.backend]
+
+    def _public_error(self, exc: GatewayError, hints: list[str] = ()) -> GatewayError:
+        """The same error naming the user's path: the storage layout is not the client's business.
+
+        `hints` are the paths the call named; where two mounts show the same
+        storage, the one the call went through is the name to use.
+        """
+        if not exc.path:
+            return exc
+        places = [p for p in self._places if paths.is_within(exc.path, p[0])]
+        preferred = [p for p in places
+                     if any(h.startswith("/") and paths.is_within(h, p[1]) for h in hints)]
+        for real, virtual in preferred + places:
+            if paths.is_within(exc.path, real):
+                vpath = paths.rebase(exc.path, real, virtual)
+                if vpath == exc.path:
+                    return exc
+                return type(exc)(vpath, exc.message.replace(f"'{exc.path}'", f"'{vpath}'"))
+        return exc
 
     @staticmethod
     def normalize(path: str | bytes) -> str:
@@ -266,9 +307,12 @@ class UserFS:
         return self._merge_listing(entries, mounted, vpath)
 
     def _merge_listing(self, entries: Iterator[Entry], mounted: dict, vpath: str) -> Iterator[Entry]:
-        for entry in entries:
-            if entry.name not in mounted:
-                yield entry
+        try:
+            for entry in entries:
+                if entry.name not in mounted:
+                    yield entry
+        except GatewayError as exc:
+            raise self._public_error(exc, [vpath]) from None
         for name in mounted:
             try:
                 yield self._stat_target(paths.join(vpath, name))
@@ -526,6 +570,11 @@ class UserFS:
         target = self._resolve(vpath)
         target.backend.set_mtime(target.path, mtime)
         self._audit("set_times", vpath, "ok")
+
+
+for _name in UserFS.READ_METHODS + UserFS.WRITE_METHODS:
+    if _name != "normalize":
+        setattr(UserFS, _name, _virtual_errors(getattr(UserFS, _name)))
 
 
 def ensure_location(backend: Backend, path: str) -> None:

@@ -138,3 +138,13 @@ def test_missing_parent_is_not_found(env):
     fs, _, _, _ = env
     with pytest.raises(NotFound):
         fs.open_write("/no/such/dir/file.txt")
+
+
+def test_a_listing_dropped_unread_leaks_no_descriptor(env):
+    fs, root, _, _ = env
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        fs.list_dir("/")
+    import gc
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before

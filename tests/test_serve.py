@@ -1,7 +1,6 @@
 """`gateway serve` as a process: first-run user, clean shutdown on signals."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

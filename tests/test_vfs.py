@@ -291,3 +291,16 @@ def test_quota_follows_moves_between_home_and_mount():
     assert fs.exists("/ext/second")
     fs.rename("/big", "/ext/big")
     assert fs.usage().used_bytes == 0
+
+
+def test_errors_name_the_users_path_not_the_storage_path(mounted):
+    fs, _, _ = mounted
+    with pytest.raises(NotFound) as info:
+        fs.open_read("/missing.txt")
+    assert info.value.path == "/missing.txt" and "/alice" not in str(info.value)
+    with pytest.raises(NotFound) as info:
+        fs.open_read("/shared/reports/none.txt")
+    assert info.value.path == "/shared/reports/none.txt" and "/team" not in str(info.value)
+    with pytest.raises(NotFound) as info:
+        list(fs.list_dir("/nowhere"))
+    assert "/alice" not in str(info.value)

@@ -29,8 +29,6 @@ from paramiko.sftp import (CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXT
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
-from .. import paths
-from ..users import User
 from ..vfs import UserFS
 
 # UserFS hands out storage Entry records; front-ends never import storage/.
@@ -69,22 +67,7 @@ class SFTPStatus(Exception):
         self.message = message
 
 
-def _public_message(exc: GatewayError, user: User | None) -> str:
-    """The error's message with a storage path turned back into the user's own path.
-
-    Backends name their own paths ("/alice/x" for the home "local:/alice");
-    the client must see "/x" and never learn where its home lives.
-    """
-    if user is None or not exc.path or exc.path not in exc.message:
-        return exc.message
-    places = [(user.home.path, "/")] + [(m.target.path, m.path) for m in user.mounts]
-    for real, virtual in sorted(places, key=lambda p: len(p[0]), reverse=True):
-        if paths.is_within(exc.path, real):
-            return exc.message.replace(exc.path, paths.rebase(exc.path, real, virtual))
-    return exc.message
-
-
-def status_for(exc: BaseException, user: User | None = None) -> tuple[int, str]:
+def status_for(exc: BaseException) -> tuple[int, str]:
     """Map an exception raised while serving a request to (status code, message)."""
     if isinstance(exc, SFTPStatus):
         return exc.code, exc.message
@@ -94,7 +77,7 @@ def status_for(exc: BaseException, user: User | None = None) -> tuple[int, str]:
             if cls in STATUS_TABLE:
                 code = STATUS_TABLE[cls]
                 break
-        return code, _public_message(exc, user)
+        return code, exc.message
     log.exception("unexpected error serving an SFTP request")
     return SFTP_FAILURE, "internal server error"
 
@@ -540,7 +523,7 @@ class GatewaySFTPServer(SFTPServer):
         except (EOFError, OSError):
             raise
         except Exception as exc:   # includes a malformed request or a bug: answer, keep serving
-            self._send_status(request_number, *status_for(exc, self.server.fs.user))
+            self._send_status(request_number, *status_for(exc))
 
     def _send_status(self, request_number: int, code: int, desc: str | None = None) -> None:
         super()._send_status(request_number, code, desc if desc is not None else "")

@@ -85,6 +85,24 @@ class LocalConfig:
     fsync: bool = False
 
 
+class _OwnedFd:
+    """A descriptor closed exactly once: by its user, or when dropped unused.
+
+    A listing generator that is never started never runs its `finally`; this
+    closes the directory descriptor when the generator is collected instead.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    __del__ = close
+
+
 class _RangeReader(io.RawIOBase):
     """A seekable read-only view of an open file descriptor, limited to `length`."""
 
@@ -333,12 +351,12 @@ class LocalBackend(Backend):
             return _entry(name, self._lstat(fd, name, path), path)
 
     def list_dir(self, path: str) -> Iterator[Entry]:
-        fd = self._open_dir(path)
-        return self._iter_dir(fd, path)
+        return self._iter_dir(_OwnedFd(self._open_dir(path)), path)
 
-    def _iter_dir(self, fd: int, path: str) -> Iterator[Entry]:
+    def _iter_dir(self, owned: "_OwnedFd", path: str) -> Iterator[Entry]:
         try:
-            with _converted(path), os.scandir(fd) as it:
+            # DirEntry.stat() works relative to the descriptor: keep it open while iterating.
+            with _converted(path), os.scandir(owned.fd) as it:
                 for item in it:
                     if item.name.startswith(TEMP_PREFIX):
                         continue
@@ -350,7 +368,7 @@ class LocalBackend(Backend):
                     if stat_mod.S_ISDIR(mode) or stat_mod.S_ISREG(mode):
                         yield _entry(item.name, st, paths.join(path, item.name))
         finally:
-            os.close(fd)
+            owned.close()
 
     def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         with self._parent(path) as (dir_fd, name):

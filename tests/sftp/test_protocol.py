@@ -1,7 +1,6 @@
 """SFTP v3 requests through paramiko's SFTPClient: exact status codes, flags, handles and traps."""
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
