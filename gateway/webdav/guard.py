@@ -110,15 +110,30 @@ def _credentials_readable(header: str) -> bool:
     return ":" in decoded
 
 
+def _climbs_above_root(path: str) -> bool:
+    depth = 0
+    for segment in path.split("/"):
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif segment not in ("", "."):
+            depth += 1
+    return False
+
+
 def front_door(app):
     """Wrap the wsgidav application with checks that must run before it parses anything."""
 
     def guarded(environ: dict, start_response):
         try:
-            environ["PATH_INFO"].encode("iso-8859-1").decode("utf-8")
+            path = environ["PATH_INFO"].encode("iso-8859-1").decode("utf-8")
         except UnicodeError:
             # Overlong or broken UTF-8 never reaches path handling.
             return _plain(start_response, "400 Bad Request", "request path is not valid UTF-8")
+        if _climbs_above_root(path):
+            # wsgidav's own check here returns from a generator and sends no response.
+            return _plain(start_response, "400 Bad Request", "request path climbs above the root")
         auth = environ.get("HTTP_AUTHORIZATION")
         if auth is not None and not _credentials_readable(auth):
             return _plain(start_response, "401 Unauthorized", "unreadable credentials",

@@ -438,9 +438,26 @@ class UserFSProvider(DAVProvider):
         # wsgidav's own refusal of Depth: infinity (403 + propfind-finite-depth):
         # a whole-tree PROPFIND is a denial of service on a large share.
         default_handler.__self__.allow_propfind_infinite = False
+        if environ.get("REQUEST_METHOD") in ("GET", "HEAD") and self._not_modified_since(environ):
+            start_response("304 Not Modified", [("Content-Length", "0")])
+            return [b""]
         if environ.get("HTTP_X_OC_MTIME"):
             start_response = _mtime_acknowledging(environ, start_response)
         return default_handler(environ, start_response)
+
+    def _not_modified_since(self, environ: dict) -> bool:
+        """If-Modified-Since alone, compared as RFC 9110 says (wsgidav answers 200 on equal times)."""
+        text = environ.get("HTTP_IF_MODIFIED_SINCE")
+        if not text or "HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ:
+            return False
+        res = self.get_resource_inst(environ["PATH_INFO"], environ)
+        if res is None or res.is_collection or res.get_last_modified() is None:
+            return False
+        try:
+            since = parse_http_date(text)
+        except DAVError:
+            return False
+        return int(res.get_last_modified()) <= since
 
 
 def _mtime_acknowledging(environ: dict, start_response):
