@@ -1,0 +1,470 @@
+"""The wsgidav provider over UserFS: every request sees only its own user's tree.
+
+Resources carry the Entry they were built from, so a PROPFIND of a folder costs
+one listing, not one stat per child. Gateway errors become HTTP statuses in one
+table (`_STATUS`), following the error table in DESIGN.md.
+"""
+from __future__ import annotations
+
+import email.utils
+import fnmatch
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+from urllib.parse import quote, unquote
+
+from wsgidav.dav_error import DAVError
+from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
+
+from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
+                      InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
+                      QuotaExceeded, Unsupported)
+from ..vfs import Entry, Upload, UserFS
+
+log = logging.getLogger(__name__)
+
+# The one mapping of the error tree to HTTP (DESIGN.md). Per-method entries
+# override the default where RFC 4918 asks for a different code.
+_STATUS: dict[type[GatewayError], int] = {
+    NotFound: 404,
+    PermissionDenied: 403,
+    AlreadyExists: 405,
+    DirectoryNotEmpty: 409,
+    NotADirectory: 409,
+    IsADirectory: 405,
+    InvalidPath: 400,
+    QuotaExceeded: 507,
+    Unsupported: 501,
+    BackendUnavailable: 503,
+}
+_METHOD_STATUS: dict[tuple[str, type[GatewayError]], int] = {
+    ("PUT", NotFound): 409,          # missing parent
+    ("MKCOL", NotFound): 409,
+    ("COPY", NotFound): 409,
+    ("COPY", AlreadyExists): 412,    # Overwrite: F
+    ("MOVE", AlreadyExists): 412,
+    ("PROPPATCH", Unsupported): 403,
+}
+
+WIN32_LASTMOD = "{urn:schemas-microsoft-com:}Win32LastModifiedTime"
+# Windows sets these after every copy; accepting them (and storing nothing)
+# is what keeps Explorer from reporting the copy as failed.
+_WIN32_IGNORED = ("{urn:schemas-microsoft-com:}Win32FileAttributes",
+                  "{urn:schemas-microsoft-com:}Win32CreationTime",
+                  "{urn:schemas-microsoft-com:}Win32LastAccessTime")
+_QUOTA_PROPS = ("{DAV:}quota-used-bytes", "{DAV:}quota-available-bytes")
+MACOS_PATTERNS = ("._*", ".DS_Store")
+
+
+def dav_error(exc: GatewayError, method: str) -> DAVError:
+    """Translate one gateway error into the DAVError the request should answer."""
+    status = _METHOD_STATUS.get((method, type(exc)))
+    if status is None:
+        status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
+    return DAVError(status, context_info=exc.message)
+
+
+def is_macos_name(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MACOS_PATTERNS)
+
+
+def parse_http_date(text: str) -> float:
+    """Seconds since the epoch from an RFC 1123 date (getlastmodified, Win32LastModifiedTime).
+
+    Raises:
+        DAVError: 400 when the text is not a date.
+    """
+    try:
+        return email.utils.parsedate_to_datetime(text.strip()).timestamp()
+    except (TypeError, ValueError, AttributeError):
+        raise DAVError(400, context_info=f"not an HTTP date: {text!r}") from None
+
+
+class _BodyWriter:
+    """What wsgidav's PUT writes the request body into: one UserFS upload, bytes counted."""
+
+    def __init__(self, upload: Upload, method: str) -> None:
+        self.upload = upload
+        self.written = 0
+        self._method = method
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.upload.write(data)
+        except GatewayError as exc:
+            raise dav_error(exc, self._method) from None
+        self.written += len(data)
+
+    def close(self) -> None:
+        # wsgidav calls close() only on success; commit or abort is end_write's job.
+        return None
+
+
+class _Resource:
+    """What files and folders share: the session's UserFS, the virtual path and the entry."""
+
+    environ: dict
+    path: str
+    is_collection: bool
+    provider: "UserFSProvider"
+
+    def _setup(self, fs: UserFS, vpath: str, entry: Entry | None) -> None:
+        self.fs = fs
+        self.vpath = vpath
+        self.entry = entry
+
+    @property
+    def method(self) -> str:
+        return self.environ.get("REQUEST_METHOD", "")
+
+    @contextmanager
+    def mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except GatewayError as exc:
+            raise dav_error(exc, self.method) from None
+
+    # -- identity: locks and dead properties are keyed by this ----------------
+
+    def get_ref_url(self) -> str:
+        # Per-user roots: the user is part of the key, or user A's lock on /a.txt
+        # would block user B's own /a.txt.
+        return self.provider.ref_url(self.fs.user.name, self.get_preferred_path())
+
+    # -- live properties --------------------------------------------------------
+
+    def get_creation_date(self) -> float | None:
+        return None
+
+    def get_display_name(self) -> str:
+        return self.name
+
+    def get_last_modified(self) -> float | None:
+        return self.entry.mtime if self.entry else None
+
+    def get_used_bytes(self) -> int | None:
+        return self._usage()[0] if self.is_collection else None
+
+    def get_available_bytes(self) -> int | None:
+        return self._usage()[1] if self.is_collection else None
+
+    def _usage(self) -> tuple[int | None, int | None]:
+        cached = self.environ.get("gateway.usage")
+        if cached is None:
+            try:
+                usage = self.fs.usage()
+                cached = (usage.used_bytes, usage.free_bytes)
+            except GatewayError:
+                cached = (None, None)
+            self.environ["gateway.usage"] = cached
+        return cached
+
+    def get_property_names(self, *, is_allprop: bool) -> list[str]:
+        names = super().get_property_names(is_allprop=is_allprop)  # type: ignore[misc]
+        if is_allprop:
+            # RFC 4331: quota properties are not part of allprop (they cost a scan).
+            names = [n for n in names if n not in _QUOTA_PROPS]
+        return names
+
+    def set_property_value(self, name: str, value, *, dry_run: bool = False):
+        if name in (WIN32_LASTMOD, "{DAV:}getlastmodified"):
+            if value is None:
+                return True
+            return self.set_last_modified(self.path, value.text or "", dry_run=dry_run)
+        if name in _WIN32_IGNORED:
+            return True
+        return super().set_property_value(name, value, dry_run=dry_run)  # type: ignore[misc]
+
+    def set_last_modified(self, dest_path: str, time_stamp, *, dry_run: bool) -> bool:
+        mtime = float(time_stamp) if isinstance(time_stamp, (int, float)) else parse_http_date(time_stamp)
+        if not dry_run:
+            with self.mapped():
+                self.fs.set_mtime(self.provider.to_vpath(dest_path), mtime)
+        return True
+
+    # -- removal, copy, move ---------------------------------------------------
+
+    def _forget(self) -> None:
+        """Drop the dead properties and locks of this resource and everything below it."""
+        ref = self.get_ref_url()
+        if self.provider.prop_manager:
+            self.provider.prop_manager.remove_properties(ref, self.environ, recursive=True)
+        if self.provider.lock_manager:
+            self.provider.lock_manager.remove_all_locks_from_url(ref, recursive=True)
+
+    def delete(self) -> None:
+        with self.mapped():
+            self.fs.remove_tree(self.vpath)
+        self._forget()
+
+    def support_recursive_move(self, dest_path: str) -> bool:
+        # Also asked of files: the base class asserts is_collection (a 500 on a file MOVE).
+        return True
+
+    def move_recursive(self, dest_path: str) -> list:
+        dest = self.provider.to_vpath(dest_path)
+        with self.mapped():
+            self.fs.rename(self.vpath, dest, overwrite=True)
+        if self.provider.prop_manager:
+            self.provider.prop_manager.move_properties(
+                self.get_ref_url(), self.provider.ref_url(self.fs.user.name, dest), True, self.environ)
+        if self.provider.lock_manager:
+            # RFC 4918 9.9.4: a lock is not moved with the resource.
+            self.provider.lock_manager.remove_all_locks_from_url(self.get_ref_url(), recursive=True)
+        return []
+
+    def copy_move_single(self, dest_path: str, *, is_move: bool) -> None:
+        if not is_move and self.environ.get("HTTP_DEPTH") == "0" \
+                and self.provider.to_vpath(self.environ["PATH_INFO"]) != self.vpath:
+            return  # wsgidav lists the whole tree even for a Depth: 0 COPY
+        dest = self.provider.to_vpath(dest_path)
+        with self.mapped():
+            if self.is_collection:
+                try:
+                    self.fs.make_dir(dest)
+                except AlreadyExists:
+                    pass
+            else:
+                self.fs.copy_file(self.vpath, dest)
+        if self.provider.prop_manager:
+            self.provider.prop_manager.copy_properties(
+                self.get_ref_url(), self.provider.ref_url(self.fs.user.name, dest), self.environ)
+
+
+class FileResource(_Resource, DAVNonCollection):
+    """A file; `entry` is None for a PUT target that does not exist until its upload commits."""
+
+    def __init__(self, path: str, environ: dict, fs: UserFS, vpath: str, entry: Entry | None) -> None:
+        DAVNonCollection.__init__(self, path, environ)
+        self._setup(fs, vpath, entry)
+        self._writer: _BodyWriter | None = None
+
+    def get_content_length(self) -> int:
+        return self.entry.size if self.entry else 0
+
+    def get_etag(self) -> str | None:
+        if self.entry is None:
+            return None
+        return self.entry.etag or f"{self.entry.size:x}-{int(self.entry.mtime * 1000):x}"
+
+    def support_etag(self) -> bool:
+        return True
+
+    def support_ranges(self) -> bool:
+        # wsgidav opens the content and seeks to the range start.
+        return True
+
+    def get_content(self) -> BinaryIO:
+        with self.mapped():
+            return self.fs.open_read(self.vpath)
+
+    def begin_write(self, *, content_type: str | None = None) -> _BodyWriter:
+        with self.mapped():
+            upload = self.fs.open_write(self.vpath)
+        self._writer = _BodyWriter(upload, self.method)
+        return self._writer
+
+    def _expected_length(self) -> int | None:
+        environ = self.environ
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            # macOS Finder streams chunked and states the real size here.
+            text = environ.get("HTTP_X_EXPECTED_ENTITY_LENGTH", "")
+        else:
+            text = environ.get("CONTENT_LENGTH", "")
+        return int(text) if text.strip().isdigit() else None
+
+    def end_write(self, *, with_errors: bool) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        expected = self._expected_length()
+        if with_errors or (expected is not None and writer.written != expected):
+            # A client that closes early looks like a clean end of body to
+            # wsgidav: count, and never commit a truncated file.
+            writer.upload.abort()
+            if with_errors:
+                return
+            raise DAVError(400, context_info=f"request body ended after {writer.written} "
+                                             f"of {expected} bytes; nothing was stored")
+        with self.mapped():
+            self.entry = writer.upload.commit()
+        self._apply_client_mtime()
+
+    def _apply_client_mtime(self) -> None:
+        text = self.environ.get("HTTP_X_OC_MTIME", "").strip()
+        if not text:
+            return
+        try:
+            mtime = float(text)
+        except ValueError:
+            return
+        try:
+            self.fs.set_mtime(self.vpath, mtime)
+        except GatewayError as exc:
+            # The content is stored; a refused time is not worth failing the PUT for.
+            log.info("X-OC-Mtime on %s not applied: %s", self.vpath, exc)
+            return
+        self.environ["gateway.mtime_accepted"] = True
+        with self.mapped():
+            self.entry = self.fs.stat(self.vpath)
+
+
+class FolderResource(_Resource, DAVCollection):
+    """A folder, listed once per request."""
+
+    def __init__(self, path: str, environ: dict, fs: UserFS, vpath: str, entry: Entry | None) -> None:
+        DAVCollection.__init__(self, path, environ)
+        self._setup(fs, vpath, entry)
+
+    def get_etag(self) -> None:
+        return None
+
+    def support_etag(self) -> bool:
+        return False
+
+    def _entries(self) -> list[Entry]:
+        with self.mapped():
+            entries = list(self.fs.list_dir(self.vpath))
+        if self.provider.macos_files != "allow":
+            entries = [e for e in entries if not is_macos_name(e.name)]
+        return sorted(entries, key=lambda e: e.name)
+
+    def _child_path(self, name: str) -> str:
+        return self.path.rstrip("/") + "/" + name
+
+    def get_member_names(self) -> list[str]:
+        return [e.name for e in self._entries()]
+
+    def get_member_list(self) -> list[_Resource]:
+        return [self.provider.make_resource(self._child_path(e.name), self.environ, self.fs,
+                                            self.provider.to_vpath(self._child_path(e.name)), e)
+                for e in self._entries()]
+
+    def get_member(self, name: str) -> _Resource | None:
+        return self.provider.get_resource_inst(self._child_path(name), self.environ)
+
+    def create_empty_resource(self, name: str) -> FileResource:
+        path = self._child_path(name)
+        vpath = self.provider.to_vpath(path)
+        res = FileResource(path, self.environ, self.fs, vpath, None)
+        if self.method != "PUT":
+            # LOCK on an unmapped URL creates an empty file (RFC 4918 7.3);
+            # a PUT target appears only when its upload commits.
+            with self.mapped():
+                upload = self.fs.open_write(vpath)
+                try:
+                    res.entry = upload.commit()
+                finally:
+                    upload.abort()
+        return res
+
+    def create_collection(self, name: str) -> None:
+        with self.mapped():
+            self.fs.make_dir(self.provider.to_vpath(self._child_path(name)))
+
+    def support_recursive_delete(self) -> bool:
+        return True
+
+
+class _AnonymousRoot(DAVCollection):
+    """Stands in for any path on an OPTIONS request without credentials (Windows asks first)."""
+
+    def get_member_names(self) -> list[str]:
+        return []
+
+
+class UserFSProvider(DAVProvider):
+    """Maps request paths to the authenticated user's UserFS."""
+
+    def __init__(self, open_fs, macos_files: str = "allow") -> None:
+        super().__init__()
+        self._open_fs = open_fs
+        self.macos_files = macos_files
+
+    def __repr__(self) -> str:
+        return "UserFSProvider"
+
+    def is_readonly(self) -> bool:
+        return False
+
+    @staticmethod
+    def to_vpath(path: str) -> str:
+        """The UserFS path for a wsgidav path (already URL-decoded).
+
+        Raises:
+            DAVError: 400 for a path the normalizer refuses.
+        """
+        try:
+            return UserFS.normalize(path)
+        except InvalidPath as exc:
+            raise DAVError(400, context_info=exc.message) from None
+
+    def ref_url(self, user_name: str, path: str) -> str:
+        return quote(f"/~{user_name}{path}" if path != "/" else f"/~{user_name}/")
+
+    def ref_url_to_path(self, ref_url: str) -> str:
+        path = unquote(ref_url)
+        rest = path.split("/", 2)[2] if path.count("/") >= 2 else ""
+        return "/" + rest
+
+    def fs_for(self, environ: dict) -> UserFS | None:
+        fs = environ.get("gateway.fs")
+        if fs is None and environ.get("gateway.user") is not None:
+            fs = self._open_fs(environ["gateway.user"], environ.get("REMOTE_ADDR", ""))
+            environ["gateway.fs"] = fs
+        return fs
+
+    def make_resource(self, path: str, environ: dict, fs: UserFS, vpath: str, entry: Entry) -> _Resource:
+        cls = FolderResource if entry.is_dir else FileResource
+        return cls(path, environ, fs, vpath, entry)
+
+    def get_resource_inst(self, path: str, environ: dict):
+        fs = self.fs_for(environ)
+        if fs is None:
+            if environ.get("REQUEST_METHOD") == "OPTIONS":
+                return _AnonymousRoot(path, environ)
+            raise DAVError(401)
+        vpath = self.to_vpath(path)
+        try:
+            entry = fs.stat(vpath)
+        except (NotFound, NotADirectory):
+            return None
+        except GatewayError as exc:
+            raise dav_error(exc, environ.get("REQUEST_METHOD", "")) from None
+        return self.make_resource(path, environ, fs, vpath, entry)
+
+    def custom_request_handler(self, environ: dict, start_response, default_handler):
+        # wsgidav's own refusal of Depth: infinity (403 + propfind-finite-depth):
+        # a whole-tree PROPFIND is a denial of service on a large share.
+        default_handler.__self__.allow_propfind_infinite = False
+        if environ.get("REQUEST_METHOD") in ("GET", "HEAD") and self._not_modified_since(environ):
+            start_response("304 Not Modified", [("Content-Length", "0")])
+            return [b""]
+        if environ.get("HTTP_X_OC_MTIME"):
+            start_response = _mtime_acknowledging(environ, start_response)
+        return default_handler(environ, start_response)
+
+    def _not_modified_since(self, environ: dict) -> bool:
+        """If-Modified-Since alone, compared as RFC 9110 says (wsgidav answers 200 on equal times)."""
+        text = environ.get("HTTP_IF_MODIFIED_SINCE")
+        if not text or "HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ:
+            return False
+        res = self.get_resource_inst(environ["PATH_INFO"], environ)
+        if res is None or res.is_collection or res.get_last_modified() is None:
+            return False
+        try:
+            since = parse_http_date(text)
+        except DAVError:
+            return False
+        return int(res.get_last_modified()) <= since
+
+
+def _mtime_acknowledging(environ: dict, start_response):
+    """Add Nextcloud's `X-OC-MTime: accepted` when the client's mtime was applied."""
+    def wrapped(status, headers, exc_info=None):
+        if environ.get("gateway.mtime_accepted"):
+            headers = list(headers) + [("X-OC-MTime", "accepted")]
+        return start_response(status, headers, exc_info)
+    return wrapped
+

@@ -1,0 +1,86 @@
+"""WebDAV fixtures: a running gateway with WebDAV on, and a small HTTP client for it."""
+from __future__ import annotations
+
+import base64
+import http.client
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import PASSWORD, RunningGateway
+
+
+@dataclass
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+class DavClient:
+    """One user's HTTP client (http.client, a fresh connection per request)."""
+
+    def __init__(self, port: int, user: str | None, password: str = PASSWORD) -> None:
+        self.port = port
+        self.auth = None
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.auth = f"Basic {token}"
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            all_headers = dict(headers or {})
+            if self.auth and "Authorization" not in all_headers:
+                all_headers["Authorization"] = self.auth
+            conn.request(method, path, body=body, headers=all_headers)
+            resp = conn.getresponse()
+            return Response(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+    def put(self, path: str, data: bytes, **headers: str) -> Response:
+        return self.request("PUT", path, data, headers)
+
+    def get(self, path: str, **headers: str) -> Response:
+        return self.request("GET", path, None, headers)
+
+    def propfind(self, path: str, depth: str = "1", body: bytes | None = None) -> Response:
+        return self.request("PROPFIND", path, body, {"Depth": depth,
+                                                     "Content-Type": "application/xml"})
+
+    def proppatch(self, path: str, body: bytes) -> Response:
+        return self.request("PROPPATCH", path, body, {"Content-Type": "application/xml"})
+
+
+@pytest.fixture
+def dav(make_gateway):
+    """A gateway with WebDAV only and users alice and bob (full rights in their homes)."""
+    running: RunningGateway = make_gateway(webdav=True)
+    running.add_user("alice")
+    running.add_user("bob")
+    return running
+
+
+@pytest.fixture
+def alice(dav) -> DavClient:
+    return DavClient(dav.webdav_port, "alice")
+
+
+@pytest.fixture
+def bob(dav) -> DavClient:
+    return DavClient(dav.webdav_port, "bob")
+
+
+LOCK_BODY = (b'<?xml version="1.0" encoding="utf-8"?>'
+             b'<D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
+             b'<D:locktype><D:write/></D:locktype><D:owner>tests</D:owner></D:lockinfo>')
+
+
+def proppatch_body(name: str, ns: str, value: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="utf-8"?><D:propertyupdate xmlns:D="DAV:" xmlns:Z="{ns}">'
+            f'<D:set><D:prop><Z:{name}>{value}</Z:{name}></D:prop></D:set></D:propertyupdate>').encode()

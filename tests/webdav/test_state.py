@@ -1,0 +1,55 @@
+"""Locks and dead properties live in the state dir and survive a restart."""
+from __future__ import annotations
+
+import re
+
+from gateway.config import load_config
+from gateway.server import Gateway
+from tests.webdav.conftest import LOCK_BODY, DavClient, proppatch_body
+
+
+def _restart(running) -> DavClient:
+    running.gateway.stop()
+    again = Gateway(load_config(running.config_path))
+    again.start()
+    running.gateway = again
+    return DavClient(again.frontends[0].address[1], "alice")
+
+
+def test_a_restart_keeps_locks_and_dead_properties(make_gateway):
+    running = make_gateway(webdav=True)
+    running.add_user("alice")
+    alice = DavClient(running.webdav_port, "alice")
+    alice.put("/doc.txt", b"v1")
+    assert alice.proppatch("/doc.txt", proppatch_body("author", "urn:test:", "Ada")).status == 207
+    lock = alice.request("LOCK", "/doc.txt", LOCK_BODY, {"Timeout": "Second-3600"})
+    assert lock.status == 200
+    token = lock.header("Lock-Token").strip("<>")
+    try:
+        alice = _restart(running)
+        assert alice.put("/doc.txt", b"v2").status == 423
+        assert alice.put("/doc.txt", b"v2", If=f"(<{token}>)").status == 204
+        body = alice.propfind("/doc.txt", "0").body
+        assert token.encode() in body
+        assert re.search(rb"<[^>]*author[^>]*>Ada<", body), body
+        assert alice.request("UNLOCK", "/doc.txt", headers={"Lock-Token": f"<{token}>"}).status == 204
+        assert alice.put("/doc.txt", b"v3").status == 204
+    finally:
+        running.gateway.stop()
+
+
+def test_delete_drops_the_properties_of_everything_below(alice):
+    alice.request("MKCOL", "/d")
+    alice.put("/d/x.txt", b"x")
+    alice.proppatch("/d/x.txt", proppatch_body("tag", "urn:test:", "old"))
+    assert alice.request("DELETE", "/d").status == 204
+    alice.request("MKCOL", "/d")
+    alice.put("/d/x.txt", b"x")
+    assert b"urn:test:" not in alice.propfind("/d/x.txt", "0").body
+
+
+def test_copy_carries_dead_properties_to_the_copy(alice):
+    alice.put("/a.txt", b"a")
+    alice.proppatch("/a.txt", proppatch_body("tag", "urn:test:", "kept"))
+    assert alice.request("COPY", "/a.txt", headers={"Destination": "/b.txt"}).status == 201
+    assert b"kept" in alice.propfind("/b.txt", "0").body
