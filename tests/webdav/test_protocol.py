@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.webdav.conftest import DavClient, proppatch_body
+from tests.webdav.conftest import DavClient
 
 QUOTA_QUERY = (b'<D:propfind xmlns:D="DAV:"><D:prop><D:quota-used-bytes/>'
                b'<D:quota-available-bytes/></D:prop></D:propfind>')
