@@ -1,6 +1,7 @@
 """`gateway serve` as a process: first-run user, clean shutdown on signals."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -69,3 +70,59 @@ def test_first_run_creates_a_user_once_and_signals_stop_cleanly(tmp_path, sig):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "password" not in "".join(lines) + out
+
+
+def _listening_ports(lines: list[str]) -> dict[str, int]:
+    ports = {}
+    for line in lines:
+        if " listening on " in line:
+            name, _, address = line.strip().partition(" listening on ")
+            ports[name] = int(address.rsplit(":", 1)[1])
+    return ports
+
+
+def test_shutdown_with_uploads_in_flight_leaves_old_versions_and_no_partial_files(tmp_path):
+    import http.client
+    import base64
+    import paramiko
+    path = config(tmp_path, webdav=True, sftp=True)
+    subprocess.run([sys.executable, "-m", "gateway", "user", "add", "alice", "--password-stdin",
+                    "--config", str(path)], input="alice-password\n", text=True, check=True, cwd=REPO,
+                   capture_output=True)
+    home = tmp_path / "data" / "alice"
+    home.mkdir(parents=True)
+    (home / "via-sftp.bin").write_bytes(b"old sftp version")
+    (home / "via-webdav.bin").write_bytes(b"old webdav version")
+    proc = start(path)
+    try:
+        ports = _listening_ports(wait_for_line(proc, "gateway ready"))
+        transport = paramiko.Transport(("127.0.0.1", ports["sftp"]))
+        transport.connect(username="alice", password="alice-password")
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        handle = sftp.open("/via-sftp.bin", "wb")
+        handle.write(b"n" * 300_000)
+        handle.flush()
+        dav = http.client.HTTPConnection("127.0.0.1", ports["webdav"], timeout=30)
+        auth = base64.b64encode(b"alice:alice-password").decode()
+        dav.putrequest("PUT", "/via-webdav.bin")
+        dav.putheader("Authorization", f"Basic {auth}")
+        dav.putheader("Content-Length", str(10_000_000))
+        dav.endheaders()
+        dav.send(b"w" * 300_000)
+        # Both uploads are in flight once their temp files exist.
+        deadline = time.monotonic() + 30
+        while len([n for n in os.listdir(home) if n.startswith(".gw-upload-")]) < 2:
+            assert time.monotonic() < deadline, os.listdir(home)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        transport.close()
+        dav.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert sorted(os.listdir(home)) == ["via-sftp.bin", "via-webdav.bin"]
+    assert (home / "via-sftp.bin").read_bytes() == b"old sftp version"
+    assert (home / "via-webdav.bin").read_bytes() == b"old webdav version"
