@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..errors import NotADirectory, NotFound, Unsupported
+from ..errors import NotADirectory, NotFound, PermissionDenied, Unsupported
 from .. import paths
 
 # Every backend hides names with this prefix from listings: they are its
@@ -231,7 +231,7 @@ class Backend(abc.ABC):
             current = pending.pop()
             try:
                 entries = list(self.list_dir(current))
-            except (NotFound, NotADirectory):
+            except (NotFound, NotADirectory, PermissionDenied):
                 continue
             for entry in entries:
                 if entry.is_dir:

@@ -370,7 +370,8 @@ class LocalBackend(Backend):
         finally:
             owned.close()
 
-    def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+    def _open_file(self, path: str) -> int:
+        """Open a regular file for reading without following links; the caller closes it."""
         with self._parent(path) as (dir_fd, name):
             with _converted(path):
                 # O_NONBLOCK so a planted FIFO cannot hang the thread.
@@ -385,6 +386,10 @@ class LocalBackend(Backend):
         except BaseException:
             os.close(fd)
             raise
+        return fd
+
+    def open_read(self, path: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+        fd = self._open_file(path)
         return io.BufferedReader(_RangeReader(fd, offset, length), buffer_size=256 * 1024)
 
     def open_write(self, path: str, *, offset: int = 0, truncate: bool = True) -> Upload:
@@ -459,16 +464,8 @@ class LocalBackend(Backend):
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
 
     def copy_file(self, src: str, dst: str) -> None:
-        with self._parent(src) as (fd, name):
-            with _converted(src):
-                src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                                 dir_fd=fd)
+        src_fd = self._open_file(src)
         try:
-            st = os.fstat(src_fd)
-            if stat_mod.S_ISDIR(st.st_mode):
-                raise IsADirectory(src)
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise PermissionDenied(src, f"'{src}' is not a regular file")
             upload = self.open_write(dst)
             try:
                 upload._copy_from(src_fd)  # same backend: kernel-side copy
@@ -490,22 +487,9 @@ class LocalBackend(Backend):
                          follow_symlinks=False)
 
     def usage(self, path: str = "/") -> Usage:
-        used_bytes = used_files = 0
-        pending = [path]
-        while pending:
-            current = pending.pop()
-            try:
-                entries = list(self.list_dir(current))
-            except (NotFound, NotADirectory, PermissionDenied):
-                continue
-            for entry in entries:
-                if entry.is_dir:
-                    pending.append(paths.join(current, entry.name))
-                else:
-                    used_bytes += entry.size
-                    used_files += 1
+        used = super().usage(path)
         total, free = self.capacity()
-        return Usage(used_bytes, used_files, total, free)
+        return Usage(used.used_bytes, used.used_files, total, free)
 
     def capacity(self) -> tuple[int, int]:
         vfs = os.statvfs(self._root_fd)
