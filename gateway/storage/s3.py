@@ -167,7 +167,7 @@ class S3Backend(Backend):
             aws_session_token=config.session_token, region_name=config.region)
         boto_config = BotoConfig(
             connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
-            retries={"mode": "standard", "max_attempts": config.max_attempts},
+            retries={"mode": "standard", "total_max_attempts": config.max_attempts},
             max_pool_connections=config.max_pool_connections,
             s3={"addressing_style": config.addressing_style},
             # S3-compatible servers reject the CRC headers newer botocore sends by default.
@@ -821,8 +821,9 @@ class S3Upload(Upload):
     def size(self) -> int:
         if self._spool is None:
             return self._pos
-        self._spool.seek(0, io.SEEK_END)
-        return self._base_size + self._spool.tell()
+        with self._spool_errors():
+            self._spool.flush()
+            return self._base_size + os.fstat(self._spool.fileno()).st_size
 
     @property
     def closed(self) -> bool:
@@ -932,9 +933,9 @@ class S3Upload(Upload):
                     body = self._spool.read()
                 self._b.call("put_object", self.path, Key=self._key, Body=body, **self._b.put_args)
                 return
+            remaining = self.size - self._base_size
             with self._spool_errors():
                 self._spool.seek(0)
-                remaining = self.size - self._base_size
                 while remaining > 0:
                     chunk = self._spool.read(min(self._part_size, remaining))
                     if not chunk:
