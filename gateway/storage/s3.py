@@ -678,7 +678,7 @@ class S3Upload(Upload):
 
     Sequential writes fill a buffer; each full part goes to S3 on the
     backend's pool with at most parts_in_flight parts outstanding, so memory
-    stays near part_size x (parts_in_flight + 1). Nothing is visible until
+    stays near part_size x (parts_in_flight + 1): the parts plus the buffer. Nothing is visible until
     CompleteMultipartUpload (or the single PutObject of a small file).
 
     A write at another offset, a truncate, or a resume switches to a spool:
@@ -696,7 +696,9 @@ class S3Upload(Upload):
         self._part_size = backend.config.part_size
         self._lock = threading.RLock()
         self._closed = False
+        # One part-sized buffer filled in place: no reallocation while it grows.
         self._buffer = bytearray()
+        self._fill = 0
         self._pos = 0                 # streaming: bytes written so far
         self._sent = 0                # bytes handed to parts
         self._upload_id: str | None = None
@@ -725,20 +727,22 @@ class S3Upload(Upload):
                 return future.exception()
         return None
 
-    def _send(self, fn: Callable[..., dict], **kwargs: Any) -> None:
-        """Hand one part to the pool, waiting while parts_in_flight are outstanding."""
+    def _reserve(self) -> int:
+        """Wait for a free slot (at most parts_in_flight outstanding) and return a part number."""
         if self._upload_id is None:
             self._upload_id = self._b.call("create_multipart_upload", self.path, Key=self._key,
                                            **self._b.put_args)["UploadId"]
         error = self._failed_part()
         if error is not None:
             raise error
-        self._slots.acquire()
-        number = self._next_part
-        self._next_part += 1
-        if number > MAX_PARTS:
-            self._slots.release()
+        if self._next_part > MAX_PARTS:
             raise QuotaExceeded(self.path, f"'{self.path}' needs more than {MAX_PARTS} parts: raise part_size")
+        self._slots.acquire()
+        self._next_part += 1
+        return self._next_part - 1
+
+    def _send(self, number: int, fn: Callable[..., dict], **kwargs: Any) -> None:
+        """Run one part request on the pool; its slot is released when it ends."""
 
         def run() -> dict:
             try:
@@ -748,28 +752,41 @@ class S3Upload(Upload):
                 etag = result["ETag"] if "ETag" in result else result["CopyPartResult"]["ETag"]
                 return {"PartNumber": number, "ETag": etag}
             finally:
+                kwargs.clear()  # drop the part's bytes before its slot frees up
                 self._slots.release()
 
-        self._parts.append(self._b.submit(run))
+        try:
+            self._parts.append(self._b.submit(run))
+        except BaseException:
+            self._slots.release()
+            raise
 
-    def _send_data(self, data: bytes) -> None:
-        self._send(self._b.client.upload_part, Body=data, ContentLength=len(data))
+    def _send_data(self, number: int, data: bytes) -> None:
+        self._send(number, self._b.client.upload_part, Body=data, ContentLength=len(data))
         self._sent += len(data)
 
-    def _flush_full_parts(self) -> None:
-        while len(self._buffer) >= self._part_size:
-            with memoryview(self._buffer) as view:
-                part = bytes(view[:self._part_size])
-            del self._buffer[:self._part_size]
-            self._send_data(part)
+    def _buffer_data(self, data: bytes) -> None:
+        if not self._buffer:
+            self._buffer = bytearray(self._part_size)
+        with memoryview(data) as view:
+            while view:
+                count = min(len(view), self._part_size - self._fill)
+                self._buffer[self._fill:self._fill + count] = view[:count]
+                self._fill += count
+                view = view[count:]
+                if self._fill == self._part_size:
+                    # The slot comes first, so a part leaves the buffer only when it
+                    # can be sent at once: memory stays at part_size x (parts_in_flight + 1).
+                    number = self._reserve()
+                    self._fill = 0
+                    self._send_data(number, bytes(self._buffer))
 
     def write(self, data: bytes) -> None:
         with self._lock:
             self._check_open()
             if self._spool is None:
-                self._buffer += data
+                self._buffer_data(data)
                 self._pos += len(data)
-                self._flush_full_parts()
             else:
                 self._spool_write(self._pos, data)
                 self._pos += len(data)
@@ -791,7 +808,7 @@ class S3Upload(Upload):
                 if offset < self._sent:
                     raise Unsupported(self.path, "S3 cannot read back the parts of an upload in progress")
                 start = offset - self._sent
-                return bytes(self._buffer[start:start + length])
+                return bytes(self._buffer[start:min(start + length, self._fill)])
             end = min(offset + length, self.size)
             chunks = []
             if offset < self._base_size:
@@ -851,8 +868,8 @@ class S3Upload(Upload):
         self._spool = self._new_spool_file()
         self._base_size = self._sent
         with self._spool_errors():
-            self._spool.write(self._buffer)
-        self._buffer = bytearray()
+            self._spool.write(memoryview(self._buffer)[:self._fill])
+        self._buffer, self._fill = bytearray(), 0
 
     def _spool_write(self, offset: int, data: bytes) -> None:
         if offset < self._base_size:
@@ -906,12 +923,12 @@ class S3Upload(Upload):
         """Send whatever is not sent yet and complete the upload (or PUT a small file)."""
         if self._spool is None:
             if self._upload_id is None:
-                self._b.call("put_object", self.path, Key=self._key, Body=bytes(self._buffer),
+                self._b.call("put_object", self.path, Key=self._key, Body=bytes(memoryview(self._buffer)[:self._fill]),
                              **self._b.put_args)
                 return
-            if self._buffer:
-                self._send_data(bytes(self._buffer))
-                self._buffer = bytearray()
+            if self._fill:
+                self._send_data(self._reserve(), bytes(self._buffer[:self._fill]))
+                self._buffer, self._fill = bytearray(), 0
         else:
             if self._base_object is not None:
                 if self._base_size < MIN_PART_SIZE:
@@ -924,7 +941,7 @@ class S3Upload(Upload):
                     else:
                         source_args = {}
                     for start, end in _parts_of(self._base_size, self._b.config.max_copy_size):
-                        self._send(self._b.client.upload_part_copy, CopySource=source,
+                        self._send(self._reserve(), self._b.client.upload_part_copy, CopySource=source,
                                    CopySourceRange=f"bytes={start}-{end - 1}", **source_args)
                     self._base_object = None
             if self._upload_id is None and self.size <= self._part_size:
@@ -937,11 +954,13 @@ class S3Upload(Upload):
             with self._spool_errors():
                 self._spool.seek(0)
                 while remaining > 0:
+                    number = self._reserve()
                     chunk = self._spool.read(min(self._part_size, remaining))
                     if not chunk:
+                        self._slots.release()
                         break
                     remaining -= len(chunk)
-                    self._send_data(chunk)
+                    self._send_data(number, chunk)
         parts = self._wait_parts()
         self._b.call("complete_multipart_upload", self.path, Key=self._key, UploadId=self._upload_id,
                      MultipartUpload={"Parts": parts})
@@ -969,7 +988,7 @@ class S3Upload(Upload):
 
     def _discard(self) -> None:
         self._closed = True
-        self._buffer = bytearray()
+        self._buffer, self._fill = bytearray(), 0
         if self._parts:
             wait(self._parts)
         if self._upload_id is not None:

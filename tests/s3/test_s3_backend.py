@@ -207,8 +207,9 @@ def test_upload_memory_stays_near_part_size_times_parts_in_flight(s3_server_proc
     finally:
         backend.close()
         s3_server_process.empty(table["prefix"])
-    # the buffer, 2 parts in flight and the part being cut from the buffer
-    assert peak < PART * 5
+    # the part-sized buffer and 2 parts in flight (3 parts), plus less than one
+    # part of HTTP overhead (measured: 18.2 MiB)
+    assert peak < PART * 4
 
 
 def test_resume_copies_the_existing_object_server_side(make_s3):
