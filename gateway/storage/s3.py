@@ -107,12 +107,12 @@ class S3Config:
     max_pool_connections: int = 16
     list_page_size: int = 1000
     max_copy_size: int = MAX_COPY_SIZE      # larger objects are copied part by part
-    spool_dir: Path | None = None           # None: <system temp>/gateway-s3-spool
+    spool_dir: Path | None = None           # None: <state_dir>/s3-spool (system temp outside a gateway)
     abandoned_upload_age: float = 86400.0   # sweep aborts multipart uploads older than this
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"[backends] type s3 {key}: {why}")
+            return ConfigError(f"{key}: {why}")
         if len(self.bucket) < 3:
             raise bad("bucket", f"expected a bucket name, got {self.bucket!r}")
         if ".." in self.prefix.split("/"):

@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from gateway import cli
-from gateway.config import ConfigError
+from gateway.config import ConfigError, load_config
 from gateway.errors import BackendUnavailable, InvalidPath, NotFound, PermissionDenied, Unsupported
 from gateway.storage.s3 import MiB, S3Backend, S3Config
 from tests.conftest import write_config
@@ -441,3 +441,14 @@ def test_a_user_moves_files_between_a_local_home_and_an_s3_mount(make_gateway, s
     assert (running.data / "alice" / "back" / "notes.txt").read_bytes() == b"notes"
     with fs.open_read("/archive/report.txt") as stream:
         assert stream.read() == b"quarterly numbers"
+
+
+def test_config_errors_name_the_file_the_backend_and_the_key(s3_server, tmp_path):
+    path = write_config(tmp_path, backends={"s3": s3_server.backend_table() | {"part_size": 1024}})
+    with pytest.raises(ConfigError, match=r"gateway.toml: \[backends.s3\] part_size: must be between"):
+        load_config(path)
+
+
+def test_the_spool_lives_in_the_state_dir_by_default(s3_server, tmp_path):
+    config = load_config(write_config(tmp_path, backends={"s3": s3_server.backend_table()}))
+    assert config.backends["s3"].options.spool_dir == config.server.state_dir / "s3-spool"
