@@ -7,6 +7,7 @@ multipart uploads in bounded memory, random writes and resumes spool locally.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -103,6 +104,7 @@ class S3Config:
     sse_kms_key_id: str | None = None
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    slow_read_timeout: float = 300.0        # CopyObject, UploadPartCopy, CompleteMultipartUpload
     max_attempts: int = 3                   # per request, first try included
     max_pool_connections: int = 16
     list_page_size: int = 1000
@@ -131,6 +133,14 @@ class S3Config:
             raise bad("sse", f"expected AES256 or aws:kms, got {self.sse!r}")
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise bad("access_key_id", "set both access_key_id and secret_access_key, or neither")
+
+
+_SLOW_OPERATIONS = frozenset({"copy_object", "upload_part_copy", "complete_multipart_upload"})
+
+
+def _multipart_etag(parts: list[dict]) -> str:
+    digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 def _status(exc: ClientError) -> int:
@@ -166,7 +176,7 @@ class S3Backend(Backend):
             aws_access_key_id=config.access_key_id, aws_secret_access_key=config.secret_access_key,
             aws_session_token=config.session_token, region_name=config.region)
         boto_config = BotoConfig(
-            connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
+            connect_timeout=config.connect_timeout,
             retries={"mode": "standard", "total_max_attempts": config.max_attempts},
             max_pool_connections=config.max_pool_connections,
             s3={"addressing_style": config.addressing_style},
@@ -174,7 +184,12 @@ class S3Backend(Backend):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             user_agent_extra="file-gateway")
-        self.client = session.client("s3", endpoint_url=config.endpoint_url, config=boto_config)
+        self.client = session.client("s3", endpoint_url=config.endpoint_url,
+                                     config=boto_config.merge(BotoConfig(read_timeout=config.read_timeout)))
+        # Server-side copies and completing a large upload answer only when
+        # done (minutes for large objects on AWS): they get a longer read timeout.
+        self.slow_client = session.client("s3", endpoint_url=config.endpoint_url,
+                                          config=boto_config.merge(BotoConfig(read_timeout=config.slow_read_timeout)))
         self.spool_dir = Path(config.spool_dir or Path(tempfile.gettempdir()) / "gateway-s3-spool")
         self._pool = ThreadPoolExecutor(max_workers=config.max_pool_connections,
                                         thread_name_prefix="s3-io")
@@ -225,8 +240,25 @@ class S3Backend(Backend):
 
     def call(self, operation: str, path: str, **kwargs: Any) -> dict:
         """One S3 request on this bucket, with errors converted."""
+        client = self.slow_client if operation in _SLOW_OPERATIONS else self.client
         with self.converted(path):
-            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+            return getattr(client, operation)(Bucket=self.bucket, **kwargs)
+
+    def complete(self, key: str, upload_id: str, parts: list[dict], path: str) -> None:
+        """CompleteMultipartUpload, surviving a retry whose first attempt already succeeded."""
+        try:
+            self.slow_client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                       MultipartUpload={"Parts": parts})
+        except ClientError as exc:
+            # The retried request finds the upload gone: the object's ETag
+            # (MD5 of the part MD5s, "-N") tells whether the first attempt made it ours.
+            if _code(exc) == "NoSuchUpload":
+                head = self.head(key, path)
+                if head is not None and head.get("ETag", "").strip('"') == _multipart_etag(parts):
+                    return
+            raise self.convert_error(exc, path) from None
+        except BotoCoreError as exc:
+            raise self.convert_error(exc, path) from None
 
     # -- probes ---------------------------------------------------------------
 
@@ -456,8 +488,7 @@ class S3Backend(Backend):
                                    PartNumber=number, CopySource=source,
                                    CopySourceRange=f"bytes={start}-{end - 1}")
                 parts.append({"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]})
-            self.call("complete_multipart_upload", path, Key=dst_key, UploadId=upload_id,
-                      MultipartUpload={"Parts": parts})
+            self.complete(dst_key, upload_id, parts, path)
         except BaseException:
             self.abort_quietly(dst_key, upload_id, path)
             raise
@@ -583,6 +614,7 @@ class S3Backend(Backend):
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
+        self.slow_client.close()
 
 
 def _content_type(value: str | None) -> dict[str, str]:
@@ -941,7 +973,7 @@ class S3Upload(Upload):
                     else:
                         source_args = {}
                     for start, end in _parts_of(self._base_size, self._b.config.max_copy_size):
-                        self._send(self._reserve(), self._b.client.upload_part_copy, CopySource=source,
+                        self._send(self._reserve(), self._b.slow_client.upload_part_copy, CopySource=source,
                                    CopySourceRange=f"bytes={start}-{end - 1}", **source_args)
                     self._base_object = None
             if self._upload_id is None and self.size <= self._part_size:
@@ -962,8 +994,7 @@ class S3Upload(Upload):
                     remaining -= len(chunk)
                     self._send_data(number, chunk)
         parts = self._wait_parts()
-        self._b.call("complete_multipart_upload", self.path, Key=self._key, UploadId=self._upload_id,
-                     MultipartUpload={"Parts": parts})
+        self._b.complete(self._key, self._upload_id, parts, self.path)
         self._upload_id = None
 
     def commit(self) -> Entry:

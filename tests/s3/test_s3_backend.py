@@ -26,7 +26,8 @@ def count_calls(backend, operation: str) -> list[int]:
     def handler(**kwargs) -> None:
         counter[0] += 1
 
-    backend.client.meta.events.register(f"before-call.s3.{operation}", handler)
+    for client in (backend.client, backend.slow_client):
+        client.meta.events.register(f"before-call.s3.{operation}", handler)
     return counter
 
 
@@ -39,7 +40,8 @@ def fail_on(backend, operation: str, after: int = 0) -> None:
         if seen[0] > after:
             raise EndpointConnectionError(endpoint_url="http://injected-failure")
 
-    backend.client.meta.events.register(f"before-call.s3.{operation}", handler)
+    for client in (backend.client, backend.slow_client):
+        client.meta.events.register(f"before-call.s3.{operation}", handler)
 
 
 def uploads_in_progress(raw, backend) -> list[str]:
@@ -164,6 +166,28 @@ def test_a_failed_upload_is_aborted_and_keeps_the_old_version(make_s3, raw, oper
     upload.abort()
     assert uploads_in_progress(raw, backend) == []
     assert read_all(backend, "/f") == b"old"
+
+
+def test_a_retried_complete_that_already_succeeded_counts_as_success(make_s3, raw):
+    backend = make_s3(part_size=PART)
+
+    def lost_answer(**kwargs) -> None:
+        # The first attempt completed the upload but its answer never arrived;
+        # the retry finds the upload gone.
+        raise _client_error("NoSuchUpload", 404)
+
+    backend.slow_client.meta.events.register("after-call.s3.CompleteMultipartUpload", lost_answer)
+    data = pattern(7 * MiB)
+    with backend.open_write("/f") as upload:
+        upload.write(data)
+    assert read_all(backend, "/f") == data
+    assert uploads_in_progress(raw, backend) == []
+
+
+def test_slow_server_side_operations_get_the_longer_read_timeout(make_s3):
+    backend = make_s3(read_timeout=5.0, slow_read_timeout=120.0)
+    assert backend.client.meta.config.read_timeout == 5.0
+    assert backend.slow_client.meta.config.read_timeout == 120.0
 
 
 def test_parts_in_flight_are_bounded(make_s3):
