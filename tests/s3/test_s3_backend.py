@@ -192,17 +192,20 @@ def test_slow_server_side_operations_get_the_longer_read_timeout(make_s3):
 
 def test_parts_in_flight_are_bounded(make_s3):
     backend = make_s3(part_size=PART, parts_in_flight=2)
-    lock, active, peak = threading.Lock(), [0], [0]
-    release = threading.Event()
+    turn = threading.Condition()
+    active, peak = [0], [0]
 
     def started(**kwargs) -> None:
-        with lock:
+        # Hold each part until another is in flight too, so a writer that could
+        # run ahead of the bound would show it.
+        with turn:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        release.wait(0.2)  # hold parts long enough for the writer to run ahead if it could
+            turn.notify_all()
+            turn.wait_for(lambda: active[0] >= 2, timeout=2)
 
     def finished(**kwargs) -> None:
-        with lock:
+        with turn:
             active[0] -= 1
 
     backend.client.meta.events.register("before-call.s3.UploadPart", started)
