@@ -178,7 +178,11 @@ def build_dataclass(cls: type, table: Any, where: str, base: Path, skip: tuple[s
             raise ConfigError(f"{where} {name}: missing key")
         elif hints[name] is Path and isinstance(f.default, Path):
             kwargs[name] = (base / f.default).resolve()
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # A dataclass's own checks (__post_init__) name the key; add where it is.
+        raise ConfigError(f"{where} {exc}") from None
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -241,6 +245,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         if type_name == "local":
             built = dataclasses.replace(built, root=str((base / built.root).resolve()))
             _check_local_root(Path(built.root), f"{where} root")
+        if type_name == "s3" and built.spool_dir is None:
+            built = dataclasses.replace(built, spool_dir=server.state_dir / "s3-spool")
         backends[name] = BackendSection(name, type_name, built)
     return Config(path, server, webdav, sftp, defender, backends)
 

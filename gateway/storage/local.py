@@ -403,9 +403,10 @@ class LocalBackend(Backend):
                 src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                                  dir_fd=dir_fd)
                 st = os.fstat(src_fd)
-                if stat_mod.S_ISDIR(st.st_mode):
-                    raise IsADirectory(path)
                 if not stat_mod.S_ISREG(st.st_mode):
+                    os.close(src_fd)
+                    if stat_mod.S_ISDIR(st.st_mode):
+                        raise IsADirectory(path)
                     raise PermissionDenied(path, f"'{path}' is not a regular file")
             except FileNotFoundError:
                 pass

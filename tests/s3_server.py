@@ -1,0 +1,159 @@
+"""A real S3-compatible server for tests: moto's server mode over HTTP on 127.0.0.1, port 0.
+
+Import `s3_server` (session fixture) or `s3_backend_table` (per test: a fresh
+prefix in the shared bucket, as a [backends.NAME] table for make_gateway).
+`s3_server_process` runs moto in a child process, for memory measurements.
+Every thread the server runs is named "moto-..." so the no_leaks fixture
+ignores it.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
+ACCESS_KEY = "testing-key"
+SECRET_KEY = "testing-secret"
+REGION = "us-east-1"
+THREAD_PREFIX = "moto-"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:
+        pass
+
+
+class _NamedThreadedServer(ThreadedWSGIServer):
+    """werkzeug's threaded server with request threads the leak check can recognise."""
+
+    def process_request_thread(self, request, client_address) -> None:
+        threading.current_thread().name = f"{THREAD_PREFIX}request"
+        super().process_request_thread(request, client_address)
+
+    def process_request(self, request, client_address) -> None:
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name=f"{THREAD_PREFIX}request", daemon=True)
+        thread.start()
+
+
+@dataclass
+class S3Server:
+    """A moto server, in this process or (for memory measurements) in a child process."""
+
+    endpoint_url: str
+    bucket: str
+    _stop: Callable[[], None]
+    pid: int = 0
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=REGION,
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+
+    def backend_table(self, prefix: str = "", **options) -> dict:
+        """A [backends.NAME] table (type included) pointing at this server's bucket."""
+        return {"type": "s3", "bucket": self.bucket, "prefix": prefix,
+                "endpoint_url": self.endpoint_url, "region": REGION,
+                "access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY, **options}
+
+    def empty(self, prefix: str) -> None:
+        """Delete every object and abort every multipart upload under `prefix`."""
+        client = self.client()
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+            uploads = client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", [])
+            for upload in uploads:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def _create_bucket(server: S3Server) -> S3Server:
+    client = server.client()
+    try:
+        client.create_bucket(Bucket=server.bucket)
+    finally:
+        client.close()
+    return server
+
+
+def start_s3_server(bucket: str = "gateway-test") -> S3Server:
+    """Start moto on an ephemeral port and create `bucket`."""
+    # moto spools objects above ~5 MiB to temp files it holds open for the
+    # object's life; the leak check would count them. Keep them in memory.
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(2 * 1024 ** 3))
+    app = DomainDispatcherApplication(create_backend_app)
+    server = _NamedThreadedServer("127.0.0.1", 0, app, handler=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name=f"{THREAD_PREFIX}server", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return _create_bucket(S3Server(f"http://127.0.0.1:{server.server_address[1]}", bucket, stop, os.getpid()))
+
+
+_CHILD = "from tests.s3_server import _serve_forever; _serve_forever()"
+
+
+def _serve_forever() -> None:
+    """Child process body: serve on port 0, print the port, run until stdin closes."""
+    app = DomainDispatcherApplication(create_backend_app)
+    server = _NamedThreadedServer("127.0.0.1", 0, app, handler=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name=f"{THREAD_PREFIX}server", daemon=True).start()
+    print(server.server_address[1], flush=True)
+    sys.stdin.read()
+
+
+def start_s3_server_process(bucket: str = "gateway-test") -> S3Server:
+    """Start moto in a child process, so this process's memory holds none of the objects."""
+    env = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": "65536"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             cwd=Path(__file__).resolve().parent.parent, env=env, text=True)
+    port = int(child.stdout.readline())
+
+    def stop() -> None:
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()
+
+    return _create_bucket(S3Server(f"http://127.0.0.1:{port}", bucket, stop, child.pid))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server_process() -> Iterator[S3Server]:
+    server = start_s3_server_process()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_backend_table(s3_server: S3Server) -> Iterator[dict]:
+    """A backend table with a prefix of its own, so tests never see each other's keys; emptied after."""
+    prefix = f"t-{secrets.token_hex(6)}/"
+    yield s3_server.backend_table(prefix=prefix)
+    s3_server.empty(prefix)
