@@ -15,6 +15,9 @@ from gateway.permissions import parse_perms
 from gateway.server import Gateway
 from gateway.users import Location, Mount, User, hash_password
 
+# The moto S3 server fixtures, available to every test folder.
+pytest_plugins = ["tests.s3_server"]
+
 PASSWORD = "correct horse battery"
 
 

@@ -8,14 +8,13 @@ import pytest
 from gateway.storage.local import LocalBackend, LocalConfig
 from gateway.storage.memory import MemoryBackend
 from gateway.storage.s3 import S3Backend, S3Config
-from tests.s3_server import s3_server  # noqa: F401  (session fixture)
 
 # Small pages make every S3 listing in the suite go through pagination.
 S3_PAGE_SIZE = 25
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
-def backend(request, tmp_path, s3_server):  # noqa: F811
+def backend(request, tmp_path, s3_server):
     # s3_server is requested for every backend so the session-wide server
     # starts before the per-test leak check takes its snapshot.
     if request.param == "local":

@@ -6,11 +6,10 @@ import secrets
 import pytest
 
 from gateway.storage.s3 import S3Backend, S3Config
-from tests.s3_server import s3_backend_table, s3_server, s3_server_process  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def make_s3(s3_server, tmp_path):  # noqa: F811
+def make_s3(s3_server, tmp_path):
     """Factory: an S3Backend on a fresh prefix with option overrides; closed after the test."""
     made: list[S3Backend] = []
 
@@ -29,7 +28,7 @@ def make_s3(s3_server, tmp_path):  # noqa: F811
 
 
 @pytest.fixture
-def raw(s3_server):  # noqa: F811
+def raw(s3_server):
     """A plain boto3 client on the test bucket, to look behind the backend."""
     client = s3_server.client()
     yield client
