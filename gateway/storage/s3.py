@@ -108,6 +108,9 @@ class S3Config:
     max_attempts: int = 3                   # per request, first try included
     max_pool_connections: int = 16
     list_page_size: int = 1000
+    # "metadata": listings HEAD each entry to show the mtime clients set (as stat does);
+    # "server": listings show S3's LastModified and cost no HEAD (for very large folders).
+    listing_mtime: str = "metadata"
     max_copy_size: int = MAX_COPY_SIZE      # larger objects are copied part by part
     spool_dir: Path | None = None           # None: <state_dir>/s3-spool (system temp outside a gateway)
     abandoned_upload_age: float = 86400.0   # sweep aborts multipart uploads older than this
@@ -129,6 +132,8 @@ class S3Config:
             raise bad("list_page_size", "must be between 1 and 1000")
         if not MIN_PART_SIZE <= self.max_copy_size <= MAX_COPY_SIZE:
             raise bad("max_copy_size", f"must be between {MIN_PART_SIZE} and {MAX_COPY_SIZE} bytes")
+        if self.listing_mtime not in ("metadata", "server"):
+            raise bad("listing_mtime", f"expected metadata or server, got {self.listing_mtime!r}")
         if self.sse not in (None, "AES256", "aws:kms"):
             raise bad("sse", f"expected AES256 or aws:kms, got {self.sse!r}")
         if (self.access_key_id is None) != (self.secret_access_key is None):
@@ -369,10 +374,22 @@ class S3Backend(Backend):
                     jobs.append((name, item["Key"], False))
             # A key that is both a file and a prefix shows as the file, as stat does.
             jobs = [job for job in jobs if not (job[2] and job[0] in files)]
-            for entry in self._pool.map(lambda job: self._entry_for(path, *job), jobs):
-                if entry is not None:
-                    yield entry
+            if self.config.listing_mtime == "server":
+                listed = {item["Key"]: item for item in page.get("Contents", [])}
+                yield from (self._listed_entry(name, listed.get(key), is_dir) for name, key, is_dir in jobs)
+            else:
+                for entry in self._pool.map(lambda job: self._entry_for(path, *job), jobs):
+                    if entry is not None:
+                        yield entry
             page = next(rest, None)
+
+    @staticmethod
+    def _listed_entry(name: str, item: dict | None, is_dir: bool) -> Entry:
+        """An entry from the listing alone: LastModified, no request of its own."""
+        if is_dir or item is None:
+            return Entry(name, True, 0, 0.0)
+        return Entry(name, False, int(item["Size"]), item["LastModified"].timestamp(),
+                     item.get("ETag", "").strip('"') or None)
 
     def _entry_for(self, parent: str, name: str, key: str, is_dir: bool) -> Entry | None:
         child = paths.join(parent, name)

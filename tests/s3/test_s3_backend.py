@@ -102,6 +102,22 @@ def test_set_mtime_is_kept_in_object_metadata(make_s3, raw):
     assert float(head["Metadata"]["mtime"]) == 1234567890.25
 
 
+@pytest.mark.parametrize("listing_mtime", ["metadata", "server"])
+def test_listing_mtime_comes_from_metadata_or_from_the_listing_alone(make_s3, listing_mtime):
+    backend = make_s3(listing_mtime=listing_mtime)
+    backend.make_dir("/d")
+    with backend.open_write("/d/f") as upload:
+        upload.write(b"abc")
+    backend.set_mtime("/d/f", 1234567890.0)
+    heads = count_calls(backend, "HeadObject")
+    (entry,) = list(backend.list_dir("/d"))
+    assert entry.size == 3 and backend.stat("/d/f").mtime == 1234567890.0
+    if listing_mtime == "metadata":
+        assert entry.mtime == 1234567890.0 and heads[0] >= 1
+    else:
+        assert entry.mtime != 1234567890.0 and heads[0] == 1   # only the stat above
+
+
 def test_list_dir_fetches_pages_only_as_the_caller_advances(make_s3, raw):
     backend = make_s3(list_page_size=10)
     for i in range(30):
