@@ -58,6 +58,8 @@ class Gateway:
         self._ready: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._open_uploads: weakref.WeakSet[Upload] = weakref.WeakSet()
+        self._stopping = threading.Event()
+        self._sweepers: list[threading.Thread] = []
 
     # -- sessions -------------------------------------------------------------
 
@@ -100,9 +102,10 @@ class Gateway:
     def start(self) -> None:
         self.users.load()
         for backend in self.backends.values():
-            sweep = getattr(backend, "sweep_temp_files", None)
-            if sweep is not None:
-                threading.Thread(target=sweep, name="sweep-temp", daemon=True).start()
+            thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
+                                      name="sweep-temp", daemon=True)
+            thread.start()
+            self._sweepers.append(thread)
         for name, module_name in FRONTENDS.items():
             section = getattr(self.config, name)
             if not section.enabled:
@@ -130,6 +133,11 @@ class Gateway:
         for upload in list(self._open_uploads):
             if not upload.closed:
                 upload.abort()
+        # A sweep still walking a large tree stops at its next folder; the
+        # backends it uses must outlive it.
+        self._stopping.set()
+        for thread in self._sweepers:
+            thread.join(timeout=30)
         for backend in self.backends.values():
             backend.close()
 

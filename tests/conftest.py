@@ -109,7 +109,7 @@ def no_leaks(request):
     deadline = time.monotonic() + 5
     while True:
         leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
-                  and not t.name.startswith(("sweep-temp", "asyncio", "moto-"))]
+                  and not t.name.startswith(("asyncio", "moto-"))]
         fds_leaked = _fd_count() - fds_before
         if (not leaked and fds_leaked <= 0) or time.monotonic() > deadline:
             break

@@ -8,6 +8,7 @@ backends) live in UserFS, not here.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -240,6 +241,13 @@ class Backend(abc.ABC):
                     used_bytes += entry.size
                     used_files += 1
         return Usage(used_bytes, used_files)
+
+    def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
+        """Remove what interrupted uploads left behind; runs once at start-up.
+
+        Returns how many leftovers were removed. Stops early once `stop` is set.
+        """
+        return 0
 
     def capacity(self) -> tuple[int, int] | None:
         """(total bytes, free bytes) of the storage, or None where it has no limit."""

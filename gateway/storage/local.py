@@ -496,10 +496,12 @@ class LocalBackend(Backend):
         vfs = os.statvfs(self._root_fd)
         return vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize
 
-    def sweep_temp_files(self) -> int:
+    def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         """Delete temp files left by a crash; returns how many were removed."""
         removed = 0
         for dirpath, dirnames, filenames, dir_fd in os.fwalk(self.root, follow_symlinks=False):
+            if stop is not None and stop.is_set():
+                break
             for name in filenames:
                 if name.startswith(TEMP_PREFIX):
                     with contextlib.suppress(OSError):

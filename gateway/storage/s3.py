@@ -600,7 +600,7 @@ class S3Backend(Backend):
     def check(self) -> None:
         self.call("list_objects_v2", "/", Prefix=self.prefix, MaxKeys=1)
 
-    def sweep_temp_files(self) -> int:
+    def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         """Abort multipart uploads under the prefix older than abandoned_upload_age.
 
         Uploads younger than that may belong to a live upload on another node
@@ -616,7 +616,7 @@ class S3Backend(Backend):
                     if upload["Initiated"].timestamp() <= cutoff:
                         self.abort_quietly(upload["Key"], upload["UploadId"], upload["Key"])
                         aborted += 1
-                if not page.get("IsTruncated"):
+                if not page.get("IsTruncated") or (stop is not None and stop.is_set()):
                     break
                 args.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
         except GatewayError as exc:
