@@ -80,7 +80,7 @@ class WebDAVServer:
                             "libre_office_support": False, "response_trailer": "",
                             "show_user": True},
         }
-        return front_door(WsgiDAVApp(config))
+        return front_door(WsgiDAVApp(config), self.gateway.defender)
 
     def start(self) -> None:
         section = self.section
