@@ -33,14 +33,21 @@ def test_connections_per_address_are_capped_and_given_back(make_gateway):
         slow.putheader("Content-Length", "10")
         slow.endheaders()
         slow.send(b"12345")
-        for _ in range(100):   # until the slow request has reached the app
-            refused = client.get("/")
-            if refused.status == 503:
-                break
-            time.sleep(0.05)
+        home = running.data / "alice"
+        deadline = time.monotonic() + 30
+        while not (home.exists() and any(p.name.startswith(".gw-upload-") for p in home.iterdir())):
+            assert time.monotonic() < deadline, "the slow PUT never started its upload"
+            time.sleep(0.02)
+        refused = client.get("/")
         assert refused.status == 503 and refused.header("Retry-After") == "10"
         slow.send(b"67890")
         assert slow.getresponse().status == 201
     finally:
         slow.close()
-    assert client.get("/slow.bin").body == b"1234567890"
+    # The slot comes back once the server has closed the response, just after the client saw it.
+    for _ in range(100):
+        done = client.get("/slow.bin")
+        if done.status != 503:
+            break
+        time.sleep(0.05)
+    assert done.body == b"1234567890"
