@@ -47,15 +47,19 @@ def client_key(tmp_path_factory) -> ClientKey:
     return ClientKey(path, path.with_suffix(".pub").read_text().strip())
 
 
+def copy_host_keys(host_key_dir: Path, state_dir: Path) -> None:
+    """Seed a gateway's state dir with the session's host keys, so it generates none."""
+    state_dir.mkdir(exist_ok=True)
+    for key in host_key_dir.iterdir():
+        shutil.copy2(key, state_dir / key.name)
+
+
 def start_sftp_gateway(tmp: Path, host_key_dir: Path, *, backends: dict | None = None,
                        **sftp_options) -> RunningGateway:
     """Start a gateway serving SFTP only, reusing the session's host keys."""
     path = write_config(tmp, webdav=False, sftp=True, backends=backends,
                         extra={"sftp": sftp_options} if sftp_options else None)
-    state = tmp / "state"
-    state.mkdir(exist_ok=True)
-    for key in host_key_dir.iterdir():
-        shutil.copy2(key, state / key.name)
+    copy_host_keys(host_key_dir, tmp / "state")
     gateway = Gateway(load_config(path))
     gateway.start()
     running = RunningGateway(gateway, path, tmp / "data")
