@@ -1,21 +1,28 @@
-"""SFTP clients on a home kept in S3 (moto over HTTP): OpenSSH sftp and scp, rclone, paramiko, killed uploads."""
+"""SFTP clients on a home kept in S3 (moto over HTTP): OpenSSH sftp/scp, sshfs, psftp, rclone, paramiko."""
 from __future__ import annotations
 
 import errno
+import io
 import os
+import shutil
 import signal
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from gateway.sftp.hostkey import load_host_keys
 from gateway.storage.s3 import MiB
-from tests.conftest import RunningGateway
-from tests.sftp.helpers import OpenSSH, known_hosts, make_tree, same_tree, sftp_client, start_sftp_gateway
+from tests.conftest import PASSWORD, RunningGateway
+from tests.sftp.helpers import (OpenSSH, known_hosts, make_tree, needs_sshfs, same_tree, sftp_client,
+                                sshfs_mount, start_sftp_gateway)
 
 PART = 5 * MiB
+
+pytestmark = pytest.mark.client
 
 
 @pytest.fixture
@@ -83,8 +90,6 @@ def wait_for(condition, what: str, limit: float = 60.0) -> None:
             pytest.fail(f"gave up waiting for {what}")
         time.sleep(0.05)
 
-
-pytestmark = pytest.mark.client
 
 
 def test_sftp_batch_puts_gets_lists_renames_and_removes_on_s3(openssh, objects, tmp_path):
@@ -163,6 +168,47 @@ def test_rclone_copies_a_tree_to_s3_and_check_finds_no_differences(openssh, tmp_
                           text=True, timeout=300)
     assert down.returncode == 0, down.stderr
     assert same_tree(source, back)
+
+
+@needs_sshfs
+def test_sshfs_on_s3_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh, tmp_path, objects):
+    source = make_tree(tmp_path / "src")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(source, arcname="unpacked")
+    with sshfs_mount(openssh, tmp_path / "mnt") as mnt:
+        shutil.copytree(source, mnt / "copied")
+        archive.seek(0)
+        with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+            tar.extractall(mnt, filter="data")
+        assert same_tree(source, mnt / "unpacked")
+        # An append reopens the object without truncating it: a resume on S3.
+        for root in (mnt / "copied", source):
+            with open(root / "a" / "small-3.txt", "ab") as f:
+                f.write(b"appended\n")
+        assert same_tree(source, mnt / "copied")
+        os.rename(mnt / "copied" / "big.bin", mnt / "copied" / "moved.bin")
+        assert os.statvfs(mnt).f_bavail > 0
+    assert objects("copied/a/small-3.txt") == (source / "a" / "small-3.txt").read_bytes()
+    assert objects("copied/moved.bin") == (source / "big.bin").read_bytes()
+    assert objects("unpacked/a/b c/über.txt") == b"umlaut\n"
+
+
+@pytest.mark.skipif(not shutil.which("psftp"), reason="psftp (putty-tools) is needed")
+def test_psftp_with_a_password_puts_gets_and_renames_on_s3(openssh, host_key_dir, objects, tmp_path):
+    data = os.urandom(PART + 500_000)
+    (tmp_path / "up.bin").write_bytes(data)
+    batch = tmp_path / "psftp.txt"
+    batch.write_text("mkdir putty\ncd putty\nput up.bin\nls\nget up.bin down.bin\n"
+                     "rename up.bin renamed.bin\nquit\n")
+    fingerprint = load_host_keys(host_key_dir)[0].fingerprint
+    result = subprocess.run(
+        ["psftp", "-P", str(openssh.port), "-pw", PASSWORD, "-hostkey", fingerprint, "-batch",
+         "-b", str(batch), "alice@127.0.0.1"],
+        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "down.bin").read_bytes() == data
+    assert objects("putty/renamed.bin") == data
 
 
 def test_failures_answer_exact_sftp_status_codes_on_s3(s3sftp):

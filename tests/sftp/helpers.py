@@ -146,6 +146,25 @@ class OpenSSH:
                 f"disable_hashcheck=true:{path}")
 
 
+needs_sshfs = pytest.mark.skipif(not shutil.which("sshfs") or not os.access("/dev/fuse", os.R_OK | os.W_OK),
+                                 reason="sshfs and /dev/fuse are needed")
+
+
+@contextmanager
+def sshfs_mount(openssh: OpenSSH, mnt: Path, user: str = "alice") -> Iterator[Path]:
+    """Mount the user's tree at `mnt` with sshfs (key login); unmounted on exit."""
+    mnt.mkdir()
+    opts = ",".join(o for o in openssh.options() if o not in ("-o", "-F", "/dev/null"))
+    with open(openssh.tmp / "sshfs.log", "wb") as errors:
+        subprocess.run(["sshfs", "-p", str(openssh.port), "-F", "/dev/null", "-o", opts,
+                        f"{user}@127.0.0.1:/", str(mnt)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=errors, stdin=subprocess.DEVNULL, timeout=60)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=60)
+
+
 def make_tree(root: Path) -> Path:
     """A small tree with nested folders, an empty file and names with spaces and UTF-8."""
     (root / "a" / "b c").mkdir(parents=True)

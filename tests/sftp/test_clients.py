@@ -11,23 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD
-from tests.sftp.helpers import make_tree, same_tree
+from tests.sftp.helpers import make_tree, needs_sshfs, same_tree, sshfs_mount
 
 pytestmark = pytest.mark.client
 
 
-@pytest.mark.skipif(not shutil.which("sshfs") or not os.access("/dev/fuse", os.R_OK | os.W_OK),
-                    reason="sshfs and /dev/fuse are needed")
+@needs_sshfs
 def test_sshfs_mount_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh, sftp_server, tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log = tmp_path / "sshfs.log"
-    opts = ",".join(o for o in openssh.options() if o not in ("-o", "-F", "/dev/null"))
-    with open(log, "wb") as errors:
-        subprocess.run(["sshfs", "-p", str(openssh.port), "-F", "/dev/null", "-o", opts,
-                        "alice@127.0.0.1:/", str(mnt)], check=True, stdout=subprocess.DEVNULL,
-                       stderr=errors, stdin=subprocess.DEVNULL, timeout=60)
-    try:
+    with sshfs_mount(openssh, tmp_path / "mnt") as mnt:
         source = make_tree(tmp_path / "src")
         shutil.copytree(source, mnt / "copied")
         archive = io.BytesIO()
@@ -45,8 +36,6 @@ def test_sshfs_mount_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh
         assert same_tree(source, mnt / "copied")
         assert same_tree(source, home / "copied")
         assert os.statvfs(mnt).f_bavail > 0
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=60)
     assert not (mnt / "copied").exists()
 
 
