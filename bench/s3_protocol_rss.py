@@ -8,10 +8,11 @@ its peak (VmHWM, reset before each transfer) and the growth, which must stay
 under 100 MiB; beside it moto's peak RSS and the lowest free space on the
 temp disk, since moto keeps parts and objects in memory and temp files.
 
-    python bench/s3_protocol_rss.py [SIZE_MIB]      # default 4096
+    python bench/s3_protocol_rss.py [SIZE_MIB] [--s3-delay SECONDS]    # default 4096 MiB, no delay
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import http.client
@@ -46,6 +47,7 @@ SFTP_CHUNK = 32 * 1024
 # the whole object and slices the range (2x). None of it touches the gateway.
 MOTO_SETUP = """
 import hashlib
+import time
 from moto.s3 import models
 
 _complete = models.FakeMultipart.complete
@@ -74,6 +76,15 @@ def _spilled_set_value(self, value):
         self._value_buffer.rollover()
     _set_value(self, value)
 
+_upload_part = models.S3Backend.upload_part
+
+def _slow_upload_part(self, *args, **kwargs):
+    # --s3-delay: an S3 slower than the client, so the gateway must push back.
+    time.sleep(S3_DELAY)
+    return _upload_part(self, *args, **kwargs)
+
+if S3_DELAY:
+    models.S3Backend.upload_part = _slow_upload_part
 models.FakeMultipart.complete = _lean_complete
 models.FakeKey.value = models.FakeKey.value.setter(_spilled_set_value)
 """
@@ -264,12 +275,17 @@ def run(server: S3Server, size: int, tmp: str) -> dict[str, float]:
 
 
 def main() -> int:
-    size = int(sys.argv[1]) * MiB if len(sys.argv) > 1 else 4096 * MiB
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size_mib", nargs="?", type=int, default=4096)
+    parser.add_argument("--s3-delay", type=float, default=0.0,
+                        help="seconds moto waits before storing each part (an S3 slower than the client)")
+    args = parser.parse_args()
+    size = args.size_mib * MiB
     available = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemAvailable:"))
     print(f"temp disk {tempfile.gettempdir()}: {shutil.disk_usage(tempfile.gettempdir()).free / 1024 ** 3:.1f} GiB "
           f"free; memory available {available / 1024 ** 2:.1f} GiB; {os.cpu_count()} CPUs", flush=True)
-    server = start_s3_server_process(setup=MOTO_SETUP)
+    server = start_s3_server_process(setup=f"S3_DELAY = {args.s3_delay!r}\n{MOTO_SETUP}")
     # Should memory run out after all, the kernel ends moto, not a neighbour.
     Path(f"/proc/{server.pid}/oom_score_adj").write_text("1000")
     try:
