@@ -15,8 +15,8 @@ from gateway.permissions import parse_perms
 from gateway.server import Gateway
 from gateway.users import Location, Mount, User, hash_password
 
-# The moto S3 server fixtures, available to every test folder.
-pytest_plugins = ["tests.s3_server"]
+# The moto S3 server and the SFTP key fixtures, available to every test folder.
+pytest_plugins = ["tests.s3_server", "tests.sftp.helpers"]
 
 PASSWORD = "correct horse battery"
 

@@ -122,10 +122,13 @@ def _serve_forever() -> None:
     sys.stdin.read()
 
 
-def start_s3_server_process(bucket: str = "gateway-test") -> S3Server:
-    """Start moto in a child process, so this process's memory holds none of the objects."""
+def start_s3_server_process(bucket: str = "gateway-test", *, setup: str = "") -> S3Server:
+    """Start moto in a child process, so this process's memory holds none of the objects.
+
+    `setup` is Python the child runs before it serves (a benchmark's patches to moto).
+    """
     env = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": "65536"}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", f"{setup}\n{_CHILD}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              cwd=Path(__file__).resolve().parent.parent, env=env, text=True)
     port = int(child.stdout.readline())
 

@@ -1,60 +1,13 @@
-"""SFTP fixtures: a gateway with only SFTP enabled, users, client keys and OpenSSH options."""
+"""SFTP fixtures: a gateway with only SFTP enabled, users, and clients (helpers live in helpers.py)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import paramiko
 import pytest
 
-from gateway.config import load_config
-from gateway.server import Gateway
-from gateway.sftp.hostkey import load_host_keys
-from tests.conftest import PASSWORD, RunningGateway, write_config
-
-
-@pytest.fixture(scope="session")
-def host_key_dir(tmp_path_factory) -> Path:
-    """Host keys generated once per test run (RSA 3072 takes a while) and copied into each gateway."""
-    path = tmp_path_factory.mktemp("hostkeys")
-    load_host_keys(path)
-    return path
-
-
-@dataclass
-class ClientKey:
-    private: Path
-    public_line: str
-
-    def pkey(self) -> paramiko.PKey:
-        return paramiko.Ed25519Key.from_private_key_file(str(self.private))
-
-
-@pytest.fixture(scope="session")
-def client_key(tmp_path_factory) -> ClientKey:
-    path = tmp_path_factory.mktemp("clientkey") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return ClientKey(path, path.with_suffix(".pub").read_text().strip())
-
-
-def start_sftp_gateway(tmp: Path, host_key_dir: Path, **sftp_options) -> RunningGateway:
-    """Start a gateway serving SFTP only, reusing the session's host keys."""
-    path = write_config(tmp, webdav=False, sftp=True, extra={"sftp": sftp_options} if sftp_options else None)
-    state = tmp / "state"
-    state.mkdir(exist_ok=True)
-    for key in host_key_dir.iterdir():
-        shutil.copy2(key, state / key.name)
-    gateway = Gateway(load_config(path))
-    gateway.start()
-    running = RunningGateway(gateway, path, tmp / "data")
-    for frontend in gateway.frontends:
-        running.ports[frontend.name] = frontend.address[1]
-    return running
+from tests.conftest import RunningGateway
+from tests.sftp.helpers import OpenSSH, known_hosts, sftp_client, start_sftp_gateway
 
 
 @pytest.fixture(scope="module")
@@ -69,78 +22,10 @@ def sftp_server(tmp_path_factory, host_key_dir, client_key) -> Iterator[RunningG
     running.gateway.stop()
 
 
-@contextmanager
-def sftp_client(port: int, user: str = "alice", password: str | None = PASSWORD,
-                pkey: paramiko.PKey | None = None) -> Iterator[paramiko.SFTPClient]:
-    """A paramiko SFTPClient, closed with its transport on exit."""
-    transport = paramiko.Transport(("127.0.0.1", port))
-    try:
-        transport.connect(username=user, password=None if pkey else password, pkey=pkey)
-        client = paramiko.SFTPClient.from_transport(transport)
-        try:
-            yield client
-        finally:
-            client.close()
-    finally:
-        transport.close()
-
-
 @pytest.fixture
 def sftp(sftp_server) -> Iterator[paramiko.SFTPClient]:
     with sftp_client(sftp_server.sftp_port) as client:
         yield client
-
-
-def known_hosts(tmp: Path, port: int, host_key_dir: Path) -> Path:
-    """A known_hosts file pinning the gateway's host keys, so clients check them strictly."""
-    path = tmp / "known_hosts"
-    lines = []
-    for pub in sorted(host_key_dir.glob("*.pub")):
-        kind, blob = pub.read_text().split()[:2]
-        lines.append(f"[127.0.0.1]:{port} {kind} {blob}\n")
-    path.write_text("".join(lines))
-    return path
-
-
-@dataclass
-class OpenSSH:
-    """Command-line options and environment for OpenSSH clients against the gateway."""
-
-    port: int
-    tmp: Path
-    known_hosts: Path
-    key: ClientKey
-
-    def options(self, *, password: bool = False) -> list[str]:
-        opts = ["-F", "/dev/null", "-o", f"UserKnownHostsFile={self.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]
-        if password:
-            # sftp -b turns BatchMode on, which forbids password prompts; the first value wins.
-            opts += ["-o", "BatchMode=no", "-o", "PubkeyAuthentication=no",
-                     "-o", "PreferredAuthentications=keyboard-interactive,password",
-                     "-o", "NumberOfPasswordPrompts=1"]
-        else:
-            opts += ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-                     "-o", f"IdentityFile={self.key.private}",
-                     "-o", "PreferredAuthentications=publickey"]
-        return opts
-
-    def env(self, *, password: str = PASSWORD) -> dict[str, str]:
-        askpass = self.tmp / "askpass.sh"
-        askpass.write_text(f"#!/bin/sh\necho '{password}'\n")
-        askpass.chmod(0o700)
-        env = dict(os.environ)
-        env.update(SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
-        return env
-
-    def sftp_batch(self, commands: str, *, user: str = "alice", password: bool = False,
-                   cwd: Path | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        batch = self.tmp / "batch.txt"
-        batch.write_text(commands)
-        cmd = ["sftp", "-P", str(self.port), *self.options(password=password), *extra,
-               "-b", str(batch), f"{user}@127.0.0.1"]
-        return subprocess.run(cmd, env=self.env(), cwd=cwd, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=300)
 
 
 @pytest.fixture

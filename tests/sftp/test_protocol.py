@@ -15,7 +15,7 @@ from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_INIT, CMD_MKDIR, CMD_OPE
 
 from gateway.storage.base import TEMP_PREFIX
 from tests.conftest import PASSWORD
-from tests.sftp.conftest import sftp_client, start_sftp_gateway
+from tests.sftp.helpers import sftp_client, start_sftp_gateway
 
 
 def _home(server, user="alice"):

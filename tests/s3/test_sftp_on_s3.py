@@ -1,0 +1,275 @@
+"""SFTP clients on a home kept in S3 (moto over HTTP): OpenSSH sftp/scp, sshfs, psftp, rclone, paramiko."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.sftp.hostkey import load_host_keys
+from gateway.storage.s3 import MiB
+from tests.conftest import PASSWORD, RunningGateway
+from tests.sftp.helpers import (OpenSSH, known_hosts, make_tree, needs_sshfs, same_tree, sftp_client,
+                                sshfs_mount, start_sftp_gateway)
+
+PART = 5 * MiB
+
+pytestmark = pytest.mark.client
+
+
+@pytest.fixture
+def s3sftp(tmp_path, host_key_dir, client_key, s3_backend_table) -> Iterator[RunningGateway]:
+    """SFTP with alice (key and password) and a read-only reader, both at home on S3, in 5 MiB parts."""
+    (tmp_path / "gw").mkdir()
+    running = start_sftp_gateway(tmp_path / "gw", host_key_dir,
+                                 backends={"s3": {**s3_backend_table, "part_size": PART}})
+    running.add_user("alice", keys=(client_key.public_line,), home="s3:/alice")
+    running.add_user("reader", home="s3:/alice", perms={"/": ["list", "download"]})
+    yield running
+    running.gateway.stop()
+
+
+@pytest.fixture
+def openssh(s3sftp, tmp_path, host_key_dir, client_key) -> OpenSSH:
+    port = s3sftp.sftp_port
+    return OpenSSH(port, tmp_path, known_hosts(tmp_path, port, host_key_dir), client_key)
+
+
+@pytest.fixture
+def s3(s3_server):
+    client = s3_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def objects(s3, s3_server, s3_backend_table):
+    """Read alice's objects straight from the bucket: objects("a.txt") -> bytes or None."""
+    home = f"{s3_backend_table['prefix']}alice/"
+
+    def read(name: str) -> bytes | None:
+        try:
+            return s3.get_object(Bucket=s3_server.bucket, Key=home + name)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            return None
+
+    return read
+
+
+def multipart_uploads(s3, s3_server, table: dict) -> list[str]:
+    page = s3.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=table["prefix"])
+    return [upload["Key"] for upload in page.get("Uploads", [])]
+
+
+def count_calls(gateway: RunningGateway, operation: str) -> list[int]:
+    """Count the S3 calls of one operation (e.g. "UploadPartCopy") the gateway's backend makes."""
+    backend = gateway.gateway.backends["s3"]
+    counter = [0]
+
+    def handler(**kwargs) -> None:
+        counter[0] += 1
+
+    for client in (backend.client, backend.slow_client):
+        client.meta.events.register(f"before-call.s3.{operation}", handler)
+    return counter
+
+
+def wait_for(condition, what: str, limit: float = 60.0) -> None:
+    """Poll until `condition()` holds; the limit only stops a hung test."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+
+def test_sftp_batch_puts_gets_lists_renames_and_removes_on_s3(openssh, objects, tmp_path):
+    data = os.urandom(2 * PART + 4321)
+    local = tmp_path / "local.bin"
+    local.write_bytes(data)
+    result = openssh.sftp_batch(
+        f"mkdir /kdir\nput {local} /kdir/up.bin\nls -l /kdir\nrename /kdir/up.bin /kdir/moved.bin\n"
+        f"get /kdir/moved.bin {tmp_path}/back.bin\n")
+    assert result.returncode == 0, result.stderr
+    assert "up.bin" in result.stdout
+    assert (tmp_path / "back.bin").read_bytes() == data
+    assert objects("kdir/moved.bin") == data
+    assert objects("kdir/up.bin") is None
+    result = openssh.sftp_batch("rm /kdir/moved.bin\nrmdir /kdir\nls /\n")
+    assert result.returncode == 0, result.stderr
+    assert objects("kdir/moved.bin") is None
+    assert objects("kdir/") is None
+
+
+def test_reput_continues_a_large_object_with_a_server_side_copy(openssh, s3sftp, objects, tmp_path):
+    data = os.urandom(3 * PART + 777)
+    partial = tmp_path / "partial.bin"
+    partial.write_bytes(data[:PART + MiB])
+    assert openssh.sftp_batch(f"put {partial} /resume.bin\n").returncode == 0
+    local = tmp_path / "full.bin"
+    local.write_bytes(data)
+    copies, downloads = count_calls(s3sftp, "UploadPartCopy"), count_calls(s3sftp, "GetObject")
+    result = openssh.sftp_batch(f"reput {local} /resume.bin\n")
+    assert result.returncode == 0, result.stderr
+    assert objects("resume.bin") == data
+    # The 6 MiB already in S3 were copied there, not downloaded and sent again.
+    assert copies[0] >= 1
+    assert downloads[0] == 0
+
+
+def test_reget_continues_a_partial_download(openssh, objects, tmp_path):
+    data = os.urandom(PART + 1234)
+    (tmp_path / "src.bin").write_bytes(data)
+    assert openssh.sftp_batch(f"put {tmp_path}/src.bin /reget.bin\n").returncode == 0
+    partial = tmp_path / "partial.bin"
+    partial.write_bytes(data[:100_000])
+    result = openssh.sftp_batch(f"reget /reget.bin {partial}\n")
+    assert result.returncode == 0, result.stderr
+    assert partial.read_bytes() == data
+
+
+def test_scp_copies_both_ways_on_s3(openssh, objects, tmp_path):
+    data = os.urandom(PART + 99)
+    local = tmp_path / "scp.bin"
+    local.write_bytes(data)
+    base = ["scp", "-P", str(openssh.port), *openssh.options()]
+    up = subprocess.run([*base, str(local), "alice@127.0.0.1:/scp.bin"], capture_output=True,
+                        text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    assert objects("scp.bin") == data
+    down = subprocess.run([*base, "alice@127.0.0.1:/scp.bin", str(tmp_path / "down.bin")],
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert (tmp_path / "down.bin").read_bytes() == data
+
+
+def test_rclone_copies_a_tree_to_s3_and_check_finds_no_differences(openssh, tmp_path):
+    source = make_tree(tmp_path / "src")
+    remote = openssh.rclone_remote("alice", "/rcloned")
+    env = dict(os.environ, RCLONE_CONFIG=str(tmp_path / "rclone.conf"))
+    copy = subprocess.run(["rclone", "copy", str(source), remote], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert copy.returncode == 0, copy.stderr
+    check = subprocess.run(["rclone", "check", "--download", str(source), remote], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    assert "0 differences found" in check.stderr
+    back = tmp_path / "back"
+    down = subprocess.run(["rclone", "copy", remote, str(back)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert down.returncode == 0, down.stderr
+    assert same_tree(source, back)
+
+
+@needs_sshfs
+def test_sshfs_on_s3_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh, tmp_path, objects):
+    source = make_tree(tmp_path / "src")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(source, arcname="unpacked")
+    with sshfs_mount(openssh, tmp_path / "mnt") as mnt:
+        shutil.copytree(source, mnt / "copied")
+        archive.seek(0)
+        with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+            tar.extractall(mnt, filter="data")
+        assert same_tree(source, mnt / "unpacked")
+        # An append reopens the object without truncating it: a resume on S3.
+        for root in (mnt / "copied", source):
+            with open(root / "a" / "small-3.txt", "ab") as f:
+                f.write(b"appended\n")
+        assert same_tree(source, mnt / "copied")
+        os.rename(mnt / "copied" / "big.bin", mnt / "copied" / "moved.bin")
+        assert os.statvfs(mnt).f_bavail > 0
+    assert objects("copied/a/small-3.txt") == (source / "a" / "small-3.txt").read_bytes()
+    assert objects("copied/moved.bin") == (source / "big.bin").read_bytes()
+    assert objects("unpacked/a/b c/über.txt") == b"umlaut\n"
+
+
+@pytest.mark.skipif(not shutil.which("psftp"), reason="psftp (putty-tools) is needed")
+def test_psftp_with_a_password_puts_gets_and_renames_on_s3(openssh, host_key_dir, objects, tmp_path):
+    data = os.urandom(PART + 500_000)
+    (tmp_path / "up.bin").write_bytes(data)
+    batch = tmp_path / "psftp.txt"
+    batch.write_text("mkdir putty\ncd putty\nput up.bin\nls\nget up.bin down.bin\n"
+                     "rename up.bin renamed.bin\nquit\n")
+    fingerprint = load_host_keys(host_key_dir)[0].fingerprint
+    result = subprocess.run(
+        ["psftp", "-P", str(openssh.port), "-pw", PASSWORD, "-hostkey", fingerprint, "-batch",
+         "-b", str(batch), "alice@127.0.0.1"],
+        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "down.bin").read_bytes() == data
+    assert objects("putty/renamed.bin") == data
+
+
+def test_failures_answer_exact_sftp_status_codes_on_s3(s3sftp):
+    with sftp_client(s3sftp.sftp_port) as sftp:
+        with sftp.open("/f.txt", "w") as f:
+            f.write(b"x")
+        sftp.mkdir("/dir")
+        with sftp.open("/dir/inner.txt", "w") as f:
+            f.write(b"y")
+        # NO_SUCH_FILE arrives as ENOENT; FAILURE carries no errno, only the message.
+        for call in (lambda: sftp.stat("/missing"), lambda: sftp.open("/no/dir/f.txt", "w"),
+                     lambda: sftp.open("/missing.txt"), lambda: sftp.remove("/missing.txt"),
+                     lambda: sftp.listdir("/missing")):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.ENOENT
+        cases = [(lambda: sftp.mkdir("/dir"), "already exists"),
+                 (lambda: sftp.rmdir("/dir"), "not empty"),
+                 (lambda: sftp.rename("/f.txt", "/dir/inner.txt"), "already exists")]
+        for call, message in cases:
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno is None
+            assert message in str(info.value)
+    with sftp_client(s3sftp.sftp_port, "reader") as sftp:
+        for call in (lambda: sftp.open("/new.txt", "w"), lambda: sftp.mkdir("/d2"),
+                     lambda: sftp.remove("/f.txt"), lambda: sftp.rename("/f.txt", "/g.txt")):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.EACCES
+        with sftp.open("/f.txt") as f:
+            assert f.read() == b"x"
+
+
+def test_a_client_killed_mid_upload_keeps_the_previous_version_and_leaves_no_multipart_upload(
+        openssh, s3sftp, objects, s3, s3_server, s3_backend_table, tmp_path):
+    assert openssh.sftp_batch("mkdir /up\n").returncode == 0
+    (tmp_path / "old.bin").write_bytes(b"previous version")
+    assert openssh.sftp_batch(f"put {tmp_path}/old.bin /up/big.bin\n").returncode == 0
+    # Hold every part inside the gateway so that several are in flight when the client dies.
+    held, release = [], threading.Event()
+
+    def hold(**kwargs) -> None:
+        held.append(kwargs)
+        release.wait(120)
+
+    s3sftp.gateway.backends["s3"].client.meta.events.register("before-call.s3.UploadPart", hold)
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(12 * PART))
+    batch = tmp_path / "kill.txt"
+    batch.write_text(f"put {local} /up/big.bin\n")
+    client = subprocess.Popen(openssh.sftp_command(batch), env=openssh.env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: len(held) >= 3, "three parts in flight")
+        assert multipart_uploads(s3, s3_server, s3_backend_table)
+    finally:
+        # sftp and the ssh it runs go down together, with no chance to close the file.
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
+        release.set()
+    wait_for(lambda: not multipart_uploads(s3, s3_server, s3_backend_table),
+             "the killed upload to be aborted")
+    assert objects("up/big.bin") == b"previous version"
