@@ -96,23 +96,31 @@ def make_gateway(tmp_path):
         gateway.stop()
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds() -> dict[str, str]:
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return found
 
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
     """Flag threads and file descriptors a test leaves behind."""
     threads_before = set(threading.enumerate())
-    fds_before = _fd_count()
+    fds_before = _open_fds()
     yield
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while True:
         leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
                   and not t.name.startswith(("asyncio", "moto-"))]
-        fds_leaked = _fd_count() - fds_before
+        fds_now = _open_fds()
+        fds_leaked = len(fds_now) - len(fds_before)
         if (not leaked and fds_leaked <= 0) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    new_fds = sorted(target for fd, target in fds_now.items() if fds_before.get(fd) != target)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
-    assert fds_leaked <= 0, f"{fds_leaked} file descriptor(s) left open"
+    assert fds_leaked <= 0, f"{fds_leaked} file descriptor(s) left open: {new_fds}"
