@@ -24,7 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
+
+import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "bench", "bench-password-123"
@@ -66,24 +69,22 @@ class Server:
                 self.proc.wait()
 
 
-def start_gateway(work: Path, key_pub: Path) -> Server:
+def start_gateway(work: Path, key_pub: Path, settings: list[str]) -> Server:
     root = work / "gw-data"
     server = Server("gateway", root / USER)
     server.sftp_port, server.http_port = free_port(), free_port()
+    config = {
+        "server": {"state_dir": "gw-state", "users_file": "gw-users.toml", "log_level": "warning"},
+        "webdav": {"listen": f"127.0.0.1:{server.http_port}"},
+        "sftp": {"listen": f"127.0.0.1:{server.sftp_port}"},
+        "backends": {"local": {"type": "local", "root": "gw-data"}},
+    }
+    for setting in settings:   # --set section.key=value, value as TOML
+        key, _, value = setting.partition("=")
+        section, _, name = key.partition(".")
+        config.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
     cfg = work / "gateway.toml"
-    cfg.write_text(f"""
-[server]
-state_dir = "gw-state"
-users_file = "gw-users.toml"
-log_level = "warning"
-[webdav]
-listen = "127.0.0.1:{server.http_port}"
-[sftp]
-listen = "127.0.0.1:{server.sftp_port}"
-[backends.local]
-type = "local"
-root = "gw-data"
-""")
+    cfg.write_text(tomli_w.dumps(config))
     subprocess.run([sys.executable, "-m", "gateway", "user", "add", USER, "--password-stdin",
                     "--key", str(key_pub), "--config", str(cfg)], input=PASSWORD + "\n", text=True,
                    check=True, cwd=REPO, capture_output=True)
@@ -227,6 +228,8 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=200, help="number of 4 KiB files")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a gateway config setting for this run, value in TOML (repeatable)")
     parser.add_argument("--servers", default="gateway,openssh,rclone,nginx",
                         help="comma-separated subset of gateway,openssh,rclone,nginx")
     args = parser.parse_args()
@@ -250,7 +253,7 @@ def main() -> int:
             p.write_bytes(os.urandom(4096))
             small.append(p)
 
-        gateway = start_gateway(work, key.with_suffix(".pub")) if "gateway" in wanted else None
+        gateway = start_gateway(work, key.with_suffix(".pub"), args.set) if "gateway" in wanted else None
         sshd = start_sshd(work, key.with_suffix(".pub")) if "openssh" in wanted else None
         rclone_sftp = start_rclone(work, "sftp", key.with_suffix(".pub")) if "rclone" in wanted else None
         rclone_dav = start_rclone(work, "webdav", key.with_suffix(".pub")) if "rclone" in wanted else None

@@ -77,7 +77,9 @@ class SFTPSection:
     # ssh-rsa (SHA-1) signatures are broken; only very old clients need them.
     # paramiko 5 removed them entirely, so there this only logs a warning.
     allow_ssh_rsa_sha1: bool = False
-    window_size: int = 64 * 1024 * 1024   # SSH channel window: bytes in flight per session
+    # SSH channel window: bytes a client may have in flight, which the server may
+    # have to buffer, per session. Measured: 4 MiB 174 MB/s, 16 MiB 185, 64 MiB 186.
+    window_size: int = 16 * 1024 * 1024
     max_packet_size: int = 256 * 1024     # SSH packet and SFTP read/write size (limits@openssh.com)
 
 

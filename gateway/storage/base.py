@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..errors import NotADirectory, NotFound, PermissionDenied, Unsupported
+from ..errors import InvalidPath, NotADirectory, NotFound, PermissionDenied, Unsupported
 from .. import paths
 
 # Every backend hides names with this prefix from listings: they are its
@@ -52,6 +52,24 @@ class Usage:
     used_files: int
     total_bytes: int | None = None
     free_bytes: int | None = None
+
+
+def check_rename(src: str, dst: str) -> bool:
+    """The argument checks every backend's rename starts with.
+
+    Returns True when `src` and `dst` are the same path: nothing to do.
+
+    Raises:
+        PermissionDenied: either side is the root.
+        InvalidPath: `dst` lies inside `src`.
+    """
+    if src == "/" or dst == "/":
+        raise PermissionDenied("/", "the root cannot be changed")
+    if paths.is_within(dst, src):
+        if dst == src:
+            return True
+        raise InvalidPath(dst, f"cannot move '{src}' into itself")
+    return False
 
 
 class Upload(abc.ABC):

@@ -25,7 +25,7 @@ from .. import paths
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
-from .base import TEMP_PREFIX, Backend, Capabilities, Entry, Upload, Usage
+from .base import TEMP_PREFIX, Backend, Capabilities, Entry, Upload, Usage, check_rename
 
 log = logging.getLogger(__name__)
 
@@ -445,10 +445,8 @@ class LocalBackend(Backend):
                 os.rmdir(name, dir_fd=fd)
 
     def rename(self, src: str, dst: str, *, overwrite: bool = False) -> None:
-        if paths.is_within(dst, src):
-            if dst == src:
-                return
-            raise InvalidPath(dst, f"cannot move '{src}' into itself")
+        if check_rename(src, dst):
+            return
         with self._parent(src) as (sfd, sname), self._parent(dst) as (dfd, dname):
             src_st = self._lstat(sfd, sname, src)
             _entry(sname, src_st, src)  # refuses links and special files

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import paths
-from ..errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADirectory,
+from ..errors import (AlreadyExists, DirectoryNotEmpty, IsADirectory,
                       NotADirectory, NotFound, PermissionDenied)
-from .base import Backend, Capabilities, Entry, Upload
+from .base import Backend, Capabilities, Entry, Upload, check_rename
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,8 @@ class MemoryBackend(Backend):
 
     def rename(self, src: str, dst: str, *, overwrite: bool = False) -> None:
         with self._lock:
-            if src == "/" or dst == "/":
-                raise PermissionDenied("/", "the root cannot be changed")
-            if paths.is_within(dst, src):
-                if dst == src:
-                    return
-                raise InvalidPath(dst, f"cannot move '{src}' into itself")
+            if check_rename(src, dst):
+                return
             node = self._get(src)
             self._check_parent(dst)
             existing = self._nodes.get(dst)

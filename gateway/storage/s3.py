@@ -29,7 +29,7 @@ from ..config import ConfigError
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
-from .base import TEMP_PREFIX, Backend, Capabilities, Entry, Upload, Usage
+from .base import TEMP_PREFIX, Backend, Capabilities, Entry, Upload, Usage, check_rename
 from .local import convert_os_error
 
 log = logging.getLogger(__name__)
@@ -517,12 +517,8 @@ class S3Backend(Backend):
             log.warning("could not abort the multipart upload of %s (%s); the sweep will retry", path, exc)
 
     def rename(self, src: str, dst: str, *, overwrite: bool = False) -> None:
-        if src == "/" or dst == "/":
-            raise PermissionDenied("/", "the root cannot be changed")
-        if paths.is_within(dst, src):
-            if dst == src:
-                return
-            raise InvalidPath(dst, f"cannot move '{src}' into itself")
+        if check_rename(src, dst):
+            return
         src_key, dst_key = self.key(src), self.key(dst)
         head = self.head(src_key, src)
         if head is None and not self.is_dir(src):
