@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,27 @@ def make_gateway(tmp_path):
     yield factory
     for gateway in started:
         gateway.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tools(*names): client programs the test drives")
+
+
+def pytest_runtest_setup(item):
+    """A test marked tools("litmus", ...) skips where a program is missing, except in CI.
+
+    In CI a missing client is an install step .ci/run forgot: that must fail,
+    not pass quietly as a skip.
+    """
+    for marker in item.iter_markers("tools"):
+        missing = [name for name in marker.args
+                   if (shutil.which(name) is None if name != "/dev/fuse"
+                       else not os.access(name, os.R_OK | os.W_OK))]
+        if missing:
+            message = f"needs {', '.join(missing)} (installed by .ci/run)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
 
 
 def _open_fds() -> dict[str, str]:

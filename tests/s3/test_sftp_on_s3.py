@@ -194,7 +194,7 @@ def test_sshfs_on_s3_copies_a_tree_extracts_a_tar_appends_and_reads_back(openssh
     assert objects("unpacked/a/b c/über.txt") == b"umlaut\n"
 
 
-@pytest.mark.skipif(not shutil.which("psftp"), reason="psftp (putty-tools) is needed")
+@pytest.mark.tools("psftp")
 def test_psftp_with_a_password_puts_gets_and_renames_on_s3(openssh, host_key_dir, objects, tmp_path):
     data = os.urandom(PART + 500_000)
     (tmp_path / "up.bin").write_bytes(data)

@@ -146,8 +146,7 @@ class OpenSSH:
                 f"disable_hashcheck=true:{path}")
 
 
-needs_sshfs = pytest.mark.skipif(not shutil.which("sshfs") or not os.access("/dev/fuse", os.R_OK | os.W_OK),
-                                 reason="sshfs and /dev/fuse are needed")
+needs_sshfs = pytest.mark.tools("sshfs", "fusermount3", "/dev/fuse")
 
 
 @contextmanager

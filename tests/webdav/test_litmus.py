@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,8 +14,7 @@ _SUMMARY = re.compile(r"<- summary for `(\w+)': of (\d+) tests run: (\d+) passed
 
 pytestmark = pytest.mark.client
 
-needs_litmus = pytest.mark.skipif(shutil.which("litmus") is None,
-                                  reason="litmus is not installed (Debian package litmus)")
+needs_litmus = pytest.mark.tools("litmus")
 
 
 def assert_litmus_passes(port: int, user: str, workdir: Path, password: str = PASSWORD) -> None:
