@@ -54,6 +54,9 @@ class _Database:
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                        timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
+                # WAL with NORMAL survives a crash of the process intact; only a power
+                # loss can take back the last commits (a lock or a property just set).
+                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
                 self._conn = conn
 
@@ -62,6 +65,14 @@ class _Database:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """The connection for one SELECT: atomic on its own, no write lock taken."""
+        with self._mutex:
+            if self._conn is None:
+                raise RuntimeError(f"WebDAV state database {self.path} is closed")
+            yield self._conn
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -172,7 +183,7 @@ class SQLiteLockStorage:
             low, high = _below(root)
             clauses.append("(root >= ? AND root < ?)")
             args += [low, high]
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 f"SELECT owner, data FROM locks WHERE ({' OR '.join(clauses)}) "
                 "AND (expire < 0 OR expire >= ?)", (*args, time.time())).fetchall()
@@ -196,12 +207,12 @@ class SQLitePropertyManager:
         return url.rstrip("/") or "/"
 
     def get_properties(self, norm_url: str, environ: dict | None = None) -> list[str]:
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             rows = conn.execute("SELECT name FROM properties WHERE url = ?", (self._key(norm_url),))
             return [row[0] for row in rows.fetchall()]
 
     def get_property(self, norm_url: str, name: str, environ: dict | None = None) -> bytes | None:
-        with self._db.transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute("SELECT value FROM properties WHERE url = ? AND name = ?",
                                (self._key(norm_url), name)).fetchone()
         return None if row is None else bytes(row[0])
