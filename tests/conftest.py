@@ -58,6 +58,15 @@ class RunningGateway:
         return self.gateway.open_fs(user, protocol, "127.0.0.1")
 
 
+def wait_for(condition, what: str, limit: float = 60.0) -> None:
+    """Poll until `condition()` holds; the limit only stops a hung test, it measures nothing."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
 def write_config(tmp_path: Path, *, webdav: bool = True, sftp: bool = True,
                  backends: dict | None = None, extra: dict | None = None) -> Path:
     data = tmp_path / "data"

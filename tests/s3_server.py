@@ -160,3 +160,21 @@ def s3_backend_table(s3_server: S3Server) -> Iterator[dict]:
     prefix = f"t-{secrets.token_hex(6)}/"
     yield s3_server.backend_table(prefix=prefix)
     s3_server.empty(prefix)
+
+
+def count_calls(backend, operation: str) -> list[int]:
+    """Count the S3 API calls of one operation (e.g. "UploadPartCopy") an S3Backend makes."""
+    counter = [0]
+
+    def handler(**kwargs) -> None:
+        counter[0] += 1
+
+    for client in (backend.client, backend.slow_client):
+        client.meta.events.register(f"before-call.s3.{operation}", handler)
+    return counter
+
+
+def multipart_uploads(s3, server: "S3Server", table: dict) -> list[str]:
+    """Keys with a multipart upload still open under a backend table's prefix."""
+    page = s3.list_multipart_uploads(Bucket=server.bucket, Prefix=table["prefix"])
+    return [upload["Key"] for upload in page.get("Uploads", [])]

@@ -15,20 +15,9 @@ from gateway.config import ConfigError, load_config
 from gateway.errors import BackendUnavailable, InvalidPath, NotFound, PermissionDenied, Unsupported
 from gateway.storage.s3 import MiB, S3Backend, S3Config
 from tests.conftest import write_config
+from tests.s3_server import count_calls
 
 PART = 5 * MiB
-
-
-def count_calls(backend, operation: str) -> list[int]:
-    """Count API calls of one operation (e.g. "UploadPartCopy") the backend makes."""
-    counter = [0]
-
-    def handler(**kwargs) -> None:
-        counter[0] += 1
-
-    for client in (backend.client, backend.slow_client):
-        client.meta.events.register(f"before-call.s3.{operation}", handler)
-    return counter
 
 
 def fail_on(backend, operation: str, after: int = 0) -> None:

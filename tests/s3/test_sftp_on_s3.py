@@ -9,14 +9,14 @@ import signal
 import subprocess
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from gateway.sftp.hostkey import load_host_keys
 from gateway.storage.s3 import MiB
-from tests.conftest import PASSWORD, RunningGateway
+from tests.conftest import PASSWORD, RunningGateway, wait_for
+from tests.s3_server import count_calls, multipart_uploads
 from tests.sftp.helpers import (OpenSSH, known_hosts, make_tree, needs_sshfs, same_tree, sftp_client,
                                 sshfs_mount, start_sftp_gateway)
 
@@ -64,33 +64,6 @@ def objects(s3, s3_server, s3_backend_table):
     return read
 
 
-def multipart_uploads(s3, s3_server, table: dict) -> list[str]:
-    page = s3.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=table["prefix"])
-    return [upload["Key"] for upload in page.get("Uploads", [])]
-
-
-def count_calls(gateway: RunningGateway, operation: str) -> list[int]:
-    """Count the S3 calls of one operation (e.g. "UploadPartCopy") the gateway's backend makes."""
-    backend = gateway.gateway.backends["s3"]
-    counter = [0]
-
-    def handler(**kwargs) -> None:
-        counter[0] += 1
-
-    for client in (backend.client, backend.slow_client):
-        client.meta.events.register(f"before-call.s3.{operation}", handler)
-    return counter
-
-
-def wait_for(condition, what: str, limit: float = 60.0) -> None:
-    """Poll until `condition()` holds; the limit only stops a hung test."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.05)
-
-
 
 def test_sftp_batch_puts_gets_lists_renames_and_removes_on_s3(openssh, objects, tmp_path):
     data = os.urandom(2 * PART + 4321)
@@ -117,7 +90,8 @@ def test_reput_continues_a_large_object_with_a_server_side_copy(openssh, s3sftp,
     assert openssh.sftp_batch(f"put {partial} /resume.bin\n").returncode == 0
     local = tmp_path / "full.bin"
     local.write_bytes(data)
-    copies, downloads = count_calls(s3sftp, "UploadPartCopy"), count_calls(s3sftp, "GetObject")
+    copies, downloads = count_calls(s3sftp.gateway.backends["s3"], "UploadPartCopy"), \
+        count_calls(s3sftp.gateway.backends["s3"], "GetObject")
     result = openssh.sftp_batch(f"reput {local} /resume.bin\n")
     assert result.returncode == 0, result.stderr
     assert objects("resume.bin") == data
@@ -152,22 +126,10 @@ def test_scp_copies_both_ways_on_s3(openssh, objects, tmp_path):
     assert (tmp_path / "down.bin").read_bytes() == data
 
 
+@pytest.mark.tools("rclone")
 def test_rclone_copies_a_tree_to_s3_and_check_finds_no_differences(openssh, tmp_path):
     source = make_tree(tmp_path / "src")
-    remote = openssh.rclone_remote("alice", "/rcloned")
-    env = dict(os.environ, RCLONE_CONFIG=str(tmp_path / "rclone.conf"))
-    copy = subprocess.run(["rclone", "copy", str(source), remote], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert copy.returncode == 0, copy.stderr
-    check = subprocess.run(["rclone", "check", "--download", str(source), remote], env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert check.returncode == 0, check.stderr
-    assert "0 differences found" in check.stderr
-    back = tmp_path / "back"
-    down = subprocess.run(["rclone", "copy", remote, str(back)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert down.returncode == 0, down.stderr
-    assert same_tree(source, back)
+    assert same_tree(source, openssh.rclone_round_trip(source, tmp_path))
 
 
 @needs_sshfs

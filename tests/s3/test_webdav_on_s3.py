@@ -4,12 +4,12 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
-import time
 
 import pytest
 
 from gateway.storage.s3 import MiB
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, wait_for
+from tests.s3_server import multipart_uploads
 from tests.webdav.conftest import DavClient
 from tests.webdav.test_litmus import assert_litmus_passes, needs_litmus
 
@@ -39,20 +39,6 @@ def s3(s3_server):
 def pattern(size: int, seed: int = 0) -> bytes:
     block = bytes((i * 7 + seed) % 251 for i in range(4096))
     return (block * (size // len(block) + 1))[:size]
-
-
-def multipart_uploads(s3, s3_server, table: dict) -> list[str]:
-    page = s3.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=table["prefix"])
-    return [upload["Key"] for upload in page.get("Uploads", [])]
-
-
-def wait_for(condition, what: str, limit: float = 60.0) -> None:
-    """Poll until `condition()` holds; the limit only stops a hung test."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 @needs_litmus

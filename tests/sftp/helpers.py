@@ -139,6 +139,20 @@ class OpenSSH:
                               env=self.env(), cwd=cwd, capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=300)
 
+    def rclone_round_trip(self, source: Path, work: Path, user: str = "alice", path: str = "/rcloned") -> Path:
+        """rclone copies `source` up, `rclone check --download` finds no difference, and
+        rclone copies it back; returns the folder it came back to."""
+        remote = self.rclone_remote(user, path)
+        env = dict(os.environ, RCLONE_CONFIG=str(work / "rclone.conf"))
+        back = work / "rclone-back"
+        for args in (["copy", str(source), remote], ["check", "--download", str(source), remote],
+                     ["copy", remote, str(back)]):
+            result = subprocess.run(["rclone", *args], env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, f"rclone {args[0]}: {result.stderr}"
+            if args[0] == "check":
+                assert "0 differences found" in result.stderr
+        return back
+
     def rclone_remote(self, user: str, path: str) -> str:
         """An rclone on-the-fly sftp remote; hashes off, since rclone would run md5sum in a shell."""
         return (f":sftp,host=127.0.0.1,port={self.port},user={user},"

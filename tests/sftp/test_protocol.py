@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 
 import paramiko
 import pytest
@@ -14,7 +13,7 @@ from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_INIT, CMD_MKDIR, CMD_OPE
                            SFTP_PERMISSION_DENIED)
 
 from gateway.storage.base import TEMP_PREFIX
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, wait_for
 from tests.sftp.helpers import sftp_client, start_sftp_gateway
 
 
@@ -24,15 +23,6 @@ def _home(server, user="alice"):
 
 def _temp_files(path):
     return [p for p in path.rglob(f"{TEMP_PREFIX}*")]
-
-
-def _wait_for(condition, what: str, limit: float = 30.0) -> None:
-    """Poll until `condition()` holds; the limit only stops a hung test."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- status codes ------------------------------------------------------------------
@@ -272,11 +262,11 @@ def test_client_that_dies_mid_upload_leaves_the_previous_version_and_no_partial_
     new = client.open("/brand-new.bin", "w")
     new.write(b"half")
     new.flush()
-    _wait_for(lambda: len(_temp_files(home)) == 2, "the uploads to start")
+    wait_for(lambda: len(_temp_files(home)) == 2, "the uploads to start")
     # Die without closing: paramiko would close (= commit) these handles.
     transport.sock.close()
     transport.close()
-    _wait_for(lambda: not _temp_files(home), "the server to drop the uploads")
+    wait_for(lambda: not _temp_files(home), "the server to drop the uploads")
     assert (home / "precious.bin").read_bytes() == b"version one"
     assert not (home / "brand-new.bin").exists()
 
@@ -479,7 +469,7 @@ def test_idle_connections_are_closed(tmp_path, host_key_dir):
             transport.connect(username="idle", password=PASSWORD)
             client = paramiko.SFTPClient.from_transport(transport)
             assert client.normalize(".") == "/"
-            _wait_for(lambda: not transport.is_active(), "the idle connection to close")
+            wait_for(lambda: not transport.is_active(), "the idle connection to close")
         finally:
             transport.close()
     finally:
