@@ -561,13 +561,20 @@ class UserFS:
                 _Target(dt.backend, paths.join(dt.path, child.name), dt.in_home, dt.root),
                 paths.join(vsrc, child.name), paths.join(vdst, child.name))
 
-    def set_mtime(self, path: str | bytes, mtime: float) -> None:
-        """Set a file's or folder's modification time; needs `set_times`."""
+    def set_mtime(self, path: str | bytes, mtime: float, *, dry_run: bool = False) -> None:
+        """Set a file's or folder's modification time; needs `set_times`.
+
+        With `dry_run` only the checks run (WebDAV PROPPATCH is all or nothing:
+        every property is tried before any is set).
+        """
         vpath = paths.normalize(path)
         if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
             raise PermissionDenied(vpath, f"cannot change the times of '{vpath}'")
         self._policy.require(Perm.SET_TIMES, vpath)
         target = self._resolve(vpath)
+        if dry_run:
+            target.backend.stat(target.path)
+            return
         target.backend.set_mtime(target.path, mtime)
         self._audit("set_times", vpath, "ok")
 

@@ -304,3 +304,18 @@ def test_errors_name_the_users_path_not_the_storage_path(mounted):
     with pytest.raises(NotFound) as info:
         list(fs.list_dir("/nowhere"))
     assert "/alice" not in str(info.value)
+
+
+def test_set_mtime_dry_run_checks_everything_and_changes_nothing():
+    backend = MemoryBackend()
+    with backend.open_write("/f") as up:
+        up.write(b"f")
+    before = backend.stat("/f").mtime
+    writer = UserFS(User("w", home=Location("mem", "/")), {"mem": backend})
+    writer.set_mtime("/f", 1000.0, dry_run=True)
+    assert backend.stat("/f").mtime == before
+    with pytest.raises(NotFound):
+        writer.set_mtime("/missing", 1000.0, dry_run=True)
+    reader = UserFS(User("r", home=Location("mem", "/"), permissions={"/": READ_ONLY}), {"mem": backend})
+    with pytest.raises(PermissionDenied):
+        reader.set_mtime("/f", 1000.0, dry_run=True)

@@ -178,9 +178,8 @@ class _Resource:
 
     def set_last_modified(self, dest_path: str, time_stamp, *, dry_run: bool) -> bool:
         mtime = float(time_stamp) if isinstance(time_stamp, (int, float)) else parse_http_date(time_stamp)
-        if not dry_run:
-            with self.mapped():
-                self.fs.set_mtime(self.provider.to_vpath(dest_path), mtime)
+        with self.mapped():
+            self.fs.set_mtime(self.provider.to_vpath(dest_path), mtime, dry_run=dry_run)
         return True
 
     # -- removal, copy, move ---------------------------------------------------

@@ -149,6 +149,28 @@ def test_win32_last_modified_proppatch_sets_the_modification_time(dav, alice):
     assert int(os.stat(dav.data / "alice" / "w.txt").st_mtime) == 1_000_000_000
 
 
+def test_proppatch_is_all_or_nothing_when_the_time_is_refused(make_gateway):
+    from tests.webdav.conftest import DavClient
+    running = make_gateway(webdav=True)
+    running.add_user("carol", perms={"/": ["list", "download", "upload", "overwrite"]})
+    carol = DavClient(running.webdav_port, "carol")
+    assert carol.put("/c.txt", b"c").status == 201
+    before = os.stat(running.data / "carol" / "c.txt").st_mtime
+    body = (b'<?xml version="1.0" encoding="utf-8" ?><D:propertyupdate xmlns:D="DAV:" '
+            b'xmlns:Z="urn:schemas-microsoft-com:" xmlns:X="urn:example:"><D:set><D:prop>'
+            b'<X:color>blue</X:color>'
+            b'<Z:Win32LastModifiedTime>Sun, 09 Sep 2001 01:46:40 GMT</Z:Win32LastModifiedTime>'
+            b'</D:prop></D:set></D:propertyupdate>')
+    reply = carol.proppatch("/c.txt", body)
+    assert reply.status == 207
+    assert b"403" in reply.body and b"424" in reply.body   # refused, and the rest not applied
+    assert os.stat(running.data / "carol" / "c.txt").st_mtime == before
+    found = carol.propfind("/c.txt", depth="0",
+                           body=b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:" xmlns:X="urn:example:">'
+                                b'<D:prop><X:color/></D:prop></D:propfind>')
+    assert b"blue" not in found.body
+
+
 def test_chunked_put_with_expected_entity_length_is_stored(dav, alice):
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", dav.webdav_port, timeout=30)
