@@ -442,7 +442,16 @@ class UserFSProvider(DAVProvider):
             return [b""]
         if environ.get("HTTP_X_OC_MTIME"):
             start_response = _mtime_acknowledging(environ, start_response)
-        return default_handler(environ, start_response)
+        try:
+            return default_handler(environ, start_response)
+        except DAVError as exc:
+            # Lock conflicts name the locks by their ref URLs, our per-user keys:
+            # the client must see its own URLs.
+            condition = exc.err_condition
+            if condition is not None and condition.hrefs:
+                condition.hrefs = [quote(self.ref_url_to_path(href)) if href.startswith("/~") else href
+                                   for href in condition.hrefs]
+            raise
 
     def _not_modified_since(self, environ: dict) -> bool:
         """If-Modified-Since alone, compared as RFC 9110 says (wsgidav answers 200 on equal times)."""

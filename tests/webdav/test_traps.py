@@ -118,7 +118,10 @@ def test_lock_of_one_user_does_not_block_another_users_same_path(alice, bob):
     assert bob.put("/a.txt", b"bob").status == 201
     lock = alice.request("LOCK", "/a.txt", LOCK_BODY, {"Timeout": "Second-600"})
     assert lock.status == 200
-    assert alice.put("/a.txt", b"alice again").status == 423
+    refused = alice.put("/a.txt", b"alice again")
+    assert refused.status == 423
+    # The conflicting lock is named by the client's own URL, not the internal per-user key.
+    assert b"href>/a.txt</" in refused.body and b"~alice" not in refused.body
     assert bob.put("/a.txt", b"bob again").status == 204
     assert b"<D:lockdiscovery/>" in bob.propfind("/a.txt", "0").body
     # The lock root is reported as the client's own URL, not the internal key.
