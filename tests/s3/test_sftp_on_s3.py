@@ -115,14 +115,9 @@ def test_scp_copies_both_ways_on_s3(openssh, objects, tmp_path):
     data = os.urandom(PART + 99)
     local = tmp_path / "scp.bin"
     local.write_bytes(data)
-    base = ["scp", "-P", str(openssh.port), *openssh.options()]
-    up = subprocess.run([*base, str(local), "alice@127.0.0.1:/scp.bin"], capture_output=True,
-                        text=True, timeout=120)
-    assert up.returncode == 0, up.stderr
+    openssh.scp(str(local), "alice@127.0.0.1:/scp.bin")
     assert objects("scp.bin") == data
-    down = subprocess.run([*base, "alice@127.0.0.1:/scp.bin", str(tmp_path / "down.bin")],
-                          capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0, down.stderr
+    openssh.scp("alice@127.0.0.1:/scp.bin", str(tmp_path / "down.bin"))
     assert (tmp_path / "down.bin").read_bytes() == data
 
 

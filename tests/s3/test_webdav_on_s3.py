@@ -10,7 +10,7 @@ import pytest
 from gateway.storage.s3 import MiB
 from tests.conftest import RunningGateway, wait_for
 from tests.s3_server import multipart_uploads
-from tests.webdav.conftest import DavClient
+from tests.webdav.conftest import DavClient, read_until_closed
 from tests.webdav.test_litmus import assert_litmus_passes, needs_litmus
 
 PART = 5 * MiB
@@ -135,13 +135,7 @@ def _send_partial_put(port: int, auth: str, path: str, announced: int, sent: byt
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return b""
         sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        try:
-            while chunk := sock.recv(65536):
-                reply += chunk
-        except ConnectionResetError:
-            pass
-        return reply
+        return read_until_closed(sock)
     finally:
         sock.close()
 

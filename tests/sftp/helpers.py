@@ -139,6 +139,12 @@ class OpenSSH:
                               env=self.env(), cwd=cwd, capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=300)
 
+    def scp(self, source: str, dest: str) -> None:
+        """One OpenSSH scp copy; it must exit 0 (scp checks the SFTP exit-status)."""
+        result = subprocess.run(["scp", "-P", str(self.port), *self.options(), source, dest],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+
     def rclone_round_trip(self, source: Path, work: Path, user: str = "alice", path: str = "/rcloned") -> Path:
         """rclone copies `source` up, `rclone check --download` finds no difference, and
         rclone copies it back; returns the folder it came back to."""

@@ -84,3 +84,14 @@ LOCK_BODY = (b'<?xml version="1.0" encoding="utf-8"?>'
 def proppatch_body(name: str, ns: str, value: str) -> bytes:
     return (f'<?xml version="1.0" encoding="utf-8"?><D:propertyupdate xmlns:D="DAV:" xmlns:Z="{ns}">'
             f'<D:set><D:prop><Z:{name}>{value}</Z:{name}></D:prop></D:set></D:propertyupdate>').encode()
+
+
+def read_until_closed(sock) -> bytes:
+    """Everything a raw socket receives until the server closes (or resets) it."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data

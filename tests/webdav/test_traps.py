@@ -7,7 +7,7 @@ import socket
 
 from gateway.vfs import UserFS
 from tests.conftest import PASSWORD
-from tests.webdav.conftest import LOCK_BODY, DavClient, proppatch_body
+from tests.webdav.conftest import LOCK_BODY, DavClient, proppatch_body, read_until_closed
 
 
 def _auth_header(user: str, password: str = PASSWORD) -> str:
@@ -29,16 +29,6 @@ def _read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def _read_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def _leftovers(home) -> list[str]:
     return [p.name for p in home.iterdir() if p.name.startswith(".gw-upload-")]
 
@@ -50,7 +40,7 @@ def test_put_cut_short_commits_nothing_and_keeps_the_previous_version(dav, alice
             f"Content-Length: 100000\r\n\r\n").encode()
     sock.sendall(head + b"x" * 1000)
     sock.shutdown(socket.SHUT_WR)       # the client goes away cleanly mid-body
-    reply = _read_until_closed(sock)
+    reply = read_until_closed(sock)
     sock.close()
     assert not reply.startswith((b"HTTP/1.1 201", b"HTTP/1.1 204")), reply
     home = dav.data / "alice"
@@ -63,7 +53,7 @@ def test_put_cut_short_of_a_new_file_leaves_no_file(dav, alice):
     sock.sendall((f"PUT /new.bin HTTP/1.1\r\nHost: x\r\n{_auth_header('alice')}"
                   f"Content-Length: 5000\r\n\r\n").encode() + b"y" * 10)
     sock.shutdown(socket.SHUT_WR)
-    _read_until_closed(sock)
+    read_until_closed(sock)
     sock.close()
     assert alice.get("/new.bin").status == 404
     assert _leftovers(dav.data / "alice") == []
@@ -78,7 +68,7 @@ def test_unauthenticated_big_put_is_refused_without_100_continue_or_reading_the_
     head = _read_head(sock)
     assert head.startswith(b"HTTP/1.1 401"), head
     assert b"connection: close" in head.lower()
-    assert _read_until_closed(sock) is not None   # the server closes; no body is awaited
+    assert read_until_closed(sock) is not None   # the server closes; no body is awaited
     sock.close()
     assert not (dav.data / "alice" / "big.bin").exists()
 
