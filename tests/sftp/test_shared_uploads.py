@@ -148,14 +148,15 @@ def test_a_session_dying_with_two_handles_open_leaves_the_previous_version(sftp_
     transport = paramiko.Transport(("127.0.0.1", sftp_server.sftp_port))
     transport.connect(username="alice", password=PASSWORD)
     client = paramiko.SFTPClient.from_transport(transport)
-    _open(client, "/kept.txt", "a", b" appended")
-    _open(client, "/kept.txt", "r+", b"VERSION")
+    # Keep the handles referenced: a collected SFTPFile sends its CLOSE.
+    handles = [_open(client, "/kept.txt", "a", b" appended"), _open(client, "/kept.txt", "r+", b"VERSION")]
     wait_for(lambda: len(_temp_files(home)) == 1, "the upload to start")
     # Die without closing: paramiko would close (= commit) these handles.
     transport.sock.close()
     transport.close()
     wait_for(lambda: not _temp_files(home), "the server to drop the upload")
     assert (home / "kept.txt").read_text() == "version one"
+    assert len(handles) == 2
 
 
 def test_a_second_open_needs_the_permissions_a_first_open_would(sftp_server):
