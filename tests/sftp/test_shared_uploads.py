@@ -117,8 +117,8 @@ def test_a_second_open_with_truncate_empties_the_shared_upload(sftp, sftp_server
     path.write_text("previous")
     first = _open(sftp, "/retruncated.txt", "a", b" and more")
     second = _open(sftp, "/retruncated.txt", "w", b"fresh")
-    assert _close(sftp, first) == (SFTP_OK, "OK")
     assert _close(sftp, second) == (SFTP_OK, "OK")
+    assert _close(sftp, first) == (SFTP_OK, "OK")
     assert path.read_text() == "fresh"
 
 
