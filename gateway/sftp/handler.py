@@ -237,7 +237,7 @@ class SharedUpload:
         self._changed = True
 
     def set_mtime(self, mtime: float) -> None:
-        if self._upload is None and not self._done:
+        if self._upload is None and not (self._done or self._detached):
             self.fs.set_mtime(self.path, mtime)     # settled: the stored file is current
             return
         # Applied after the commit: the file being timed does not exist yet.
