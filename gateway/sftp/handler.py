@@ -3,8 +3,8 @@
 GatewaySFTPServer replaces paramiko's request dispatch so that every error
 goes through one status table with a message a person can read, a failed
 commit on close reaches the client, and the OpenSSH extensions are advertised.
-A handle holds one backend stream or one upload; per-packet work is only the
-read or write itself.
+A handle holds one backend stream or a share of the session's pending upload
+of its path; per-packet work is only the read or write itself.
 """
 from __future__ import annotations
 
