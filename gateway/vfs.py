@@ -165,7 +165,7 @@ class UserFS:
 
     # The guard test holds every public method to exactly one of these lists,
     # so a new write method cannot slip in without a permission check.
-    READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize")
+    READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize", "check_access")
     WRITE_METHODS = ("open_write", "make_dir", "remove_file", "remove_dir", "remove_tree",
                      "rename", "copy_file", "copy_tree", "set_mtime", "truncate")
 
@@ -354,15 +354,7 @@ class UserFS:
             NotFound (parent), IsADirectory, PermissionDenied, QuotaExceeded, InvalidPath
         """
         vpath = paths.normalize(path)
-        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
-            raise IsADirectory(vpath)
-        target = self._resolve(vpath)
-        try:
-            existing = target.backend.stat(target.path)
-        except NotFound:
-            existing = None
-        if existing is not None and existing.is_dir:
-            raise IsADirectory(vpath)
+        target, existing = self._write_target(vpath)
         self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vpath)
         if target.in_home and existing is None:
             self._quota.check(vpath, 0, 1)
@@ -373,6 +365,42 @@ class UserFS:
             # The server aborts whatever is still open when it shuts down.
             self._open_uploads.add(upload)
         return upload
+
+    def _write_target(self, vpath: str) -> tuple[_Target, Entry | None]:
+        """Where an upload of `vpath` lands and what is there now; a folder is refused."""
+        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
+            raise IsADirectory(vpath)
+        target = self._resolve(vpath)
+        try:
+            existing = target.backend.stat(target.path)
+        except NotFound:
+            existing = None
+        if existing is not None and existing.is_dir:
+            raise IsADirectory(vpath)
+        return target, existing
+
+    def check_access(self, path: str | bytes, *, read: bool = False, write: bool = False,
+                     delete: bool = False) -> None:
+        """Refuse what open_read, open_write or remove_file would refuse, doing nothing.
+
+        For an operation on content that is not in storage yet: an SFTP
+        session's further handles on a file it is still uploading share that
+        upload, and each still needs the permission its own open would:
+        `download` to read, `overwrite` (existing file) or `upload` (new) to
+        write, `delete` to remove.
+
+        Raises:
+            IsADirectory, PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        if read:
+            self._policy.require(Perm.DOWNLOAD, vpath)
+        if write:
+            _, existing = self._write_target(vpath)
+            self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vpath)
+        if delete:
+            self._refuse_structural(vpath, "delete")
+            self._policy.require(Perm.DELETE, vpath)
 
     def truncate(self, path: str | bytes, size: int) -> None:
         """Cut or extend a file to `size` bytes; needs `overwrite`."""

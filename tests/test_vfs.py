@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADirectory, NotFound,
                             PermissionDenied, QuotaExceeded)
-from gateway.permissions import ALL, READ_ONLY
+from gateway.permissions import ALL, READ_ONLY, parse_perms
 from gateway.storage.memory import MemoryBackend
 from gateway.users import Location, Mount, User
 from gateway.vfs import UserFS
@@ -102,6 +102,22 @@ def test_import_guard_catches_a_storage_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from ..storage.local import LocalBackend\nimport gateway.storage\n")
     assert any("storage" in n.split(".") for n in _imports(bad))
+
+
+def test_check_access_refuses_what_the_matching_operation_would_and_changes_nothing():
+    backend = MemoryBackend()
+    put(make_fs(mem=backend), "/kept.txt")
+    drop = UserFS(User("drop", home=Location("mem", "/"), permissions={"/": parse_perms(["list", "upload"])}),
+                  {"mem": backend})
+    drop.check_access("/new.txt", write=True)
+    for kwargs in ({"read": True}, {"delete": True}):
+        with pytest.raises(PermissionDenied):
+            drop.check_access("/new.txt", **kwargs)
+    with pytest.raises(PermissionDenied):
+        drop.check_access("/kept.txt", write=True)      # replacing needs `overwrite`
+    with pytest.raises(IsADirectory):
+        drop.check_access("/", write=True)
+    assert sorted(e.name for e in drop.list_dir("/")) == ["kept.txt"]
 
 
 # -- homes and mounts ------------------------------------------------------------

@@ -3,8 +3,8 @@
 GatewaySFTPServer replaces paramiko's request dispatch so that every error
 goes through one status table with a message a person can read, a failed
 commit on close reaches the client, and the OpenSSH extensions are advertised.
-A handle holds one backend stream or one upload; per-packet work is only the
-read or write itself.
+A handle holds one backend stream or a share of the session's pending upload
+of its path; per-packet work is only the read or write itself.
 """
 from __future__ import annotations
 
@@ -164,82 +164,197 @@ class ReadHandle(FileHandle):
             stream.close()
 
 
-class WriteHandle(FileHandle):
-    """An upload: nothing is visible until close() commits it atomically."""
+class SharedUpload:
+    """One session's pending upload of one path, shared by every handle the session has on it.
 
-    def __init__(self, fs: UserFS, path: str, *, truncate: bool, append: bool, readable: bool,
-                 existed: bool, on_done: Callable[["WriteHandle"], None] = lambda handle: None) -> None:
-        super().__init__(fs, path)
-        self._upload = fs.open_write(path, truncate=truncate)
+    sshfs sends a file's CLOSE after the application's next OPEN of it (FUSE
+    releases asynchronously), and some clients write one file through several
+    handles: every handle of the session sees the bytes written so far, and the
+    new version is committed when the last handle closes. Other sessions see
+    the previous version until then.
+    """
+
+    def __init__(self, fs: UserFS, path: str, *, truncate: bool, existed: bool,
+                 on_done: Callable[["SharedUpload"], None]) -> None:
+        self.fs = fs
+        self.path = path
         self._on_done = on_done
-        self._append = append
-        self._readable = readable
-        self._next = 0                      # where a plain write() would land
-        self._size = self._upload.size
+        self._upload: Any = None
+        self._open(truncate)
         # A new file or a truncation is a change even without a single write;
         # a read-write open that writes nothing must not rewrite the file.
         self._changed = truncate or not existed
         self._mtime: float | None = None
+        self._refs = 0
+        self._detached = False
         self._done = False
 
-    def read(self, offset: int, length: int) -> bytes:
-        if not self._readable:
-            return super().read(offset, length)
-        self._check_open()
-        return self._upload.read_at(offset, length)
+    def _open(self, truncate: bool) -> Any:
+        self._upload = self.fs.open_write(self.path, truncate=truncate)
+        self._pos = 0                       # where the upload's plain write() lands
+        self._size = self._upload.size
+        return self._upload
 
-    def write(self, offset: int, data: bytes) -> None:
-        self._check_open()
-        if self._append:
-            offset = self._size
-        if offset == self._next:
-            self._upload.write(data)
-        else:
-            self._upload.write_at(offset, data)
-        self._next = offset + len(data)
-        self._size = max(self._size, self._next)
-        self._changed = True
-
-    def stat(self) -> SFTPAttributes:
-        self._check_open()
-        return _attributes(self.path.rsplit("/", 1)[-1], False, self._upload.size,
-                           self._mtime if self._mtime is not None else time.time())
-
-    def set_attributes(self, attr: SFTPAttributes) -> None:
-        self._check_open()
-        if _has(attr, SFTPAttributes.FLAG_SIZE):
-            self._upload.truncate(attr.st_size)
-            self._size = attr.st_size
-            self._changed = True
-        if _has(attr, SFTPAttributes.FLAG_AMTIME):
-            # Applied after the commit: the file being timed does not exist yet.
-            self._mtime = attr.st_mtime
-
-    def _check_open(self) -> None:
+    def _current(self) -> Any:
+        """The upload, reopened from the stored file after settle() committed it."""
         if self._done:
             raise SFTPStatus(SFTP_FAILURE, f"'{self.path}' is closed")
+        return self._upload if self._upload is not None else self._open(False)
 
-    def close(self) -> None:
+    def join(self) -> "SharedUpload":
+        self._refs += 1
+        return self
+
+    @property
+    def size(self) -> int:
+        return self._size if self._upload is not None else self.fs.stat(self.path).size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._current().read_at(offset, length)
+
+    def write(self, offset: int | None, data: bytes) -> None:
+        """Write at `offset`, or at the end of the shared content when None (append)."""
+        upload = self._current()
+        if offset is None:
+            offset = self._size
+        if offset == self._pos:
+            upload.write(data)
+        else:
+            upload.write_at(offset, data)
+        self._pos = offset + len(data)
+        self._size = max(self._size, self._pos)
+        self._changed = True
+
+    def truncate(self, size: int) -> None:
+        if size == 0:
+            # A fresh empty upload instead: S3 cannot cut parts it already sent.
+            old = self._current()
+            self._open(True)
+            old.abort()
+        else:
+            self._current().truncate(size)
+            self._size = size
+        self._changed = True
+
+    def set_mtime(self, mtime: float) -> None:
+        if self._upload is None and not (self._done or self._detached):
+            self.fs.set_mtime(self.path, mtime)     # settled: the stored file is current
+            return
+        # Applied after the commit: the file being timed does not exist yet.
+        self._mtime = mtime
+
+    def attributes(self) -> SFTPAttributes:
+        return _attributes(self.path.rsplit("/", 1)[-1], False, self.size,
+                           self._mtime if self._mtime is not None else time.time())
+
+    def settle(self) -> None:
+        """Commit what is pending now (a RENAME needs the file in storage); later writes reopen it."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        if not self._changed:
+            upload.abort()
+            return
+        self._changed = False
+        upload.commit()
+        self._apply_mtime()
+
+    def detach(self) -> None:
+        """The path was removed or replaced within the session: like an unlinked file, the
+        handles keep working and the content is dropped at the last close."""
+        self._detached = True
+        self._on_done(self)
+
+    def release(self) -> None:
+        """One handle closed; the last one commits.
+
+        Raises:
+            GatewayError: the commit failed; the previous version is intact.
+        """
+        self._refs -= 1
+        if self._refs > 0 or self._done:
+            return
+        self._done = True
+        self._on_done(self)
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        if self._detached or not self._changed:
+            upload.abort()
+            return
+        upload.commit()
+        self._apply_mtime()
+
+    def _apply_mtime(self) -> None:
+        if self._mtime is None:
+            return
+        try:
+            self.fs.set_mtime(self.path, self._mtime)
+        except GatewayError as exc:
+            # The data is committed; a time the user may not set is not worth failing for.
+            log.info("not applying the mtime of %s: %s", self.path, exc)
+
+    def abort(self) -> None:
+        """The session ended with handles open: drop everything pending."""
         if self._done:
             return
         self._done = True
         self._on_done(self)
-        if not self._changed:
-            self._upload.abort()
-            return
-        self._upload.commit()
-        if self._mtime is not None:
-            try:
-                self.fs.set_mtime(self.path, self._mtime)
-            except GatewayError as exc:
-                # The data is committed; a time the user may not set is not worth failing for.
-                log.info("not applying the mtime of %s: %s", self.path, exc)
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.abort()
+
+
+class UploadHandle(FileHandle):
+    """A handle on the session's pending upload of a path; its own open flags decide what it may do."""
+
+    def __init__(self, shared: SharedUpload, *, readable: bool, writable: bool, append: bool) -> None:
+        super().__init__(shared.fs, shared.path)
+        self._shared = shared.join()
+        self._readable = readable
+        self._writable = writable
+        self._append = append
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SFTPStatus(SFTP_FAILURE, f"'{self.path}' is closed")
+        # The path follows a rename within the session, for messages too.
+        self.path = self._shared.path
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_open()
+        if not self._readable:
+            return super().read(offset, length)
+        return self._shared.read_at(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_open()
+        if not self._writable:
+            return super().write(offset, data)
+        self._shared.write(None if self._append else offset, data)
+
+    def stat(self) -> SFTPAttributes:
+        self._check_open()
+        return self._shared.attributes()
+
+    def set_attributes(self, attr: SFTPAttributes) -> None:
+        self._check_open()
+        if not self._writable:
+            return super().set_attributes(attr)
+        if _has(attr, SFTPAttributes.FLAG_SIZE):
+            self._shared.truncate(attr.st_size)
+        if _has(attr, SFTPAttributes.FLAG_AMTIME):
+            self._shared.set_mtime(attr.st_mtime)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._shared.release()
 
     def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            self._on_done(self)
-            self._upload.abort()
+        self._closed = True
+        self._shared.abort()
 
 
 class FolderHandle(SFTPHandle):
@@ -304,18 +419,21 @@ class UserFSInterface(SFTPServerInterface):
         # Uploads this session has open, by path. A file a client created must
         # exist for that client (sshfs stats it right after creating it, cp sets
         # its times before closing) although others see it only after close.
-        self.uploads: dict[str, WriteHandle] = {}
+        self.uploads: dict[str, SharedUpload] = {}
 
-    def _pending(self, path: bytes) -> WriteHandle | None:
+    def _pending(self, path: bytes | str) -> SharedUpload | None:
         return self.uploads.get(self.fs.normalize(path)) if self.uploads else None
 
-    def _forget(self, handle: WriteHandle) -> None:
-        if self.uploads.get(handle.path) is handle:
-            del self.uploads[handle.path]
+    def _forget(self, shared: SharedUpload) -> None:
+        if self.uploads.get(shared.path) is shared:
+            del self.uploads[shared.path]
 
     def open(self, path: bytes, pflags: int, attr: SFTPAttributes) -> FileHandle:
         vpath = self.fs.normalize(path)
         writing = bool(pflags & (SFTP_FLAG_WRITE | SFTP_FLAG_APPEND | SFTP_FLAG_TRUNC))
+        shared = self.uploads.get(vpath)
+        if shared is not None:
+            return self._join(shared, pflags, writing)
         if not writing and not pflags & SFTP_FLAG_CREATE:
             return ReadHandle(self.fs, vpath)
         try:
@@ -336,10 +454,27 @@ class UserFSInterface(SFTPServerInterface):
             raise NotFound(vpath)
         # Without O_TRUNC the upload starts from the existing content, so a
         # client resuming (reput, FileZilla, WinSCP) continues where it stopped.
-        handle = WriteHandle(self.fs, vpath, truncate=bool(pflags & SFTP_FLAG_TRUNC),
-                             append=bool(pflags & SFTP_FLAG_APPEND), readable=bool(pflags & SFTP_FLAG_READ),
-                             existed=entry is not None, on_done=self._forget)
-        self.uploads[vpath] = handle
+        shared = SharedUpload(self.fs, vpath, truncate=bool(pflags & SFTP_FLAG_TRUNC),
+                              existed=entry is not None, on_done=self._forget)
+        self.uploads[vpath] = shared
+        return UploadHandle(shared, readable=bool(pflags & SFTP_FLAG_READ), writable=True,
+                            append=bool(pflags & SFTP_FLAG_APPEND))
+
+    def _join(self, shared: SharedUpload, pflags: int, writing: bool) -> UploadHandle:
+        """Another handle on a file this session is still uploading: it sees the pending bytes."""
+        if pflags & SFTP_FLAG_CREATE and pflags & SFTP_FLAG_EXCL:
+            raise AlreadyExists(shared.path)
+        readable = bool(pflags & SFTP_FLAG_READ) or not writing
+        # Sharing skips no gate: this handle needs what its own open would need.
+        self.fs.check_access(shared.path, read=readable, write=writing)
+        handle = UploadHandle(shared, readable=readable, writable=writing,
+                              append=bool(pflags & SFTP_FLAG_APPEND))
+        if pflags & SFTP_FLAG_TRUNC:
+            try:
+                shared.truncate(0)
+            except BaseException:
+                handle.close()
+                raise
         return handle
 
     def list_folder(self, path: bytes) -> FolderHandle:
@@ -348,21 +483,55 @@ class UserFSInterface(SFTPServerInterface):
     def stat(self, path: bytes) -> SFTPAttributes:
         pending = self._pending(path)
         if pending is not None:
-            return pending.stat()
+            return pending.attributes()
         return attributes(self.fs.stat(path))
 
     # Links are never listed or followed, so lstat and stat agree.
     lstat = stat
 
     def remove(self, path: bytes) -> None:
-        self.fs.remove_file(path)
+        """Remove a file; one this session is still uploading goes as an unlinked file would:
+        its handles keep working, and their last close stores nothing."""
+        vpath = self.fs.normalize(path)
+        pending = self.uploads.get(vpath)
+        if pending is None:
+            self.fs.remove_file(vpath)
+            return
+        self.fs.check_access(vpath, delete=True)
+        try:
+            self.fs.remove_file(vpath)
+        except NotFound:
+            pass    # a new file: only the pending upload exists
+        pending.detach()
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         # SFTP v3 rename refuses an existing target; posix-rename replaces it.
-        self.fs.rename(oldpath, newpath, overwrite=False)
+        self._rename(oldpath, newpath, overwrite=False)
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        self.fs.rename(oldpath, newpath, overwrite=True)
+        self._rename(oldpath, newpath, overwrite=True)
+
+    def _rename(self, oldpath: bytes, newpath: bytes, *, overwrite: bool) -> None:
+        """Rename, as POSIX does for open files: a pending source is stored first and its
+        handles follow it to the new name; a pending target is replaced like an unlinked file."""
+        old, new = self.fs.normalize(oldpath), self.fs.normalize(newpath)
+        source, target = self.uploads.get(old), self.uploads.get(new)
+        if old == new or (source is None and target is None):
+            self.fs.rename(old, new, overwrite=overwrite)
+            return
+        if target is not None and not overwrite:
+            raise AlreadyExists(new)
+        if source is not None:
+            # The source must be in storage to be renamed. If the rename is then
+            # refused, the content is stored early, as its close would have.
+            source.settle()
+        self.fs.rename(old, new, overwrite=overwrite)
+        if target is not None:
+            target.detach()
+        if source is not None:
+            del self.uploads[old]
+            source.path = new
+            self.uploads[new] = source
 
     def mkdir(self, path: bytes, attr: SFTPAttributes) -> None:
         self.fs.make_dir(path)
@@ -375,7 +544,10 @@ class UserFSInterface(SFTPServerInterface):
         vpath = self.fs.normalize(path)
         pending = self._pending(vpath)
         if pending is not None:
-            pending.set_attributes(attr)
+            if _has(attr, SFTPAttributes.FLAG_SIZE):
+                pending.truncate(attr.st_size)
+            if _has(attr, SFTPAttributes.FLAG_AMTIME):
+                pending.set_mtime(attr.st_mtime)
             return
         changed = False
         if _has(attr, SFTPAttributes.FLAG_SIZE):

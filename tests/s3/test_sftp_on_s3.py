@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from paramiko.sftp import CMD_CLOSE, SFTP_OK
 
 from gateway.sftp.hostkey import load_host_keys
 from gateway.storage.s3 import MiB
@@ -19,6 +20,7 @@ from tests.conftest import PASSWORD, RunningGateway, wait_for
 from tests.s3_server import count_calls, multipart_uploads
 from tests.sftp.helpers import (OpenSSH, known_hosts, make_tree, needs_sshfs, same_tree, sftp_client,
                                 sshfs_mount, start_sftp_gateway)
+from tests.sftp.test_protocol import raw_status
 
 PART = 5 * MiB
 
@@ -230,3 +232,48 @@ def test_a_client_killed_mid_upload_keeps_the_previous_version_and_leaves_no_mul
     wait_for(lambda: not multipart_uploads(s3, s3_server, s3_backend_table),
              "the killed upload to be aborted")
     assert objects("up/big.bin") == b"previous version"
+
+
+def test_appends_through_a_second_handle_before_close_keep_both_writes_on_s3(
+        s3sftp, objects, s3, s3_server, s3_backend_table):
+    """sshfs sends CLOSE after the next OPEN: the second handle shares the pending upload.
+
+    Appends need no read-back, so they work on S3 whether the upload still
+    streams parts or spools; reading back parts already sent is refused.
+    """
+    def close(sftp, f):
+        status = raw_status(sftp, CMD_CLOSE, f.handle)
+        f._closed = True
+        return status
+
+    big = os.urandom(PART + 1000)
+    with sftp_client(s3sftp.sftp_port) as sftp:
+        with sftp.open("/old.txt", "w") as f:
+            f.write(b"zero\n")
+        first = sftp.open("/old.txt", "a")
+        first.write(b"one\n")
+        first.flush()
+        second = sftp.open("/old.txt", "a")
+        second.write(b"two\n")
+        second.flush()
+        with sftp.open("/old.txt", "r") as reader:
+            assert reader.read() == b"zero\none\ntwo\n"
+        assert close(sftp, first) == (SFTP_OK, "OK")
+        assert objects("old.txt") == b"zero\n"
+        assert close(sftp, second) == (SFTP_OK, "OK")
+        assert objects("old.txt") == b"zero\none\ntwo\n"
+
+        streamed = sftp.open("/streamed.bin", "w")
+        streamed.write(big)
+        streamed.flush()
+        tail = sftp.open("/streamed.bin", "a")
+        tail.write(b"tail")
+        tail.flush()
+        with sftp.open("/streamed.bin", "r") as reader:
+            with pytest.raises(OSError) as info:
+                reader.read(10)
+            assert "cannot read back" in str(info.value)
+        assert close(sftp, streamed) == (SFTP_OK, "OK")
+        assert close(sftp, tail) == (SFTP_OK, "OK")
+    assert objects("streamed.bin") == big + b"tail"
+    assert multipart_uploads(s3, s3_server, s3_backend_table) == []
