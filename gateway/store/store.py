@@ -261,8 +261,9 @@ class Store:
         with self._write() as conn:
             inserted = conn.execute(self._insert(schema.users)
                                     .values(**values, created=now, updated=now)
-                                    .on_conflict_do_nothing(index_elements=["name"])).rowcount
-            if not inserted:
+                                    .on_conflict_do_nothing(index_elements=["name"])
+                                    .returning(schema.users.c.name)).first()
+            if inserted is None:
                 raise Conflict(f"user '{user.name}' already exists")
             self._bump(conn)
 
@@ -335,8 +336,9 @@ class Store:
         with self._write() as conn:
             inserted = conn.execute(self._insert(schema.admin_tokens)
                                     .values(name=name, token_hash=hash_token(token), created=time.time())
-                                    .on_conflict_do_nothing(index_elements=["name"])).rowcount
-            if not inserted:
+                                    .on_conflict_do_nothing(index_elements=["name"])
+                                    .returning(schema.admin_tokens.c.name)).first()
+            if inserted is None:
                 raise Conflict(f"token '{name}' already exists")
             self._bump(conn)
         return token
