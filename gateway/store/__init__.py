@@ -99,7 +99,7 @@ def open_store(url: str, state_dir: Path) -> Store:
         version = migrations.upgrade(engine)
     except sa.exc.DBAPIError as exc:
         engine.dispose()
-        where = engine.url.render_as_string(hide_password=True)
+        where = engine.url.set(drivername=engine.url.get_backend_name()).render_as_string(hide_password=True)
         raise StoreUnavailable(f"store {where}: {str(exc.orig).strip().splitlines()[0]}") from None
     except BaseException:
         engine.dispose()

@@ -113,7 +113,8 @@ class Store:
     @property
     def url(self) -> str:
         """The database URL, with any password hidden."""
-        return self._engine.url.render_as_string(hide_password=True)
+        url = self._engine.url
+        return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
 
     @property
     def shared(self) -> bool:
