@@ -176,8 +176,11 @@ class Store:
             return conn.execute(sa.select(schema.changes.c.counter)).scalar_one()
 
     def watch(self, callback: Callable[[int], None], stop: threading.Event,
-              poll_interval: float | None = None) -> None:
+              poll_interval: float | None = None, since: int | None = None) -> None:
         """Call `callback(counter)` after each change made by any process, until `stop` is set.
+
+        `since` is the counter the caller's data reflects (default: the counter
+        now), so that a change made just before the watch starts is not missed.
 
         Blocks: run it in a thread. PostgreSQL wakes it through LISTEN/NOTIFY
         and polls every `poll_interval` (default 5 s) as a fallback; SQLite
@@ -187,7 +190,7 @@ class Store:
         """
         if poll_interval is None:
             poll_interval = 5.0 if self._pg else 1.0
-        last = self._counter_or(None)
+        last = self._counter_or(None) if since is None else since
         listener = None
         try:
             while not stop.is_set():

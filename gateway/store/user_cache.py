@@ -42,7 +42,8 @@ class UserCache:
         self.load()
         self._stop.clear()
         self._watcher = threading.Thread(target=self.store.watch, args=(lambda _: self.load(), self._stop),
-                                         name="store-user-watch", daemon=True)
+                                         kwargs={"since": self._counter}, name="store-user-watch",
+                                         daemon=True)
         self._watcher.start()
 
     def close(self) -> None:

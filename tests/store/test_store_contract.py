@@ -190,13 +190,37 @@ def test_change_from_another_process_wakes_a_watcher(store, open_another, store_
     poll = 3600.0 if store_url.startswith("postgresql") else None
     watcher = threading.Thread(target=store.watch, args=(lambda counter: woken.set(), stop, poll))
     watcher.start()
+    other = open_another()
+    added = []
+
+    def change_until_woken() -> bool:
+        # The watcher LISTENs a moment after it starts: a change before that is
+        # only seen by the poll, so change again (once a second) until it wakes.
+        if not woken.is_set() and (not added or time.monotonic() - added[-1] > 1):
+            other.add_user(make_user(f"user{len(added)}"))
+            added.append(time.monotonic())
+        return woken.is_set()
+
     try:
-        time.sleep(0.5)  # let the watcher read the counter (and LISTEN) first
-        open_another().add_user(make_user("bob"))
-        wait_for(woken.is_set, "the watcher to be called", limit=10)
+        wait_for(change_until_woken, "the watcher to be called", limit=10)
     finally:
         stop.set()
         watcher.join()
+
+
+def test_watch_since_an_older_counter_reports_a_change_made_before_it_started(store, open_another):
+    since = store.change_counter()
+    open_another().add_user(make_user("bob"))
+    seen = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=store.watch, args=(seen.append, stop, 0.1, since))
+    watcher.start()
+    try:
+        wait_for(lambda: seen, "the watcher to report the earlier change", limit=10)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen[0] == since + 1
 
 
 def test_user_cache_follows_changes_made_elsewhere(store, open_another):
