@@ -1,16 +1,25 @@
-"""Command line: gateway serve | check | user add/passwd/remove/list/enable/disable."""
+"""Command line: gateway serve | check | user add/passwd/remove/list/enable/disable/import/export
+| admin token create/list/revoke | store migrate."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import tomli_w
 
 from . import paths
 from .config import Config, ConfigError, check_listeners, load_config
 from .errors import GatewayError, InvalidPath
 from .permissions import ALL, parse_perms
-from .users import Location, Mount, User, UserStore, UsersFileError, hash_password, parse_public_key
+from .store import Store, StoreError, open_store
+from .users import (Location, Mount, User, UserStore, UsersFileError, _user_to_toml, hash_password,
+                    parse_public_key)
 
 
 class CommandError(Exception):
@@ -33,6 +42,15 @@ def _read_password(args: argparse.Namespace) -> str:
 
 def _store(config: Config) -> UserStore:
     return UserStore(config.server.users_file, backends=config.backends.keys())
+
+
+@contextlib.contextmanager
+def _state_store(config: Config) -> Iterator[Store]:
+    store = open_store(config.store.url, config.server.state_dir)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _parse_perm_rules(rules: list[str]) -> dict:
@@ -132,6 +150,65 @@ def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_user_import(args: argparse.Namespace, config: Config) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    # The users file's own parser: the same validation, and errors that name the key.
+    users = UserStore(path, backends=config.backends.keys()).load()
+    with _state_store(config) as store:
+        added, replaced = store.import_users(users.values())
+    print(f"imported {len(users)} user(s) from {path}: {added} added, {replaced} replaced")
+    return 0
+
+
+def cmd_user_export(args: argparse.Namespace, config: Config) -> int:
+    with _state_store(config) as store:
+        users = store.list_users()
+    text = tomli_w.dumps({"users": {user.name: _user_to_toml(user) for user in users}})
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    # Password hashes: private to the owner, like the store itself.
+    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    print(f"exported {len(users)} user(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace, config: Config) -> int:
+    with _state_store(config) as store:
+        token = store.create_token(args.name)
+    print(f"created admin API token '{args.name}'; it is shown only this once:")
+    print(token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace, config: Config) -> int:
+    with _state_store(config) as store:
+        tokens = store.list_tokens()
+    if not tokens:
+        print("no tokens")
+    for token in tokens:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.created))
+        print(f"{token.name}\tcreated {created}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace, config: Config) -> int:
+    with _state_store(config) as store:
+        store.revoke_token(args.name)
+    print(f"revoked admin API token '{args.name}'")
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace, config: Config) -> int:
+    with _state_store(config) as store:
+        print(f"store {store.url}: schema version {store.version}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     from .storage import create_backend
     for name, section in config.backends.items():
@@ -191,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.set_defaults(func=func)
     user.add_parser("list", parents=[common], help="list users").set_defaults(func=cmd_user_list)
+    imp = user.add_parser("import", parents=[common], help="add or replace users from a users TOML file")
+    imp.add_argument("file", metavar="FILE.toml")
+    imp.set_defaults(func=cmd_user_import)
+    exp = user.add_parser("export", parents=[common], help="print every user as a users TOML file")
+    exp.add_argument("--output", "-o", metavar="FILE", help="write to FILE (mode 0600) instead of stdout")
+    exp.set_defaults(func=cmd_user_export)
+    admin = sub.add_parser("admin", help="admin API").add_subparsers(dest="admin_command", required=True)
+    token = admin.add_parser("token", help="admin API tokens").add_subparsers(dest="token_command",
+                                                                              required=True)
+    for verb, func, text in (("create", cmd_token_create, "create a token and print it once"),
+                             ("revoke", cmd_token_revoke, "revoke a token")):
+        p = token.add_parser(verb, parents=[common], help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    token.add_parser("list", parents=[common], help="list token names").set_defaults(func=cmd_token_list)
+    store = sub.add_parser("store", help="the state store").add_subparsers(dest="store_command", required=True)
+    store.add_parser("migrate", parents=[common], help="apply schema migrations and print the version"
+                     ).set_defaults(func=cmd_store_migrate)
     return parser
 
 
@@ -199,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return args.func(args, config)
-    except (ConfigError, UsersFileError, CommandError) as exc:
+    except (ConfigError, UsersFileError, StoreError, CommandError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

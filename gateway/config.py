@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .storage import BACKEND_TYPES, backend_classes
+from .store import StoreError, check_url
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 
@@ -95,6 +96,14 @@ class DefenderSection:
 
 
 @dataclass
+class StoreSection:
+    # sqlite:///FILE (relative to state_dir; one host) or postgresql://USER:PW@HOST:PORT/DB (several nodes).
+    url: str = "sqlite:///gateway.db"
+    # Seconds without a heartbeat after which a node's uploads in flight are aborted by the others.
+    node_timeout: int = 60
+
+
+@dataclass
 class BackendSection:
     name: str
     type: str
@@ -109,6 +118,7 @@ class Config:
     sftp: SFTPSection
     defender: DefenderSection
     backends: dict[str, BackendSection]
+    store: StoreSection = field(default_factory=StoreSection)
 
     @property
     def base_dir(self) -> Path:
@@ -205,7 +215,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(f"{where_file}: not valid TOML: {exc}") from None
     path = path.resolve()
     base = path.parent
-    known = {"server", "webdav", "sftp", "defender", "backends"}
+    known = {"server", "store", "webdav", "sftp", "defender", "backends"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where_file}: [{key}]: unknown section")
@@ -213,6 +223,14 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     webdav = build_dataclass(WebDAVSection, data.get("webdav", {}), f"{where_file}: [webdav]", base)
     sftp = build_dataclass(SFTPSection, data.get("sftp", {}), f"{where_file}: [sftp]", base)
     defender = build_dataclass(DefenderSection, data.get("defender", {}), f"{where_file}: [defender]", base)
+    store = build_dataclass(StoreSection, data.get("store", {}), f"{where_file}: [store]", base)
+    try:
+        check_url(store.url)
+    except StoreError as exc:
+        raise ConfigError(f"{where_file}: [store] url: {exc}") from None
+    if store.node_timeout < 1:
+        raise ConfigError(f"{where_file}: [store] node_timeout: must be at least 1 second, "
+                          f"got {store.node_timeout}")
     if webdav.macos_files not in ("allow", "hide", "refuse"):
         raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
                           f"got {webdav.macos_files!r}")
@@ -250,7 +268,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         if type_name == "s3" and built.spool_dir is None:
             built = dataclasses.replace(built, spool_dir=server.state_dir / "s3-spool")
         backends[name] = BackendSection(name, type_name, built)
-    return Config(path, server, webdav, sftp, defender, backends)
+    return Config(path, server, webdav, sftp, defender, backends, store)
 
 
 def _check_local_root(root: Path, where: str) -> None:

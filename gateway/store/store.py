@@ -1,0 +1,749 @@
+"""The Store: every piece of state that must outlive a request or be seen by another process.
+
+One class over SQLAlchemy Core, the same code for SQLite and PostgreSQL. It
+knows users, tokens, storage locations and clients, but no protocol: callers
+never see SQL, and the store never sees a request.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import posixpath
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..users import User, _user_from_toml, _user_to_toml, validate_name
+from . import schema
+from .errors import Conflict, LockConflict, Missing, StoreError, StoreUnavailable
+from .records import Ban, InFlightUpload, Lock, Revocation, Session, TokenInfo, Usage
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "gateway_changes"
+# Serializes lock creation across nodes on PostgreSQL (SQLite's write lock does it there).
+_LOCKS_ADVISORY_KEY = 0x6761746577617902
+# Revocations are read by nodes within seconds; older ones only take space.
+_REVOCATION_KEEP = 3600.0
+
+
+def hash_token(token: str) -> str:
+    # Tokens are 256 random bits: a plain SHA-256 is enough, no slow hash needed.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _below(location: str) -> tuple[str, str]:
+    """Bounds of the keys strictly below `location` for a range query ('/' sorts just before '0')."""
+    prefix = location.rstrip("/") + "/"
+    return prefix, prefix[:-1] + "0"
+
+
+def _ancestors(location: str) -> list[str]:
+    """The locations above "backend:/a/b": "backend:/a", "backend:/"."""
+    backend, _, path = location.partition(":")
+    found = []
+    while path not in ("/", ""):
+        path = posixpath.dirname(path)
+        found.append(f"{backend}:{path}")
+    return found
+
+
+def _user_values(user: User) -> dict:
+    """Validate `user` exactly as the users file does and return its column values.
+
+    Raises:
+        UsersFileError: a field is invalid (the message names it).
+    """
+    validate_name(user.name)
+    table = _user_to_toml(user)
+    # Round trip through the users-file parser: one validation for file, CLI and store.
+    normalized = _user_from_toml(user.name, table, "user")
+    table = _user_to_toml(normalized)
+    return {
+        "name": normalized.name,
+        "password_hash": normalized.password_hash,
+        "keys": json.dumps(list(normalized.keys)),
+        "home": str(normalized.home),
+        "mounts": json.dumps(table.get("mounts", {})),
+        "permissions": json.dumps(table["permissions"]),
+        "quota_bytes": normalized.quota_bytes,
+        "quota_files": normalized.quota_files,
+        "disabled": normalized.disabled,
+    }
+
+
+def _row_user(row: sa.Row) -> User:
+    table = {"keys": json.loads(row.keys), "home": row.home, "mounts": json.loads(row.mounts),
+             "permissions": json.loads(row.permissions), "quota_bytes": row.quota_bytes,
+             "quota_files": row.quota_files, "disabled": bool(row.disabled)}
+    if row.password_hash:
+        table["password"] = row.password_hash
+    return _user_from_toml(row.name, table, "store")
+
+
+def _row_lock(row: sa.Row) -> Lock:
+    return Lock(row.token, row.root, bytes(row.owner), row.scope, row.depth, row.principal,
+                row.timeout, row.expire)
+
+
+class Store:
+    """Users, admin tokens, WebDAV locks and properties, defender, quota usage, sessions,
+    uploads in flight, node heartbeats and SSH host keys.
+
+    Thread-safe: every method runs in its own short transaction on a pooled
+    connection. Times are `time.time()` of the calling host. Any method may
+    raise StoreUnavailable when the database cannot be reached.
+    """
+
+    def __init__(self, engine: sa.Engine, version: int) -> None:
+        self._engine = engine
+        self._pg = engine.dialect.name == "postgresql"
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    @property
+    def url(self) -> str:
+        """The database URL, with any password hidden."""
+        url = self._engine.url
+        return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+
+    @property
+    def shared(self) -> bool:
+        """True when other hosts can share this store (PostgreSQL)."""
+        return self._pg
+
+    def close(self) -> None:
+        """Close every pooled connection. The store cannot be used afterwards."""
+        self._engine.dispose()
+
+    # -- plumbing -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.OperationalError as exc:
+            raise StoreUnavailable(f"store {self.url}: {str(exc.orig).strip().splitlines()[0]}") from None
+        except sa.exc.InterfaceError as exc:
+            raise StoreUnavailable(f"store {self.url}: {exc.orig}") from None
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self._translate(), self._engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One transaction that may write; on SQLite it takes the write lock at once.
+
+        Taking it at BEGIN (IMMEDIATE) rather than at the first write means the
+        busy timeout applies, instead of SQLite failing a read-then-write
+        transaction that loses the race to upgrade its lock.
+        """
+        with self._translate(), self._engine.connect() as conn:
+            if not self._pg:
+                conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                yield conn
+
+    def _insert(self, table: sa.Table):
+        return (postgresql.insert if self._pg else sqlite.insert)(table)
+
+    def _bump(self, conn: sa.Connection) -> int:
+        """Advance the change counter in this transaction and tell listeners at commit."""
+        counter = conn.execute(sa.update(schema.changes).where(schema.changes.c.id == 1)
+                               .values(counter=schema.changes.c.counter + 1)
+                               .returning(schema.changes.c.counter)).scalar_one()
+        if self._pg:
+            # NOTIFY is delivered when (and only if) the transaction commits.
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(counter))))
+        return counter
+
+    # -- change feed ----------------------------------------------------------
+
+    def change_counter(self) -> int:
+        """The counter bumped by every change to users, tokens, bans and revocations."""
+        with self._read() as conn:
+            return conn.execute(sa.select(schema.changes.c.counter)).scalar_one()
+
+    def watch(self, callback: Callable[[int], None], stop: threading.Event,
+              poll_interval: float | None = None, since: int | None = None) -> None:
+        """Call `callback(counter)` after each change made by any process, until `stop` is set.
+
+        `since` is the counter the caller's data reflects (default: the counter
+        now), so that a change made just before the watch starts is not missed.
+
+        Blocks: run it in a thread. PostgreSQL wakes it through LISTEN/NOTIFY
+        and polls every `poll_interval` (default 5 s) as a fallback; SQLite
+        polls the counter every `poll_interval` (default 1 s). Changes that
+        land close together may be reported once. A failing callback or an
+        unreachable store is logged and the watch goes on.
+        """
+        if poll_interval is None:
+            poll_interval = 5.0 if self._pg else 1.0
+        last = self._counter_or(None) if since is None else since
+        listener = None
+        try:
+            while not stop.is_set():
+                if self._pg:
+                    listener = self._wait_notify(listener, poll_interval, stop)
+                else:
+                    stop.wait(poll_interval)
+                if stop.is_set():
+                    break
+                counter = self._counter_or(last)
+                if counter != last:
+                    last = counter
+                    try:
+                        callback(counter)
+                    except Exception:
+                        log.exception("store change callback failed")
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _counter_or(self, default: int | None) -> int | None:
+        try:
+            return self.change_counter()
+        except StoreUnavailable as exc:
+            log.warning("%s", exc)
+            return default
+
+    def _wait_notify(self, listener, timeout: float, stop: threading.Event):
+        """Wait up to `timeout` for a NOTIFY (or `stop`); return the listening connection to reuse."""
+        import psycopg
+        deadline = time.monotonic() + timeout
+        try:
+            if listener is None:
+                url = self._engine.url.set(drivername="postgresql")
+                listener = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            while not stop.is_set() and time.monotonic() < deadline:
+                # Short waits so that `stop` is honoured promptly.
+                for _ in listener.notifies(timeout=0.25, stop_after=1):
+                    return listener
+        except psycopg.Error as exc:
+            log.warning("store %s: LISTEN failed, polling instead: %s", self.url, exc)
+            if listener is not None:
+                listener.close()
+            stop.wait(max(0.0, deadline - time.monotonic()))
+            return None
+        return listener
+
+    # -- users ----------------------------------------------------------------
+
+    def get_user(self, name: str) -> User | None:
+        """The user called `name`, or None."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(schema.users).where(schema.users.c.name == name)).first()
+        return None if row is None else _row_user(row)
+
+    def list_users(self) -> list[User]:
+        """Every user, sorted by name."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(schema.users).order_by(schema.users.c.name)).all()
+        return [_row_user(row) for row in rows]
+
+    def add_user(self, user: User) -> None:
+        """Add a new user.
+
+        Raises:
+            UsersFileError: a field is invalid.
+            Conflict: a user of that name exists.
+        """
+        values = _user_values(user)
+        now = time.time()
+        with self._write() as conn:
+            inserted = conn.execute(self._insert(schema.users)
+                                    .values(**values, created=now, updated=now)
+                                    .on_conflict_do_nothing(index_elements=["name"])
+                                    .returning(schema.users.c.name)).first()
+            if inserted is None:
+                raise Conflict(f"user '{user.name}' already exists")
+            self._bump(conn)
+
+    def update_user(self, name: str, **changes) -> User:
+        """Change fields of a user (the User dataclass's names) and return the new record.
+
+        Raises:
+            UsersFileError: a new value is invalid.
+            Missing: no such user.
+        """
+        if "name" in changes:
+            raise StoreError("a user cannot be renamed")
+        with self._write() as conn:
+            row = conn.execute(sa.select(schema.users).where(schema.users.c.name == name)
+                               .with_for_update()).first()
+            if row is None:
+                raise Missing(f"no user '{name}'")
+            user = replace(_row_user(row), **changes)
+            conn.execute(sa.update(schema.users).where(schema.users.c.name == name)
+                         .values(**_user_values(user), updated=time.time()))
+            self._bump(conn)
+        return user
+
+    def remove_user(self, name: str) -> None:
+        """Remove a user and their quota usage (their files stay in storage).
+
+        Raises:
+            Missing: no such user.
+        """
+        with self._write() as conn:
+            conn.execute(sa.delete(schema.quota_usage).where(schema.quota_usage.c.user == name))
+            if not conn.execute(sa.delete(schema.users).where(schema.users.c.name == name)).rowcount:
+                raise Missing(f"no user '{name}'")
+            self._bump(conn)
+
+    def import_users(self, users: Iterable[User]) -> tuple[int, int]:
+        """Add or replace several users in one transaction; return (added, replaced).
+
+        Raises:
+            UsersFileError: a user is invalid (then nothing is imported).
+        """
+        rows = [_user_values(user) for user in users]
+        now = time.time()
+        added = replaced = 0
+        with self._write() as conn:
+            for values in rows:
+                exists = conn.execute(sa.select(schema.users.c.name)
+                                      .where(schema.users.c.name == values["name"])).first()
+                if exists:
+                    conn.execute(sa.update(schema.users).where(schema.users.c.name == values["name"])
+                                 .values(**values, updated=now))
+                    replaced += 1
+                else:
+                    conn.execute(sa.insert(schema.users).values(**values, created=now, updated=now))
+                    added += 1
+            self._bump(conn)
+        return added, replaced
+
+    # -- admin API tokens -----------------------------------------------------
+
+    def create_token(self, name: str) -> str:
+        """Create an admin API token called `name` and return it; only its hash is kept.
+
+        Raises:
+            Conflict: a token of that name exists.
+        """
+        if not name or len(name) > 64 or not name.isprintable():
+            raise StoreError(f"invalid token name {name!r}")
+        token = secrets.token_urlsafe(32)
+        with self._write() as conn:
+            inserted = conn.execute(self._insert(schema.admin_tokens)
+                                    .values(name=name, token_hash=hash_token(token), created=time.time())
+                                    .on_conflict_do_nothing(index_elements=["name"])
+                                    .returning(schema.admin_tokens.c.name)).first()
+            if inserted is None:
+                raise Conflict(f"token '{name}' already exists")
+            self._bump(conn)
+        return token
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every token's name and creation time, sorted by name (never a hash)."""
+        t = schema.admin_tokens
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t.c.name, t.c.created).order_by(t.c.name)).all()
+        return [TokenInfo(row.name, row.created) for row in rows]
+
+    def revoke_token(self, name: str) -> None:
+        """Delete the token called `name`.
+
+        Raises:
+            Missing: no such token.
+        """
+        with self._write() as conn:
+            if not conn.execute(sa.delete(schema.admin_tokens)
+                                .where(schema.admin_tokens.c.name == name)).rowcount:
+                raise Missing(f"no token '{name}'")
+            self._bump(conn)
+
+    def verify_token(self, token: str) -> str | None:
+        """The name of the token `token`, or None when it is not a valid token."""
+        t = schema.admin_tokens
+        with self._read() as conn:
+            return conn.execute(sa.select(t.c.name).where(t.c.token_hash == hash_token(token))).scalar()
+
+    # -- locks ----------------------------------------------------------------
+
+    def add_lock(self, lock: Lock) -> None:
+        """Store `lock` unless a held lock conflicts with it.
+
+        A lock conflicts with another on the same location, on an ancestor
+        with depth "infinity", or (when it has depth "infinity" itself) on any
+        descendant; two shared locks on the same or an ancestor location do
+        not conflict. Expired locks are removed first.
+
+        Raises:
+            LockConflict: naming the roots of the conflicting locks.
+            Conflict: the token exists.
+        """
+        t = schema.locks
+        now = time.time()
+        with self._write() as conn:
+            if self._pg:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCKS_ADVISORY_KEY)))
+            conn.execute(sa.delete(t).where(t.c.expire < now))
+            above = conn.execute(sa.select(t).where(t.c.root.in_([lock.root, *_ancestors(lock.root)]))).all()
+            conflicts = [row.root for row in above
+                         if (row.root == lock.root or row.depth == "infinity")
+                         and not (row.scope == "shared" and lock.scope == "shared")]
+            if lock.depth == "infinity":
+                low, high = _below(lock.root)
+                conflicts += conn.execute(sa.select(t.c.root).where(t.c.root >= low, t.c.root < high)).scalars()
+            if conflicts:
+                raise LockConflict(lock.root, sorted(set(conflicts)))
+            try:
+                conn.execute(sa.insert(t).values(**vars(lock)))
+            except sa.exc.IntegrityError:
+                raise Conflict(f"lock token {lock.token} exists") from None
+
+    def get_lock(self, token: str) -> Lock | None:
+        """The lock with `token`, or None if there is none or it has expired."""
+        t = schema.locks
+        with self._read() as conn:
+            row = conn.execute(sa.select(t).where(t.c.token == token, t.c.expire >= time.time())).first()
+        return None if row is None else _row_lock(row)
+
+    def refresh_lock(self, token: str, timeout: float) -> Lock:
+        """Extend a lock to expire `timeout` seconds from now and return it.
+
+        Raises:
+            Missing: no such lock, or it has expired.
+        """
+        t = schema.locks
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(sa.update(t).where(t.c.token == token, t.c.expire >= now)
+                               .values(timeout=timeout, expire=now + timeout).returning(*t.c)).first()
+        if row is None:
+            raise Missing(f"no lock {token}")
+        return _row_lock(row)
+
+    def remove_lock(self, token: str) -> bool:
+        """Remove a lock; False if there was none."""
+        with self._write() as conn:
+            return conn.execute(sa.delete(schema.locks).where(schema.locks.c.token == token)).rowcount > 0
+
+    def find_locks(self, location: str, *, include_root: bool = True,
+                   include_children: bool = False) -> list[Lock]:
+        """Unexpired locks whose root is `location` and/or below it."""
+        t = schema.locks
+        clauses = []
+        if include_root:
+            clauses.append(t.c.root == location)
+        if include_children:
+            low, high = _below(location)
+            clauses.append(sa.and_(t.c.root >= low, t.c.root < high))
+        if not clauses:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t).where(sa.or_(*clauses), t.c.expire >= time.time())
+                                .order_by(t.c.root, t.c.token)).all()
+        return [_row_lock(row) for row in rows]
+
+    def purge_expired_locks(self) -> int:
+        """Remove expired locks; return how many."""
+        with self._write() as conn:
+            return conn.execute(sa.delete(schema.locks).where(schema.locks.c.expire < time.time())).rowcount
+
+    # -- dead properties ------------------------------------------------------
+
+    def property_names(self, location: str) -> list[str]:
+        """Names of the properties set on `location`, sorted."""
+        p = schema.properties
+        with self._read() as conn:
+            return list(conn.execute(sa.select(p.c.name).where(p.c.location == location)
+                                     .order_by(p.c.name)).scalars())
+
+    def get_property(self, location: str, name: str) -> bytes | None:
+        """The value of one property, or None."""
+        p = schema.properties
+        with self._read() as conn:
+            value = conn.execute(sa.select(p.c.value).where(p.c.location == location,
+                                                            p.c.name == name)).scalar()
+        return None if value is None else bytes(value)
+
+    def set_property(self, location: str, name: str, value: bytes) -> None:
+        """Create or replace one property."""
+        insert = self._insert(schema.properties).values(location=location, name=name, value=value)
+        with self._write() as conn:
+            conn.execute(insert.on_conflict_do_update(index_elements=["location", "name"],
+                                                      set_={"value": insert.excluded.value}))
+
+    def remove_property(self, location: str, name: str) -> None:
+        """Remove one property (no error if it is not set)."""
+        p = schema.properties
+        with self._write() as conn:
+            conn.execute(sa.delete(p).where(p.c.location == location, p.c.name == name))
+
+    def remove_properties(self, location: str, *, recursive: bool = False) -> None:
+        """Remove every property of `location`, and with `recursive` of everything below it."""
+        p = schema.properties
+        with self._write() as conn:
+            conn.execute(sa.delete(p).where(p.c.location == location))
+            if recursive:
+                low, high = _below(location)
+                conn.execute(sa.delete(p).where(p.c.location >= low, p.c.location < high))
+
+    def copy_properties(self, source: str, dest: str) -> None:
+        """Replace the properties of `dest` with a copy of those of `source` (not recursive)."""
+        p = schema.properties
+        with self._write() as conn:
+            conn.execute(sa.delete(p).where(p.c.location == dest))
+            conn.execute(sa.insert(p).from_select(
+                ["location", "name", "value"],
+                sa.select(sa.literal(dest, schema.Location), p.c.name, p.c.value).where(p.c.location == source)))
+
+    def move_properties(self, source: str, dest: str, *, with_children: bool = False) -> None:
+        """Move the properties of `source` (and with `with_children` of everything below it) to `dest`."""
+        p = schema.properties
+        with self._write() as conn:
+            conn.execute(sa.delete(p).where(p.c.location == dest))
+            conn.execute(sa.update(p).where(p.c.location == source).values(location=dest))
+            if with_children:
+                low, high = _below(source)
+                conn.execute(sa.delete(p).where(p.c.location >= _below(dest)[0],
+                                                p.c.location < _below(dest)[1]))
+                tail = sa.func.substr(p.c.location, len(low))
+                conn.execute(sa.update(p).where(p.c.location >= low, p.c.location < high)
+                             .values(location=sa.literal(dest.rstrip("/"), schema.Location).concat(tail)))
+
+    # -- defender -------------------------------------------------------------
+
+    def record_failure(self, key: str, window: float) -> int:
+        """Record a failed login for `key`; return the failures within the last `window` seconds."""
+        f = schema.failures
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(sa.delete(f).where(f.c.key == key, f.c.time < now - window))
+            conn.execute(sa.insert(f).values(key=key, time=now))
+            return conn.execute(sa.select(sa.func.count()).select_from(f).where(f.c.key == key)).scalar_one()
+
+    def count_failures(self, key: str, window: float) -> int:
+        """Failed logins for `key` within the last `window` seconds."""
+        f = schema.failures
+        with self._read() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(f)
+                                .where(f.c.key == key, f.c.time >= time.time() - window)).scalar_one()
+
+    def clear_failures(self, key: str) -> None:
+        """Forget the failed logins of `key`."""
+        with self._write() as conn:
+            conn.execute(sa.delete(schema.failures).where(schema.failures.c.key == key))
+
+    def purge_failures(self, window: float) -> int:
+        """Remove failures older than `window` seconds for every key; return how many."""
+        f = schema.failures
+        with self._write() as conn:
+            return conn.execute(sa.delete(f).where(f.c.time < time.time() - window)).rowcount
+
+    def ban(self, key: str, until: float) -> None:
+        """Ban `key` until the time `until` (a later ban replaces an earlier one)."""
+        insert = self._insert(schema.bans).values(key=key, until=until)
+        with self._write() as conn:
+            conn.execute(insert.on_conflict_do_update(index_elements=["key"],
+                                                      set_={"until": insert.excluded.until}))
+            self._bump(conn)
+
+    def unban(self, key: str) -> bool:
+        """Lift the ban on `key`; False if it was not banned."""
+        b = schema.bans
+        with self._write() as conn:
+            removed = conn.execute(sa.delete(b).where(b.c.key == key)).rowcount > 0
+            conn.execute(sa.delete(schema.failures).where(schema.failures.c.key == key))
+            if removed:
+                self._bump(conn)
+        return removed
+
+    def banned_until(self, key: str) -> float | None:
+        """When the ban on `key` ends, or None if it is not banned now."""
+        b = schema.bans
+        with self._read() as conn:
+            return conn.execute(sa.select(b.c.until).where(b.c.key == key, b.c.until > time.time())).scalar()
+
+    def list_bans(self) -> list[Ban]:
+        """Bans in force, sorted by key."""
+        b = schema.bans
+        with self._read() as conn:
+            rows = conn.execute(sa.select(b).where(b.c.until > time.time()).order_by(b.c.key)).all()
+        return [Ban(row.key, row.until) for row in rows]
+
+    # -- quota usage ----------------------------------------------------------
+
+    def get_usage(self, user: str) -> Usage | None:
+        """The recorded usage of `user`, or None if none was ever set."""
+        q = schema.quota_usage
+        with self._read() as conn:
+            row = conn.execute(sa.select(q.c.bytes, q.c.files).where(q.c.user == user)).first()
+        return None if row is None else Usage(row.bytes, row.files)
+
+    def set_usage(self, user: str, usage: Usage) -> None:
+        """Record the usage of `user` (after counting it in storage).
+
+        Raises:
+            Missing: no such user.
+        """
+        insert = self._insert(schema.quota_usage).values(user=user, bytes=usage.bytes, files=usage.files)
+        try:
+            with self._write() as conn:
+                conn.execute(insert.on_conflict_do_update(
+                    index_elements=["user"], set_={"bytes": insert.excluded.bytes,
+                                                   "files": insert.excluded.files}))
+        except sa.exc.IntegrityError:
+            raise Missing(f"no user '{user}'") from None
+
+    def add_usage(self, user: str, bytes_delta: int, files_delta: int) -> Usage:
+        """Add to the usage of `user` atomically (starting from 0) and return the new total.
+
+        Raises:
+            Missing: no such user.
+        """
+        q = schema.quota_usage
+        insert = self._insert(q).values(user=user, bytes=bytes_delta, files=files_delta)
+        try:
+            with self._write() as conn:
+                row = conn.execute(insert.on_conflict_do_update(
+                    index_elements=["user"], set_={"bytes": q.c.bytes + bytes_delta,
+                                                   "files": q.c.files + files_delta})
+                    .returning(q.c.bytes, q.c.files)).one()
+        except sa.exc.IntegrityError:
+            raise Missing(f"no user '{user}'") from None
+        return Usage(row.bytes, row.files)
+
+    # -- sessions and revocations ---------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        """Record a live session.
+
+        Raises:
+            Conflict: the session id exists.
+        """
+        values = vars(session) | {"touched": session.touched or session.started}
+        try:
+            with self._write() as conn:
+                conn.execute(sa.insert(schema.sessions).values(**values))
+        except sa.exc.IntegrityError:
+            raise Conflict(f"session {session.id} exists") from None
+
+    def touch_session(self, session_id: str, bytes_total: int) -> None:
+        """Record activity on a session: now, and its bytes transferred so far."""
+        s = schema.sessions
+        with self._write() as conn:
+            conn.execute(sa.update(s).where(s.c.id == session_id)
+                         .values(touched=time.time(), bytes=bytes_total))
+
+    def remove_session(self, session_id: str) -> None:
+        """Forget a session that ended (no error if it is unknown)."""
+        with self._write() as conn:
+            conn.execute(sa.delete(schema.sessions).where(schema.sessions.c.id == session_id))
+
+    def remove_node_sessions(self, node: str) -> int:
+        """Forget every session of `node` (it restarted or died); return how many."""
+        with self._write() as conn:
+            return conn.execute(sa.delete(schema.sessions).where(schema.sessions.c.node == node)).rowcount
+
+    def list_sessions(self, *, user: str | None = None, node: str | None = None) -> list[Session]:
+        """Live sessions on every node, oldest first, optionally of one user or node."""
+        s = schema.sessions
+        query = sa.select(s).order_by(s.c.started, s.c.id)
+        if user is not None:
+            query = query.where(s.c.user == user)
+        if node is not None:
+            query = query.where(s.c.node == node)
+        with self._read() as conn:
+            return [Session(**row._mapping) for row in conn.execute(query).all()]
+
+    def revoke(self, *, user: str | None = None, session_id: str | None = None) -> Revocation:
+        """Ask every node to end the sessions of `user` started until now, or one session.
+
+        Raises:
+            ValueError: neither or both of user and session_id given.
+        """
+        if (user is None) == (session_id is None):
+            raise ValueError("revoke() takes exactly one of user and session_id")
+        r = schema.revocations
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(sa.delete(r).where(r.c.time < now - _REVOCATION_KEEP))
+            new_id = conn.execute(sa.insert(r).values(user=user, session_id=session_id, time=now)
+                                  .returning(r.c.id)).scalar_one()
+            self._bump(conn)
+        return Revocation(new_id, user, session_id, now)
+
+    def revocations_after(self, last_id: int) -> list[Revocation]:
+        """Revocations with an id above `last_id` (kept for an hour), oldest first."""
+        r = schema.revocations
+        with self._read() as conn:
+            rows = conn.execute(sa.select(r).where(r.c.id > last_id).order_by(r.c.id)).all()
+        return [Revocation(row.id, row.user, row.session_id, row.time) for row in rows]
+
+    def last_revocation_id(self) -> int:
+        """The id of the newest revocation (0 if none): where a new reader starts."""
+        with self._read() as conn:
+            return conn.execute(sa.select(sa.func.max(schema.revocations.c.id))).scalar() or 0
+
+    # -- uploads in flight and node heartbeats --------------------------------
+
+    def heartbeat(self, node: str) -> None:
+        """Record that `node` is alive now."""
+        insert = self._insert(schema.nodes).values(node=node, heartbeat=time.time())
+        with self._write() as conn:
+            conn.execute(insert.on_conflict_do_update(index_elements=["node"],
+                                                      set_={"heartbeat": insert.excluded.heartbeat}))
+
+    def add_upload(self, upload: InFlightUpload) -> None:
+        """Record an upload in flight (e.g. an S3 multipart upload) owned by `upload.node`."""
+        with self._write() as conn:
+            conn.execute(sa.insert(schema.uploads).values(**vars(upload)))
+
+    def remove_upload(self, upload_id: str) -> None:
+        """Forget an upload that was completed or aborted (by `InFlightUpload.id`)."""
+        with self._write() as conn:
+            conn.execute(sa.delete(schema.uploads).where(schema.uploads.c.id == upload_id))
+
+    def list_uploads(self, node: str | None = None) -> list[InFlightUpload]:
+        """Uploads in flight, oldest first, optionally of one node."""
+        u = schema.uploads
+        query = sa.select(u).order_by(u.c.started, u.c.id)
+        if node is not None:
+            query = query.where(u.c.node == node)
+        with self._read() as conn:
+            return [InFlightUpload(**row._mapping) for row in conn.execute(query).all()]
+
+    def stale_uploads(self, node_timeout: float) -> list[InFlightUpload]:
+        """Uploads whose node has sent no heartbeat for `node_timeout` seconds (or never)."""
+        u, n = schema.uploads, schema.nodes
+        query = (sa.select(u).join(n, n.c.node == u.c.node, isouter=True)
+                 .where(sa.or_(n.c.heartbeat.is_(None), n.c.heartbeat < time.time() - node_timeout))
+                 .order_by(u.c.started, u.c.id))
+        with self._read() as conn:
+            return [InFlightUpload(**row._mapping) for row in conn.execute(query).all()]
+
+    # -- SSH host keys --------------------------------------------------------
+
+    def get_or_create_host_key(self, key_type: str, generate: Callable[[], str]) -> str:
+        """The private key PEM stored for `key_type`; the first caller stores `generate()`'s.
+
+        Every node calling this at once gets the same key: the first insert
+        wins and the others read it.
+        """
+        k = schema.host_keys
+        with self._read() as conn:
+            pem = conn.execute(sa.select(k.c.private_key).where(k.c.type == key_type)).scalar()
+        if pem is not None:
+            return pem
+        candidate = generate()
+        with self._write() as conn:
+            conn.execute(self._insert(k).values(type=key_type, private_key=candidate)
+                         .on_conflict_do_nothing(index_elements=["type"]))
+            return conn.execute(sa.select(k.c.private_key).where(k.c.type == key_type)).scalar_one()
+

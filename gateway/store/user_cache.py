@@ -1,0 +1,153 @@
+"""The store's users as the gateway reads them: in memory, refreshed by the change feed.
+
+UserCache offers users.UserStore's methods (get, all, add, update, remove,
+load, subscribe), so a process swaps the users file for the store with few
+changes, and reads cost no query.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+from ..users import User, UsersFileError
+from .errors import Conflict, Missing, StoreUnavailable
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[dict[str, User], dict[str, User]], None]
+
+
+class UserCache:
+    """Every user of `store`, cached. After `start()` a watcher thread reloads on each change
+    (from any process or node); without it, reads check the change counter at most once a second.
+    """
+
+    def __init__(self, store: Store, backends: Iterable[str] | None = None) -> None:
+        self.store = store
+        self._backends = set(backends) if backends is not None else None
+        self._users: dict[str, User] = {}
+        self._counter: int | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Load the users and keep them fresh from a watcher thread until close()."""
+        self.load()
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self.store.watch, args=(lambda _: self.load(), self._stop),
+                                         kwargs={"since": self._counter}, name="store-user-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop the watcher thread (the store itself stays open)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Call `callback(old, new)` (name -> User) whenever the users change."""
+        self._subscribers.append(callback)
+
+    # -- reading --------------------------------------------------------------
+
+    def load(self) -> dict[str, User]:
+        """Read every user from the store now; tell subscribers if anything changed.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        counter = self.store.change_counter()
+        users = {user.name: user for user in self.store.list_users()}
+        with self._lock:
+            old, self._users = self._users, users
+            self._counter, self._checked_at = counter, time.monotonic()
+        if old != users:
+            for callback in list(self._subscribers):
+                try:
+                    callback(old, users)
+                except Exception:
+                    log.exception("user change subscriber failed")
+        return users
+
+    def _refresh(self) -> None:
+        if self._watcher is not None and self._counter is not None:
+            return
+        now = time.monotonic()
+        if self._counter is not None and now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            if self._counter is None or self.store.change_counter() != self._counter:
+                self.load()
+        except StoreUnavailable as exc:
+            # Keep serving the last users read: an outage must not lock everyone out.
+            log.warning("%s; using the users read before", exc)
+
+    def get(self, name: str) -> User | None:
+        self._refresh()
+        return self._users.get(name)
+
+    def all(self) -> list[User]:
+        self._refresh()
+        return sorted(self._users.values(), key=lambda u: u.name)
+
+    # -- writing (through to the store) ----------------------------------------
+
+    def _check_backends(self, user: User) -> None:
+        if self._backends is None:
+            return
+        for label, location in [("home", user.home)] + [(f"mounts.\"{m.path}\"", m.target)
+                                                        for m in user.mounts]:
+            if location.backend not in self._backends:
+                raise UsersFileError(f"[users.{user.name}] {label}: backend '{location.backend}' "
+                                     "is not defined in the config")
+
+    def add(self, user: User) -> None:
+        """Add a user.
+
+        Raises:
+            UsersFileError: invalid, or the name is taken.
+        """
+        self._check_backends(user)
+        try:
+            self.store.add_user(user)
+        except Conflict as exc:
+            raise UsersFileError(str(exc)) from None
+        self.load()
+
+    def update(self, name: str, **changes) -> None:
+        """Change fields of a user.
+
+        Raises:
+            UsersFileError: invalid, or no such user.
+        """
+        try:
+            current = self.store.get_user(name)
+            if current is None:
+                raise Missing(f"no user '{name}'")
+            self._check_backends(replace(current, **changes))
+            self.store.update_user(name, **changes)
+        except Missing as exc:
+            raise UsersFileError(str(exc)) from None
+        self.load()
+
+    def remove(self, name: str) -> None:
+        """Remove a user.
+
+        Raises:
+            UsersFileError: no such user.
+        """
+        try:
+            self.store.remove_user(name)
+        except Missing as exc:
+            raise UsersFileError(str(exc)) from None
+        self.load()
