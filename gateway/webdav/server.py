@@ -51,7 +51,9 @@ class WebDAVServer:
         """The WSGI application: wsgidav with our provider, auth, state and checks."""
         section = self.section
         self._lock_storage, self._prop_manager = open_state(self.gateway.state_dir / STATE_FILE)
-        provider = UserFSProvider(self._open_fs, section.macos_files)
+        provider = UserFSProvider(self._open_fs, section.macos_files,
+                                  max_properties=section.max_properties,
+                                  max_property_bytes=section.max_property_bytes)
         ignore = list(MACOS_PATTERNS) if section.macos_files != "allow" else []
         config = {
             "provider_mapping": {"/": provider},
