@@ -58,6 +58,11 @@ class QuotaTracker:
             self._used = [usage.used_bytes, usage.used_files]
         return self._used
 
+    @property
+    def counting(self) -> bool:
+        """True once the numbers are known (scanned): before that, nothing needs counting."""
+        return self._used is not None
+
     def used(self) -> tuple[int, int]:
         with self._lock:
             used = self._ensure()
@@ -147,13 +152,14 @@ class GuardedUpload(Upload):
         # The delta is taken from what the commit really replaces, not from what
         # was there at open: the file may have been deleted or replaced since
         # (an open without truncate, then a delete, must not shrink the count).
-        replaced = self._fs._replaced_size(self.path, self._old_size) if self._track else None
+        track = self._track and self._fs._quota.counting
+        replaced = self._fs._replaced_size(self.path, self._old_size) if track else None
         try:
             entry = self._inner.commit()
         except GatewayError as exc:
             self._fs._audit("upload", self.path, type(exc).__name__)
             raise
-        if self._track:
+        if track:
             self._fs._quota.apply(entry.size - (replaced or 0), 0 if replaced is not None else 1)
         self._fs._audit("upload", self.path, "ok", entry.size)
         return entry
