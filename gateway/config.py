@@ -67,6 +67,10 @@ class WebDAVSection:
     macos_files: str = "allow"
     max_xml_body: int = 1024 * 1024
     timeout: int = 60
+    # Dead properties (PROPPATCH) kept per file or folder, and bytes per property;
+    # past either the property is refused with 507. 0 refuses all dead properties.
+    max_properties: int = 100
+    max_property_bytes: int = 64 * 1024
 
 
 @dataclass

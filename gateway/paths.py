@@ -9,6 +9,10 @@ from .errors import InvalidPath
 
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096
+# Backends name their in-flight uploads with this prefix, hide such names from
+# listings and usage, and delete them at start-up: a user's own file by that
+# name would be invisible and then lost, so no client path may use it.
+RESERVED_PREFIX = ".gw-upload-"
 
 
 def _check_segment(segment: str, original: str) -> None:
@@ -27,6 +31,8 @@ def _check_segment(segment: str, original: str) -> None:
         raise InvalidPath(original, "backslash in path")
     if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
         raise InvalidPath(original, f"name longer than {MAX_SEGMENT_BYTES} bytes")
+    if segment.startswith(RESERVED_PREFIX):
+        raise InvalidPath(original, f"names starting with '{RESERVED_PREFIX}' are reserved")
 
 
 def normalize(path: str | bytes) -> str:
@@ -38,7 +44,8 @@ def normalize(path: str | bytes) -> str:
 
     Raises:
         InvalidPath: the path is not valid UTF-8, contains a control character
-            or a backslash, climbs above `/`, or is too long.
+            or a backslash, climbs above `/`, is too long, or has a name with
+            the reserved prefix `.gw-upload-`.
     """
     if isinstance(path, bytes):
         try:

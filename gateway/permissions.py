@@ -75,6 +75,13 @@ class Policy:
         if perm not in self.perms_for(path):
             raise PermissionDenied(path, f"permission '{perm.value}' denied on '{path}'")
 
+    def grants_within(self, perm: Perm, path: str) -> bool:
+        """True when `perm` is granted on `path` or by any rule for something below it."""
+        if self.allows(perm, path):
+            return True
+        return any(prefix != path and paths.is_within(prefix, path) and perm in perms
+                   for prefix, perms in self._rules)
+
     def require_tree(self, perm: Perm, path: str) -> None:
         """Require `perm` on `path` and on every rule that governs something below it.
 

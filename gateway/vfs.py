@@ -58,6 +58,11 @@ class QuotaTracker:
             self._used = [usage.used_bytes, usage.used_files]
         return self._used
 
+    @property
+    def counting(self) -> bool:
+        """True once the numbers are known (scanned): before that, nothing needs counting."""
+        return self._used is not None
+
     def used(self) -> tuple[int, int]:
         with self._lock:
             used = self._ensure()
@@ -144,13 +149,18 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def commit(self) -> Entry:
+        # The delta is taken from what the commit really replaces, not from what
+        # was there at open: the file may have been deleted or replaced since
+        # (an open without truncate, then a delete, must not shrink the count).
+        track = self._track and self._fs._quota.counting
+        replaced = self._fs._replaced_size(self.path, self._old_size) if track else None
         try:
             entry = self._inner.commit()
         except GatewayError as exc:
             self._fs._audit("upload", self.path, type(exc).__name__)
             raise
-        if self._track:
-            self._fs._quota.apply(entry.size - (self._old_size or 0), 0 if self._old_size is not None else 1)
+        if track:
+            self._fs._quota.apply(entry.size - (replaced or 0), 0 if replaced is not None else 1)
         self._fs._audit("upload", self.path, "ok", entry.size)
         return entry
 
@@ -165,9 +175,11 @@ class UserFS:
 
     # The guard test holds every public method to exactly one of these lists,
     # so a new write method cannot slip in without a permission check.
-    READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize", "check_access")
+    READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize",
+                    "check_access", "locate", "virtual_path")
     WRITE_METHODS = ("open_write", "make_dir", "remove_file", "remove_dir", "remove_tree",
-                     "rename", "copy_file", "copy_tree", "set_mtime", "truncate")
+                     "rename", "copy_file", "copy_tree", "set_mtime", "truncate",
+                     "check_change", "check_replace")
 
     def __init__(self, user: User, backends: Mapping[str, Backend], *,
                  quota: QuotaTracker | None = None, protocol: str = "", client: str = "",
@@ -216,13 +228,58 @@ class UserFS:
         """The one normalizer (gateway.paths.normalize), exposed for front-ends."""
         return paths.normalize(path)
 
-    def _resolve(self, vpath: str) -> _Target:
+    def _place(self, vpath: str) -> tuple[Location, str, bool]:
+        """The location a virtual path falls in, the virtual root of it, and whether it is the home."""
         for mount in self._mounts:
             if paths.is_within(vpath, mount.path):
-                return _Target(self._backend(mount.target),
-                               paths.rebase(vpath, mount.path, mount.target.path), False, mount.path)
-        return _Target(self._backend(self.user.home),
-                       paths.rebase(vpath, "/", self.user.home.path), True, "/")
+                return mount.target, mount.path, False
+        return self.user.home, "/", True
+
+    def _resolve(self, vpath: str) -> _Target:
+        location, root, in_home = self._place(vpath)
+        return _Target(self._backend(location), paths.rebase(vpath, root, location.path), in_home, root)
+
+    def _replaced_size(self, vpath: str, fallback: int | None) -> int | None:
+        """Size of the file an upload's commit will replace now (None: it creates one)."""
+        target = self._resolve(vpath)
+        try:
+            entry = target.backend.stat(target.path)
+        except NotFound:
+            return None
+        except GatewayError:
+            return fallback
+        return None if entry.is_dir else entry.size
+
+    def locate(self, path: str | bytes) -> tuple[str, str]:
+        """The storage location a virtual path names: (backend name, path in that backend).
+
+        Front-ends key state that everyone who sees the same file must share
+        with it (WebDAV locks and dead properties). It is never shown to a
+        client, so no permission is needed.
+        """
+        vpath = paths.normalize(path)
+        location, root, _ = self._place(vpath)
+        return location.backend, paths.rebase(vpath, root, location.path)
+
+    def virtual_path(self, backend: str, path: str) -> str | None:
+        """This user's path for a storage location, or None where the user cannot see it.
+
+        The inverse of `locate`. A location above the home's or a mount's
+        target (a lock on a parent folder that only another user sees) maps to
+        the nearest place this user sees it from: "/" or the mount point.
+        """
+        places = sorted([(self.user.home, "/")] + [(m.target, m.path) for m in self._mounts],
+                        key=lambda place: len(place[0].path), reverse=True)
+        for location, root in places:
+            if location.backend == backend and paths.is_within(path, location.path):
+                vpath = paths.rebase(path, location.path, root)
+                # Home storage below a mount point is hidden behind the mount.
+                if self.locate(vpath) == (backend, path):
+                    return vpath
+        for location, root in reversed(places):   # the highest target is the nearest view
+            if location.backend == backend and paths.is_within(location.path, path):
+                return root
+        return None
 
     def _is_mount_point(self, vpath: str) -> bool:
         return any(m.path == vpath for m in self._mounts)
@@ -469,22 +526,32 @@ class UserFS:
     def rename(self, src: str | bytes, dst: str | bytes, *, overwrite: bool = False) -> None:
         """Move a file or folder; needs `rename` on both sides (and `overwrite` to replace).
 
+        A move must not make readable what was not: when the destination grants
+        `download` (on it or on any rule below it), the whole source needs
+        `download` too. A move within places without `download` (a drop box
+        renaming its uploads) needs no `download`.
+
         Within one backend this is the backend's rename; across backends it is
-        a copy followed by a delete of the source.
+        a copy followed by a delete of the source. Either way a move into the
+        home is held to the quota.
 
         Raises:
-            NotFound, AlreadyExists, PermissionDenied, InvalidPath
+            NotFound, AlreadyExists, PermissionDenied, QuotaExceeded, InvalidPath
         """
         vsrc, vdst = paths.normalize(src), paths.normalize(dst)
         self._refuse_structural(vsrc, "rename")
         self._refuse_structural(vdst, "replace")
+        # Permissions come before the same-path answer: "OK" for a path the
+        # user may not touch would confirm that it exists.
+        self._policy.require_tree(Perm.RENAME, vsrc)
+        self._policy.require_tree(Perm.RENAME, vdst)
+        if self._policy.grants_within(Perm.DOWNLOAD, vdst):
+            self._policy.require_tree(Perm.DOWNLOAD, vsrc)
         if vsrc == vdst:
             self._stat_target(vsrc)
             return
         if paths.is_within(vdst, vsrc):
             raise InvalidPath(vdst, f"cannot move '{vsrc}' into itself")
-        self._policy.require_tree(Perm.RENAME, vsrc)
-        self._policy.require_tree(Perm.RENAME, vdst)
         st, dt = self._resolve(vsrc), self._resolve(vdst)
         entry = st.backend.stat(st.path)
         existing = self._exists(vdst)
@@ -492,17 +559,22 @@ class UserFS:
             if existing.is_dir or entry.is_dir or not overwrite:
                 raise AlreadyExists(vdst)
             self._policy.require(Perm.OVERWRITE, vdst)
+        # The file a move replaces leaves the home's usage.
+        replaced = (existing.size, 1) if existing is not None and dt.in_home else (0, 0)
+        if dt.in_home and not st.in_home:
+            size, files = self._tree_usage(st, entry)
+            self._quota.check(vdst, size - replaced[0], files - replaced[1])
         if st.backend is dt.backend:
             st.backend.rename(st.path, dt.path, overwrite=overwrite)
             if st.in_home != dt.in_home:
                 self._quota_move(st, dt, vdst, entry)
         else:
-            self._check_quota_for_tree(st, dt, vdst, entry)
             self._copy_unchecked(st, dt, vsrc, vdst)
             if dt.in_home:
                 self._quota.apply(*self._tree_usage(dt, entry))
             # Removing the source counts its bytes out of the home if it was there.
             self._remove_tree_unchecked(st, vsrc)
+        self._quota.apply(-replaced[0], -replaced[1])
         self._audit("rename", vsrc, "ok", target=vdst)
 
     def _tree_usage(self, target: _Target, entry: Entry) -> tuple[int, int]:
@@ -510,11 +582,6 @@ class UserFS:
             return entry.size, 1
         usage = target.backend.usage(target.path)
         return usage.used_bytes, usage.used_files
-
-    def _check_quota_for_tree(self, st: _Target, dt: _Target, vdst: str, entry: Entry) -> None:
-        if dt.in_home and not st.in_home:
-            size, files = self._tree_usage(st, entry)
-            self._quota.check(vdst, size, files)
 
     def _quota_move(self, st: _Target, dt: _Target, vdst: str, entry: Entry) -> None:
         size, files = self._tree_usage(dt, entry)
@@ -588,6 +655,35 @@ class UserFS:
                 _Target(st.backend, paths.join(st.path, child.name), st.in_home, st.root),
                 _Target(dt.backend, paths.join(dt.path, child.name), dt.in_home, dt.root),
                 paths.join(vsrc, child.name), paths.join(vdst, child.name))
+
+    def check_change(self, path: str | bytes) -> None:
+        """Check that the user may change an existing file or folder in place; needs `overwrite`.
+
+        For what changes a resource without writing its content: WebDAV dead
+        properties, and locks (a lock keeps every other user from writing).
+
+        Raises:
+            NotFound, PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        self._policy.require(Perm.OVERWRITE, vpath)
+        self._stat_target(vpath)
+
+    def check_replace(self, path: str | bytes) -> None:
+        """Check that a copy or move may replace whatever is at `path`.
+
+        WebDAV deletes an existing destination before it copies (Overwrite: T),
+        so this runs first. The home, a mount point and a folder that holds one
+        are never replaced (they cannot be deleted either); anything else that
+        exists needs `overwrite`.
+
+        Raises:
+            PermissionDenied, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        self._refuse_structural(vpath, "replace")
+        if self._exists(vpath) is not None:
+            self._policy.require(Perm.OVERWRITE, vpath)
 
     def set_mtime(self, path: str | bytes, mtime: float, *, dry_run: bool = False) -> None:
         """Set a file's or folder's modification time; needs `set_times`.

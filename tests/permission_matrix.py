@@ -20,10 +20,11 @@ PERMS = {
     "/upload-only": ["list", "upload"],
     "/no-list": ["download"],
     "/no-delete": ["list", "download", "upload", "overwrite", "mkdir", "rename", "set_times"],
+    "/no-download": ["list", "upload", "rename"],
 }
 
 FILES = ["/file.txt", "/rw/file.txt", "/rw/locked/file.txt", "/upload-only/existing.txt",
-         "/no-list/file.txt", "/no-delete/file.txt"]
+         "/no-list/file.txt", "/no-delete/file.txt", "/no-download/file.txt"]
 DIRS = ["/rw/dir", "/no-delete/dir"]
 CONTENT = b"original content\n"
 NEW_CONTENT = b"new content written by the client\n"
@@ -34,7 +35,7 @@ def seed(home: Path) -> None:
     """Recreate the matrix user's home from scratch."""
     if home.exists():
         shutil.rmtree(home)
-    for d in ["/rw", "/rw/locked", "/upload-only", "/no-list", "/no-delete"] + DIRS:
+    for d in ["/rw", "/rw/locked", "/upload-only", "/no-list", "/no-delete", "/no-download"] + DIRS:
         (home / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
     for f in FILES:
         (home / f.lstrip("/")).write_bytes(CONTENT)
@@ -82,6 +83,11 @@ SCENARIOS = [
     Scenario("rename", "/rw/file.txt", False, "/moved.txt"),
     Scenario("rename", "/file.txt", False, "/rw/moved.txt"),
     Scenario("rename", "/rw/locked/file.txt", False, "/rw/moved.txt"),
+    # A move must not make readable what was not (the destination grants download).
+    Scenario("rename", "/no-download/file.txt", False, "/rw/moved.txt"),
+    Scenario("rename", "/no-download/file.txt", True, "/no-download/renamed.txt"),
+    # Onto itself: still a rename, checked before the "nothing to do" answer.
+    Scenario("rename", "/no-list/file.txt", False, "/no-list/file.txt"),
     Scenario("set_times", "/rw/file.txt", True),
     Scenario("set_times", "/file.txt", False),
 ]

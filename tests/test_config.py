@@ -66,6 +66,10 @@ BROKEN = {
     "not toml": ("[server\nstate_dir=", "not valid TOML"),
     "unknown backend key": (GOOD.replace('root = "data"', 'root = "data"\nbucket = "x"'),
                             "[backends.local] bucket"),
+    "negative property limit": (GOOD.replace('[webdav]\n', '[webdav]\nmax_properties = -1\n'),
+                                "[webdav] max_properties"),
+    "property size not a number": (GOOD.replace('[webdav]\n', '[webdav]\nmax_property_bytes = "64k"\n'),
+                                   "[webdav] max_property_bytes"),
 }
 
 

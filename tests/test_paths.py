@@ -66,6 +66,11 @@ TABLE: list[tuple[object, object]] = [
     ("/a/b/c/../../../../", InvalidPath),
     ("C:\\Windows", InvalidPath),
     ("/C:/Windows", "/C:/Windows"),
+    ("/.gw-upload-0123abcd", InvalidPath),     # the backends' temp prefix is reserved
+    ("/a/.gw-upload-x/b.txt", InvalidPath),    # in every segment
+    ("/.gw-upload-x/..", InvalidPath),         # even where a later ".." would drop it
+    ("/x.gw-upload-y", "/x.gw-upload-y"),      # only as a prefix
+    ("/.gw-uploads", "/.gw-uploads"),
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADirectory, NotFound,
                             PermissionDenied, QuotaExceeded)
-from gateway.permissions import ALL, READ_ONLY, parse_perms
+from gateway.permissions import ALL, READ_ONLY, Perm, parse_perms
 from gateway.storage.memory import MemoryBackend
 from gateway.users import Location, Mount, User
 from gateway.vfs import UserFS
@@ -51,6 +51,8 @@ WRITE_CALLS = {
     "copy_tree": lambda fs: fs.copy_tree("/dir", "/dircopy"),
     "set_mtime": lambda fs: fs.set_mtime("/file.txt", 1000.0),
     "truncate": lambda fs: fs.truncate("/file.txt", 0),
+    "check_change": lambda fs: fs.check_change("/file.txt"),
+    "check_replace": lambda fs: fs.check_replace("/file.txt"),
 }
 
 
@@ -216,6 +218,77 @@ def test_rename_of_a_folder_respects_stricter_rules_inside_it():
     assert fs.stat("/proj/keep").is_dir
 
 
+def test_rename_to_itself_is_checked_like_any_rename():
+    backend = MemoryBackend()
+    with backend.open_write("/hidden.txt") as up:
+        up.write(b"h")
+    fs = UserFS(User("u", home=Location("mem", "/"), permissions={"/": frozenset({Perm.DOWNLOAD})}),
+                {"mem": backend})
+    # Without this check, "OK" for an existing path and "no such file" for a
+    # missing one tell a user who may not list what the folder holds.
+    with pytest.raises(PermissionDenied):
+        fs.rename("/hidden.txt", "/hidden.txt")
+    with pytest.raises(PermissionDenied):
+        fs.rename("/missing.txt", "/missing.txt")
+
+
+def test_rename_into_a_readable_folder_needs_download_on_the_source():
+    backend = MemoryBackend()
+    for folder in ("/inbox", "/public", "/sorted"):
+        backend.make_dir(folder)
+    with backend.open_write("/inbox/secret.txt") as up:
+        up.write(b"s")
+    write_only = frozenset({Perm.LIST, Perm.UPLOAD, Perm.RENAME})
+    fs = UserFS(User("u", home=Location("mem", "/"),
+                     permissions={"/": ALL, "/inbox": write_only, "/sorted": write_only}),
+                {"mem": backend})
+    with pytest.raises(PermissionDenied):
+        fs.open_read("/inbox/secret.txt")
+    with pytest.raises(PermissionDenied):
+        fs.rename("/inbox/secret.txt", "/public/secret.txt")
+    with pytest.raises(PermissionDenied):
+        fs.rename("/inbox", "/public/inbox")
+    assert backend.stat("/inbox/secret.txt").size == 1
+    # Between folders that grant no reading, a move reveals nothing.
+    fs.rename("/inbox/secret.txt", "/sorted/secret.txt")
+    assert backend.stat("/sorted/secret.txt").size == 1
+
+
+def test_copy_or_move_onto_the_home_or_a_mount_is_refused(mounted):
+    fs, _, _ = mounted
+    put(fs, "/a.txt", b"A")
+    for destination in ("/", "/deep", "/deep/archive", "/shared"):
+        with pytest.raises(PermissionDenied):
+            fs.check_replace(destination)
+    fs.check_replace("/a.txt")
+    fs.check_replace("/not-there-yet.txt")
+
+
+def test_check_change_needs_overwrite_on_an_existing_path(mounted):
+    fs, _, _ = mounted
+    put(fs, "/a.txt", b"A")
+    fs.check_change("/a.txt")
+    with pytest.raises(NotFound):
+        fs.check_change("/missing.txt")
+    with pytest.raises(PermissionDenied):
+        fs.check_change("/shared/reports/q1.txt")
+
+
+def test_locate_and_virtual_path_are_inverse(mounted):
+    fs, _, _ = mounted
+    assert fs.locate("/a.txt") == ("home", "/alice/a.txt")
+    assert fs.locate("/") == ("home", "/alice")
+    assert fs.locate("/deep/archive/q1.txt") == ("other", "/team/reports/q1.txt")
+    for vpath in ("/a.txt", "/", "/shared/x", "/deep/archive/q1.txt"):
+        assert fs.virtual_path(*fs.locate(vpath)) in (vpath, "/shared/reports/q1.txt")
+    # /team/reports is seen through two mounts; either name is this user's own.
+    assert fs.virtual_path("other", "/team/reports") in ("/deep/archive", "/shared/reports")
+    assert fs.virtual_path("home", "/bob/x") is None
+    assert fs.virtual_path("other", "/") == "/shared"       # above a mount: its mount point
+    # Home storage hidden behind a mount point is not this user's to see.
+    assert fs.virtual_path("home", "/alice/shared/x") is None
+
+
 def test_remove_tree_and_copy_tree(mounted):
     fs, _, _ = mounted
     fs.make_dir("/t")
@@ -307,6 +380,47 @@ def test_quota_follows_moves_between_home_and_mount():
     assert fs.exists("/ext/second")
     fs.rename("/big", "/ext/big")
     assert fs.usage().used_bytes == 0
+
+
+def test_quota_holds_for_a_move_from_a_mount_on_the_home_backend():
+    backend = MemoryBackend()
+    backend.make_dir("/home")
+    backend.make_dir("/team")
+    user = User("q", home=Location("mem", "/home"), quota_bytes=1000,
+                mounts=(Mount("/team", Location("mem", "/team"), ALL),))
+    fs = UserFS(user, {"mem": backend})
+    put(fs, "/team/big", b"b" * 1500)
+    with pytest.raises(QuotaExceeded):
+        fs.rename("/team/big", "/big")
+    assert fs.exists("/team/big") and not fs.exists("/big")
+    assert fs.usage().used_bytes == 0
+
+
+def test_quota_counts_a_move_that_replaces_a_file_in_the_home():
+    home, other = MemoryBackend(), MemoryBackend()
+    user = User("q", home=Location("home", "/"), quota_bytes=1000,
+                mounts=(Mount("/ext", Location("other", "/"), ALL),))
+    fs = UserFS(user, {"home": home, "other": other})
+    put(fs, "/a", b"a" * 700)
+    put(fs, "/b", b"b" * 100)
+    fs.rename("/b", "/a", overwrite=True)
+    assert (fs.usage().used_bytes, fs.usage().used_files) == (100, 1)
+    put(fs, "/ext/c", b"c" * 900)
+    fs.rename("/ext/c", "/a", overwrite=True)   # 900 replaces 100: within the quota
+    assert (fs.usage().used_bytes, fs.usage().used_files) == (900, 1)
+
+
+def test_quota_tracks_a_file_deleted_while_an_upload_to_it_is_open():
+    backend = MemoryBackend()
+    fs = UserFS(User("q", home=Location("mem", "/"), quota_bytes=10_000), {"mem": backend})
+    put(fs, "/f", b"x" * 1000)
+    for _ in range(3):
+        up = fs.open_write("/f", truncate=False)
+        fs.remove_file("/f")
+        up.write_at(0, b"y" * 1000)
+        up.commit()
+    assert (fs.usage().used_bytes, fs.usage().used_files) == (1000, 1)
+    assert backend.usage("/").used_bytes == 1000
 
 
 def test_errors_name_the_users_path_not_the_storage_path(mounted):

@@ -17,8 +17,8 @@ from ..errors import InvalidPath, NotADirectory, NotFound, PermissionDenied, Uns
 from .. import paths
 
 # Every backend hides names with this prefix from listings: they are its
-# in-flight uploads, never user data.
-TEMP_PREFIX = ".gw-upload-"
+# in-flight uploads, never user data (the normalizer refuses it in client paths).
+TEMP_PREFIX = paths.RESERVED_PREFIX
 
 
 @dataclass(frozen=True)

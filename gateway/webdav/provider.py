@@ -9,13 +9,15 @@ from __future__ import annotations
 import email.utils
 import fnmatch
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 from urllib.parse import quote, unquote
 
-from wsgidav.dav_error import DAVError
+from wsgidav.dav_error import PRECONDITION_CODE_LockConflict, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
+from wsgidav.xml_tools import etree
 
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
@@ -128,9 +130,9 @@ class _Resource:
     # -- identity: locks and dead properties are keyed by this ----------------
 
     def get_ref_url(self) -> str:
-        # Per-user roots: the user is part of the key, or user A's lock on /a.txt
-        # would block user B's own /a.txt.
-        return self.provider.ref_url(self.fs.user.name, self.get_preferred_path())
+        # The storage location, not the URL: users who share a mount see each
+        # other's locks, and two users' own /a.txt are two resources.
+        return self.provider.ref_url(self.fs, self.vpath)
 
     # -- live properties --------------------------------------------------------
 
@@ -174,7 +176,41 @@ class _Resource:
             return self.set_last_modified(self.path, value.text or "", dry_run=dry_run)
         if name in _WIN32_IGNORED:
             return True
+        if not name.startswith("{DAV:}"):
+            # A dead property: wsgidav would store it for anyone who can read.
+            with self.mapped():
+                self.fs.check_change(self.vpath)
+            if value is not None:
+                self._check_property_room(name, value)
         return super().set_property_value(name, value, dry_run=dry_run)  # type: ignore[misc]
+
+    def _check_property_room(self, name: str, value) -> None:
+        """507 (RFC 4918 9.2.1: no room for the property) past the size or count limit."""
+        provider = self.provider
+        size = len(etree.tostring(value))
+        if size > provider.max_property_bytes:
+            raise DAVError(507, context_info=f"property {name} is {size} bytes; at most "
+                                             f"{provider.max_property_bytes} bytes are kept per property")
+        # Names this request sets count before they are stored: PROPPATCH tries
+        # every property (dry run) before it writes any.
+        pending = self.environ.setdefault("gateway.properties_set", set())
+        pending.add(name)
+        stored = set(provider.prop_manager.get_properties(self.get_ref_url(), self.environ)) \
+            if provider.prop_manager else set()
+        if len(stored | pending) > provider.max_properties:
+            raise DAVError(507, context_info=f"at most {provider.max_properties} dead properties "
+                                             f"are kept per resource")
+
+    # -- locking ------------------------------------------------------------------
+
+    def prevent_locking(self) -> bool:
+        # wsgidav asks this before it locks an existing resource (and when it lists
+        # live properties). A lock keeps everyone else from writing, so it needs
+        # the right to write; a LOCK that creates a file needs `upload` instead.
+        if self.method == "LOCK":
+            with self.mapped():
+                self.fs.check_change(self.vpath)
+        return False
 
     def set_last_modified(self, dest_path: str, time_stamp, *, dry_run: bool) -> bool:
         mtime = float(time_stamp) if isinstance(time_stamp, (int, float)) else parse_http_date(time_stamp)
@@ -197,6 +233,20 @@ class _Resource:
             self.fs.remove_tree(self.vpath)
         self._forget()
 
+    def handle_copy(self, dest_path: str, *, depth_infinity: bool) -> bool:
+        self._check_destination(dest_path)
+        return False  # wsgidav carries on: clears the destination, then copies
+
+    def handle_move(self, dest_path: str) -> bool:
+        self._check_destination(dest_path)
+        return False
+
+    def _check_destination(self, dest_path: str) -> None:
+        # wsgidav deletes an existing destination (Overwrite: T) before it copies
+        # or moves: refuse a destination that must never be replaced before that.
+        with self.mapped():
+            self.fs.check_replace(self.provider.to_vpath(dest_path))
+
     def support_recursive_move(self, dest_path: str) -> bool:
         # Also asked of files: the base class asserts is_collection (a 500 on a file MOVE).
         return True
@@ -207,7 +257,7 @@ class _Resource:
             self.fs.rename(self.vpath, dest, overwrite=True)
         if self.provider.prop_manager:
             self.provider.prop_manager.move_properties(
-                self.get_ref_url(), self.provider.ref_url(self.fs.user.name, dest), True, self.environ)
+                self.get_ref_url(), self.provider.ref_url(self.fs, dest), True, self.environ)
         if self.provider.lock_manager:
             # RFC 4918 9.9.4: a lock is not moved with the resource.
             self.provider.lock_manager.remove_all_locks_from_url(self.get_ref_url(), recursive=True)
@@ -228,7 +278,7 @@ class _Resource:
                 self.fs.copy_file(self.vpath, dest)
         if self.provider.prop_manager:
             self.provider.prop_manager.copy_properties(
-                self.get_ref_url(), self.provider.ref_url(self.fs.user.name, dest), self.environ)
+                self.get_ref_url(), self.provider.ref_url(self.fs, dest), self.environ)
 
 
 class FileResource(_Resource, DAVNonCollection):
@@ -376,10 +426,16 @@ class _AnonymousRoot(DAVCollection):
 class UserFSProvider(DAVProvider):
     """Maps request paths to the authenticated user's UserFS."""
 
-    def __init__(self, open_fs, macos_files: str = "allow") -> None:
+    def __init__(self, open_fs, macos_files: str = "allow", *, max_properties: int = 100,
+                 max_property_bytes: int = 64 * 1024) -> None:
         super().__init__()
         self._open_fs = open_fs
         self.macos_files = macos_files
+        self.max_properties = max_properties
+        self.max_property_bytes = max_property_bytes
+        # The request this thread serves: wsgidav turns lock roots back into
+        # paths (ref_url_to_path) without passing the request along.
+        self._request = threading.local()
 
     def __repr__(self) -> str:
         return "UserFSProvider"
@@ -399,13 +455,20 @@ class UserFSProvider(DAVProvider):
         except InvalidPath as exc:
             raise DAVError(400, context_info=exc.message) from None
 
-    def ref_url(self, user_name: str, path: str) -> str:
-        return quote(f"/~{user_name}{path}" if path != "/" else f"/~{user_name}/")
+    @staticmethod
+    def ref_url(fs: UserFS, vpath: str) -> str:
+        """The key of a resource's locks and dead properties: "/BACKEND/storage/path", quoted."""
+        backend, path = fs.locate(vpath)
+        return "/" + quote(backend, safe="") + (quote(path) if path != "/" else "")
 
     def ref_url_to_path(self, ref_url: str) -> str:
-        path = unquote(ref_url)
-        rest = path.split("/", 2)[2] if path.count("/") >= 2 else ""
-        return "/" + rest
+        """The current user's path for a key (a lock root), or the nearest one they see."""
+        backend, _, rest = ref_url.lstrip("/").partition("/")
+        environ = getattr(self._request, "environ", None)
+        fs = self.fs_for(environ) if environ is not None else None
+        if fs is None:
+            return "/"
+        return fs.virtual_path(unquote(backend), "/" + unquote(rest)) or "/"
 
     def fs_for(self, environ: dict) -> UserFS | None:
         fs = environ.get("gateway.fs")
@@ -442,16 +505,18 @@ class UserFSProvider(DAVProvider):
             return [b""]
         if environ.get("HTTP_X_OC_MTIME"):
             start_response = _mtime_acknowledging(environ, start_response)
+        self._request.environ = environ
         try:
             return default_handler(environ, start_response)
         except DAVError as exc:
-            # Lock conflicts name the locks by their ref URLs, our per-user keys:
+            # Lock conflicts name the locks by their keys (storage locations):
             # the client must see its own URLs.
             condition = exc.err_condition
-            if condition is not None and condition.hrefs:
-                condition.hrefs = [quote(self.ref_url_to_path(href)) if href.startswith("/~") else href
-                                   for href in condition.hrefs]
+            if condition is not None and condition.condition_code == PRECONDITION_CODE_LockConflict:
+                condition.hrefs = [quote(self.ref_url_to_path(href)) for href in condition.hrefs]
             raise
+        finally:
+            self._request.environ = None
 
     def _not_modified_since(self, environ: dict) -> bool:
         """If-Modified-Since alone, compared as RFC 9110 says (wsgidav answers 200 on equal times)."""

@@ -15,8 +15,9 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 from .auth import GatewayDomainController
 from .guard import RequestGuard, front_door
 from .http import make_server
+from ..errors import GatewayError
 from .provider import MACOS_PATTERNS, UserFSProvider
-from .state import open_state
+from .state import open_state, rekey_user_urls
 
 if TYPE_CHECKING:
     from ..server import Gateway
@@ -47,11 +48,27 @@ class WebDAVServer:
     def _open_fs(self, user, client_ip: str):
         return self.gateway.open_fs(user, "webdav", client_ip)
 
+    def _storage_key(self, user_name: str, path: str) -> str | None:
+        """The storage-location key of a path in a user's tree (None: no such user, or a bad path)."""
+        user = self.gateway.users.get(user_name)
+        if user is None:
+            return None
+        try:
+            fs = self.gateway.open_fs(user, "webdav")
+            return UserFSProvider.ref_url(fs, fs.normalize(path))
+        except GatewayError:
+            return None
+
     def build_app(self):
         """The WSGI application: wsgidav with our provider, auth, state and checks."""
         section = self.section
         self._lock_storage, self._prop_manager = open_state(self.gateway.state_dir / STATE_FILE)
-        provider = UserFSProvider(self._open_fs, section.macos_files)
+        moved = rekey_user_urls(self._prop_manager, self._storage_key)
+        if moved:
+            log.info("moved %d WebDAV locks and properties from per-user URLs to storage locations", moved)
+        provider = UserFSProvider(self._open_fs, section.macos_files,
+                                  max_properties=section.max_properties,
+                                  max_property_bytes=section.max_property_bytes)
         ignore = list(MACOS_PATTERNS) if section.macos_files != "allow" else []
         config = {
             "provider_mapping": {"/": provider},

@@ -11,9 +11,10 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 
@@ -259,6 +260,41 @@ class SQLitePropertyManager:
                 conn.execute("UPDATE properties SET url = ? || substr(url, ?) "
                              "WHERE url >= ? AND url < ?", (dest.rstrip("/"), len(src.rstrip("/")) + 1,
                                                             low, high))
+
+
+def rekey_user_urls(props: SQLitePropertyManager, new_key: Callable[[str, str], str | None]) -> int:
+    """Move the locks and properties of the database behind `props` from the old
+    per-user keys ("/~user/path") to `new_key(user, path)`, the storage-location
+    keys; drop those it cannot place. Returns how many rows were moved.
+    """
+    db = props._db
+
+    def place(old: str) -> str | None:
+        user, _, rest = unquote(old)[2:].partition("/")
+        return new_key(user, "/" + rest)
+
+    moved = 0
+    with db.transaction() as conn:
+        for url, name in conn.execute("SELECT url, name FROM properties WHERE url LIKE '/~%'").fetchall():
+            key = place(url)
+            if key is not None:
+                conn.execute("INSERT OR REPLACE INTO properties (url, name, value) "
+                             "SELECT ?, name, value FROM properties WHERE url = ? AND name = ?",
+                             (key, url, name))
+                moved += 1
+            conn.execute("DELETE FROM properties WHERE url = ? AND name = ?", (url, name))
+        for token, root, data in conn.execute(
+                "SELECT token, root, data FROM locks WHERE root LIKE '/~%'").fetchall():
+            key = place(root)
+            if key is None:
+                conn.execute("DELETE FROM locks WHERE token = ?", (token,))
+                continue
+            lock = json.loads(data)
+            lock["root"] = normalize_lock_root(key)
+            conn.execute("UPDATE locks SET root = ?, data = ? WHERE token = ?",
+                         (lock["root"], json.dumps(lock), token))
+            moved += 1
+    return moved
 
 
 def open_state(path: Path) -> tuple[SQLiteLockStorage, SQLitePropertyManager]:

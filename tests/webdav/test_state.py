@@ -1,7 +1,10 @@
 """Locks and dead properties live in the state dir and survive a restart."""
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
+import time
 
 from gateway.config import load_config
 from gateway.server import Gateway
@@ -53,3 +56,42 @@ def test_copy_carries_dead_properties_to_the_copy(alice):
     alice.proppatch("/a.txt", proppatch_body("tag", "urn:test:", "kept"))
     assert alice.request("COPY", "/a.txt", headers={"Destination": "/b.txt"}).status == 201
     assert b"kept" in alice.propfind("/b.txt", "0").body
+
+
+def test_locks_and_properties_under_the_old_per_user_keys_move_to_storage_locations(make_gateway):
+    running = make_gateway(webdav=True, start=False)
+    running.add_user("alice")
+    (running.data / "alice").mkdir()
+    (running.data / "alice" / "doc.txt").write_bytes(b"v1")
+    state = running.gateway.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(state / "webdav.sqlite")
+    conn.executescript("CREATE TABLE properties (url TEXT NOT NULL, name TEXT NOT NULL, "
+                       "value BLOB NOT NULL, PRIMARY KEY (url, name));"
+                       "CREATE TABLE locks (token TEXT PRIMARY KEY, root TEXT NOT NULL, "
+                       "expire REAL NOT NULL, owner BLOB NOT NULL, data TEXT NOT NULL);")
+    conn.execute("INSERT INTO properties VALUES ('/~alice/doc.txt', '{urn:test:}author', ?)",
+                 (b'<ns0:author xmlns:ns0="urn:test:">Ada</ns0:author>',))
+    conn.execute("INSERT INTO properties VALUES ('/~nobody/x', '{urn:test:}author', ?)",
+                 (b'<ns0:author xmlns:ns0="urn:test:">gone</ns0:author>',))
+    lock = {"root": "/~alice/doc.txt", "type": "write", "scope": "exclusive", "depth": "0",
+            "timeout": 3600, "expire": time.time() + 3600, "principal": "alice",
+            "token": "opaquelocktoken:old-style"}
+    conn.execute("INSERT INTO locks VALUES (?, ?, ?, ?, ?)",
+                 (lock["token"], lock["root"], lock["expire"], b"", json.dumps(lock)))
+    conn.commit()
+    conn.close()
+    running.gateway.start()
+    try:
+        alice = DavClient(running.gateway.frontends[0].address[1], "alice")
+        body = alice.propfind("/doc.txt", "0").body
+        assert re.search(rb"<[^>]*author[^>]*>Ada<", body), body
+        assert b"opaquelocktoken:old-style" in body
+        assert alice.put("/doc.txt", b"v2").status == 423
+        check = sqlite3.connect(state / "webdav.sqlite")
+        try:
+            assert check.execute("SELECT count(*) FROM properties WHERE url LIKE '/~%'").fetchone() == (0,)
+        finally:
+            check.close()
+    finally:
+        running.gateway.stop()
