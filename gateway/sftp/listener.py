@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
+from typing import Any
 
 import paramiko
 
@@ -28,6 +30,7 @@ CIPHERS = ("aes128-ctr", "aes256-ctr", "aes128-gcm@openssh.com", "aes256-gcm@ope
 MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256",
         "hmac-sha2-512")
 _JOIN_TIMEOUT = 10.0
+_NO_BANNER = "sftp connection from %s closed before it sent an SSH banner (a port probe?)"
 
 
 class _Transport(paramiko.Transport):
@@ -36,12 +39,63 @@ class _Transport(paramiko.Transport):
     def __init__(self, sock: socket.socket, frontend: "SFTPFrontEnd", login: LoginServer) -> None:
         config = frontend.config
         disabled = {} if config.allow_ssh_rsa_sha1 else {"pubkeys": ["ssh-rsa"], "keys": ["ssh-rsa"]}
+        # Before paramiko's __init__: _log below reads them.
+        self._login = login
+        self._non_ssh_lines: list[str] = []   # lines a client sent before an SSH banner
+        self._end_said = False                # _log said why the connection ended
         super().__init__(sock, default_window_size=config.window_size,
                          default_max_packet_size=config.max_packet_size,
                          disabled_algorithms=disabled)
         self._frontend = frontend
-        self._login = login
         self.name = f"sftp-conn-{login.ip}"
+
+    def _log(self, level: int, msg: Any, *args: Any) -> None:
+        """paramiko's one log path: say how a connection ended in one line, at its level.
+
+        paramiko logs every end it did not ask for at ERROR: a port probe or a
+        client that never sends its banner as a 30-line traceback, every reset
+        disconnect as "Socket exception". Those are classified here by the
+        exception being handled; only an unknown exception (a bug of ours)
+        stays at ERROR, its traceback in one record.
+        """
+        if isinstance(msg, list):
+            # util.tb_strings(): the traceback of the line logged just before.
+            if self._end_said:
+                return
+            msg = "\n".join(msg).rstrip()
+        elif isinstance(msg, str):
+            if msg.startswith("Banner: "):
+                self._non_ssh_lines.append(msg[len("Banner: "):])
+            elif level >= logging.ERROR and msg.startswith(("Exception (server): ", "Socket exception: ")):
+                level, msg, args = self._how_it_ended(sys.exc_info()[1])
+                self._end_said = True
+            elif msg == "EOF in transport thread":
+                level, msg, args = self._how_it_ended(sys.exc_info()[1])
+            elif msg.startswith("Channel request for unknown channel"):
+                level, msg, args = logging.WARNING, "sftp connection from %s: %s", (self._login.ip, msg)
+        super()._log(level, msg, *args)
+
+    def _how_it_ended(self, exc: BaseException | None) -> tuple[int, str, tuple[Any, ...]]:
+        ip = self._login.ip
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            # How many clients end every session: the session's end is logged already.
+            return logging.DEBUG, "sftp connection from %s reset by the client", (ip,)
+        if isinstance(exc, OSError):
+            return logging.INFO, "sftp connection from %s failed: %s", (ip, exc)
+        if isinstance(exc, EOFError):
+            if not self.remote_version:
+                return logging.INFO, _NO_BANNER, (ip,)
+            return logging.DEBUG, "sftp connection from %s closed by the client", (ip,)
+        if str(exc).startswith("Error reading SSH protocol banner"):
+            if self._non_ssh_lines:
+                return (logging.WARNING, "sftp connection from %s sent %d line(s) that are not SSH, "
+                        "the first %.80r", (ip, len(self._non_ssh_lines), self._non_ssh_lines[0]))
+            if isinstance(exc.__context__, TimeoutError):
+                return logging.INFO, "sftp connection from %s sent no SSH banner within %ds", \
+                    (ip, self.banner_timeout)
+            return logging.INFO, _NO_BANNER, (ip,)
+        # A handshake gone wrong: garbage, no common algorithm, a bad MAC.
+        return logging.WARNING, "sftp connection from %s dropped: %s", (ip, exc)
 
     def run(self) -> None:
         try:

@@ -28,6 +28,18 @@ STATE_FILE = "webdav.sqlite"
 MACOS_OPTIONS = ("allow", "hide", "refuse")
 
 
+def keep_alive_limit(threads: int, max_connections: int) -> int | None:
+    """How many idle keep-alive connections cheroot keeps open (None: no limit).
+
+    cheroot's default of 10 answered `Connection: close` to every request of
+    the 11th concurrent client: a TCP (and TLS) handshake per request, and
+    sockets piling up in TIME_WAIT. An idle connection costs a socket, not a
+    thread, so the bound is the connections the defender admits at once
+    (defender.max_connections, 0 for no limit), never fewer than the threads.
+    """
+    return max(threads, max_connections) if max_connections else None
+
+
 class WebDAVServer:
     """FrontEnd for WebDAV: `start()` binds and serves in a thread, `stop()` joins it."""
 
@@ -108,6 +120,8 @@ class WebDAVServer:
         app = self.build_app()
         server = make_server((section.listen.host, section.listen.port), app,
                              threads=section.threads, timeout=section.timeout)
+        server.keep_alive_conn_limit = keep_alive_limit(section.threads,
+                                                        self.gateway.config.defender.max_connections)
         if section.tls_cert is not None:
             server.ssl_adapter = BuiltinSSLAdapter(str(section.tls_cert),
                                                    str(section.tls_key or section.tls_cert))
