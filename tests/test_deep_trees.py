@@ -182,6 +182,7 @@ def test_creating_deeper_than_max_depth_is_refused_over_webdav_and_sftp(start, h
     assert dav.request("MKCOL", at_cap).status == 201
     reply = dav.request("MKCOL", at_cap + "/d")
     assert reply.status == 400
+    assert b"at most 256 are allowed" in reply.body
     assert dav.put(at_cap + "/file.txt", b"x").status == 400
     with sftp_client(running.sftp_port) as sftp:
         with pytest.raises(IOError, match="257 levels deep, and at most 256 are allowed"):
