@@ -53,6 +53,19 @@ class ServerSection:
     log_level: str = "info"
     # Audit lines (one per file operation) go to this file; unset: to the main log.
     audit_log: Path | None = None
+    # Largest run of zeros one write or truncate may leave past the end of a
+    # file: a byte written at 1 TiB would otherwise make every copy (and every
+    # S3 upload of it) move a terabyte of zeros. 0: no gap at all.
+    max_hole_bytes: int = 64 * 1024 * 1024
+    # Most names in a path a user may create (a folder, a file, a copy or move
+    # destination); deeper trees that already exist stay readable and deletable.
+    max_depth: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_hole_bytes < 0:
+            raise ConfigError(f"max_hole_bytes: must be 0 or more, got {self.max_hole_bytes}")
+        if self.max_depth < 1:
+            raise ConfigError(f"max_depth: must be at least 1, got {self.max_depth}")
 
 
 @dataclass

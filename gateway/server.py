@@ -17,7 +17,7 @@ from .permissions import ALL
 from .storage import Backend, create_backend
 from .storage.base import Upload
 from .users import Location, User, UserStore, hash_password
-from .vfs import QuotaTracker, UserFS, ensure_location
+from .vfs import Limits, QuotaTracker, UserFS, ensure_location
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Gateway:
         self._open_uploads: weakref.WeakSet[Upload] = weakref.WeakSet()
         self._stopping = threading.Event()
         self._sweepers: list[threading.Thread] = []
+        self.limits = Limits(config.server.max_hole_bytes, config.server.max_depth)
 
     # -- sessions -------------------------------------------------------------
 
@@ -83,7 +84,7 @@ class Gateway:
                 ensure_location(self.backends[location.backend], location.path)
                 self._ready.add(key)
         return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
-                      client=client, open_uploads=self._open_uploads)
+                      client=client, open_uploads=self._open_uploads, limits=self.limits)
 
     # -- life cycle -----------------------------------------------------------
 

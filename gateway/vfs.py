@@ -87,6 +87,14 @@ class QuotaTracker:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Server-wide limits every protocol shares (the [server] section of the config)."""
+
+    max_hole_bytes: int = 64 * 1024 * 1024  # zeros one write or truncate may leave past the end
+    max_depth: int = 256                    # names in a path a user may create
+
+
+@dataclass(frozen=True)
 class _Target:
     """Where a virtual path lands: a backend, the path in it, and whether it is the home."""
 
@@ -110,7 +118,20 @@ class GuardedUpload(Upload):
         self._high = inner.size
         self._started = time.monotonic()
 
-    def _check(self, end: int) -> None:
+    def _check(self, start: int, end: int) -> None:
+        """Refuse a write from `start` to `end` that leaves too big a gap or passes the quota.
+
+        `_high` is the size of the pending content, so `start - _high` is the
+        run of zeros the write would leave past the end of the file.
+        """
+        gap = start - self._high
+        limit = self._fs.limits.max_hole_bytes
+        if gap > limit:
+            # Zeros are not free: a copy writes them, and S3 uploads them. A
+            # quota-like refusal (FAILURE / 507) tells the client it asked for too
+            # much space, and nothing of the write is applied.
+            raise QuotaExceeded(self.path, f"writing at offset {start} would leave {gap} bytes of zeros "
+                                           f"past the end of '{self.path}' (at most {limit} allowed)")
         if self._track and end > self._high:
             # Growth of this file over its previous version; other uploads in
             # flight are not reserved, so concurrent uploads can overshoot a little.
@@ -119,13 +140,13 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def write(self, data: bytes) -> None:
-        self._check(self._pos + len(data))
+        self._check(self._pos, self._pos + len(data))
         self._inner.write(data)
         self._pos += len(data)
 
     @_virtual_errors
     def write_at(self, offset: int, data: bytes) -> None:
-        self._check(offset + len(data))
+        self._check(offset, offset + len(data))
         self._inner.write_at(offset, data)
         self._pos = offset + len(data)
 
@@ -135,7 +156,7 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def truncate(self, size: int) -> None:
-        self._check(size)
+        self._check(size, size)
         self._inner.truncate(size)
         self._high = size
 
@@ -183,8 +204,10 @@ class UserFS:
 
     def __init__(self, user: User, backends: Mapping[str, Backend], *,
                  quota: QuotaTracker | None = None, protocol: str = "", client: str = "",
-                 open_uploads: "weakref.WeakSet[Upload] | None" = None) -> None:
+                 open_uploads: "weakref.WeakSet[Upload] | None" = None,
+                 limits: Limits = Limits()) -> None:
         self.user = user
+        self.limits = limits
         self._open_uploads = open_uploads
         self.protocol = protocol
         self.client = client
@@ -286,6 +309,17 @@ class UserFS:
 
     def _is_mount_ancestor(self, vpath: str) -> bool:
         return any(paths.is_within(m.path, vpath) and m.path != vpath for m in self._mounts)
+
+    def _refuse_too_deep(self, vpath: str) -> None:
+        """Refuse to create anything whose path has more names than `max_depth`.
+
+        Only creation is capped: a deeper tree that already exists (restored
+        on disk, or made before the limit) stays readable and deletable.
+        """
+        depth = vpath.count("/") if vpath != "/" else 0
+        if depth > self.limits.max_depth:
+            raise InvalidPath(vpath, f"cannot create '{paths.split(vpath)[1]}': it would be {depth} levels "
+                                     f"deep, and at most {self.limits.max_depth} are allowed")
 
     def _refuse_structural(self, vpath: str, op: str) -> None:
         """Mount points and the folders that hold them are not the user's to change."""
@@ -413,6 +447,8 @@ class UserFS:
         vpath = paths.normalize(path)
         target, existing = self._write_target(vpath)
         self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vpath)
+        if existing is None:
+            self._refuse_too_deep(vpath)
         if target.in_home and existing is None:
             self._quota.check(vpath, 0, 1)
         inner = target.backend.open_write(target.path, offset=offset, truncate=truncate)
@@ -475,6 +511,7 @@ class UserFS:
         if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
             raise AlreadyExists(vpath)
         self._policy.require(Perm.MKDIR, vpath)
+        self._refuse_too_deep(vpath)
         target = self._resolve(vpath)
         target.backend.make_dir(target.path)
         self._audit("mkdir", vpath, "ok")
@@ -509,19 +546,26 @@ class UserFS:
         self._remove_tree_unchecked(target, vpath)
 
     def _remove_tree_unchecked(self, target: _Target, vpath: str) -> None:
-        entry = target.backend.stat(target.path)
-        if not entry.is_dir:
-            target.backend.remove_file(target.path)
-            if target.in_home:
-                self._quota.apply(-entry.size, -1)
-            self._audit("delete", vpath, "ok", entry.size)
-            return
-        for child in list(target.backend.list_dir(target.path)):
-            child_target = _Target(target.backend, paths.join(target.path, child.name),
-                                   target.in_home, target.root)
-            self._remove_tree_unchecked(child_target, paths.join(vpath, child.name))
-        target.backend.remove_dir(target.path)
-        self._audit("rmdir", vpath, "ok")
+        # An explicit stack, not recursion: a tree can be deeper than Python's
+        # recursion limit (1,101 nested folders made DELETE answer 500).
+        # Entries: (storage path, virtual path, entry, whether its contents are gone).
+        backend = target.backend
+        stack = [(target.path, vpath, backend.stat(target.path), False)]
+        while stack:
+            path, vp, entry, emptied = stack.pop()
+            if not entry.is_dir:
+                backend.remove_file(path)
+                if target.in_home:
+                    self._quota.apply(-entry.size, -1)
+                self._audit("delete", vp, "ok", entry.size)
+            elif emptied:
+                backend.remove_dir(path)
+                self._audit("rmdir", vp, "ok")
+            else:
+                # The folder comes back once everything pushed after it is gone.
+                stack.append((path, vp, entry, True))
+                for child in list(backend.list_dir(path)):
+                    stack.append((paths.join(path, child.name), paths.join(vp, child.name), child, False))
 
     def rename(self, src: str | bytes, dst: str | bytes, *, overwrite: bool = False) -> None:
         """Move a file or folder; needs `rename` on both sides (and `overwrite` to replace).
@@ -559,6 +603,8 @@ class UserFS:
             if existing.is_dir or entry.is_dir or not overwrite:
                 raise AlreadyExists(vdst)
             self._policy.require(Perm.OVERWRITE, vdst)
+        else:
+            self._refuse_too_deep(vdst)
         # The file a move replaces leaves the home's usage.
         replaced = (existing.size, 1) if existing is not None and dt.in_home else (0, 0)
         if dt.in_home and not st.in_home:
@@ -600,6 +646,8 @@ class UserFS:
         if existing is not None and existing.is_dir:
             raise IsADirectory(vdst)
         self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vdst)
+        if existing is None:
+            self._refuse_too_deep(vdst)
         if dt.in_home:
             self._quota.check(vdst, entry.size - (existing.size if existing else 0),
                               0 if existing else 1)
@@ -637,6 +685,7 @@ class UserFS:
         if self._exists(vdst) is not None:
             raise AlreadyExists(vdst)
         self._policy.require(Perm.MKDIR if entry.is_dir else Perm.UPLOAD, vdst)
+        self._refuse_too_deep(vdst)
         if dt.in_home:
             self._quota.check(vdst, *self._tree_usage(st, entry))
         self._copy_unchecked(st, dt, vsrc, vdst)
@@ -645,16 +694,21 @@ class UserFS:
         self._audit("copy", vsrc, "ok", target=vdst)
 
     def _copy_unchecked(self, st: _Target, dt: _Target, vsrc: str, vdst: str) -> None:
-        entry = st.backend.stat(st.path)
-        if not entry.is_dir:
-            self._copy_file_unchecked(st, dt, entry)
-            return
-        dt.backend.make_dir(dt.path)
-        for child in list(st.backend.list_dir(st.path)):
-            self._copy_unchecked(
-                _Target(st.backend, paths.join(st.path, child.name), st.in_home, st.root),
-                _Target(dt.backend, paths.join(dt.path, child.name), dt.in_home, dt.root),
-                paths.join(vsrc, child.name), paths.join(vdst, child.name))
+        # Top-down with an explicit stack (trees can be deeper than the
+        # recursion limit); each folder is made before anything inside it.
+        stack = [(st, dt, vdst)]
+        while stack:
+            src, dst, vd = stack.pop()
+            entry = src.backend.stat(src.path)
+            self._refuse_too_deep(vd)
+            if not entry.is_dir:
+                self._copy_file_unchecked(src, dst, entry)
+                continue
+            dst.backend.make_dir(dst.path)
+            for child in list(src.backend.list_dir(src.path)):
+                stack.append((_Target(src.backend, paths.join(src.path, child.name), src.in_home, src.root),
+                              _Target(dst.backend, paths.join(dst.path, child.name), dst.in_home, dst.root),
+                              paths.join(vd, child.name)))
 
     def check_change(self, path: str | bytes) -> None:
         """Check that the user may change an existing file or folder in place; needs `overwrite`.
@@ -710,16 +764,19 @@ for _name in UserFS.READ_METHODS + UserFS.WRITE_METHODS:
 
 def ensure_location(backend: Backend, path: str) -> None:
     """Create a home or mount target (and its parents) if it does not exist yet."""
-    if path == "/":
-        return
-    try:
-        entry = backend.stat(path)
-    except NotFound:
-        ensure_location(backend, paths.split(path)[0])
+    missing: list[str] = []
+    while path != "/":
+        try:
+            entry = backend.stat(path)
+        except NotFound:
+            missing.append(path)
+            path = paths.split(path)[0]
+            continue
+        if not entry.is_dir:
+            raise NotADirectory(path)
+        break
+    for path in reversed(missing):
         try:
             backend.make_dir(path)
         except AlreadyExists:
             pass
-        return
-    if not entry.is_dir:
-        raise NotADirectory(path)

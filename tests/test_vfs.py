@@ -12,7 +12,7 @@ from gateway.errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADi
 from gateway.permissions import ALL, READ_ONLY, Perm, parse_perms
 from gateway.storage.memory import MemoryBackend
 from gateway.users import Location, Mount, User
-from gateway.vfs import UserFS
+from gateway.vfs import Limits, UserFS
 
 GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 
@@ -449,3 +449,57 @@ def test_set_mtime_dry_run_checks_everything_and_changes_nothing():
     reader = UserFS(User("r", home=Location("mem", "/"), permissions={"/": READ_ONLY}), {"mem": backend})
     with pytest.raises(PermissionDenied):
         reader.set_mtime("/f", 1000.0, dry_run=True)
+
+
+# -- holes and depth -------------------------------------------------------------
+
+def deep_memory_tree(levels: int) -> tuple[MemoryBackend, str]:
+    backend = MemoryBackend()
+    path = ""
+    for _ in range(levels):
+        path += "/d"
+        backend.make_dir(path)
+    with backend.open_write(path + "/f") as up:
+        up.write(b"bottom")
+    return backend, path
+
+
+def test_remove_tree_removes_folders_nested_deeper_than_the_recursion_limit():
+    backend, _ = deep_memory_tree(1101)
+    fs = make_fs(mem=backend)
+    fs.remove_tree("/d")
+    assert list(fs.list_dir("/")) == []
+
+
+def test_copy_tree_copies_folders_nested_deeper_than_the_recursion_limit_within_a_raised_cap():
+    backend, bottom = deep_memory_tree(1101)
+    fs = UserFS(User("u", home=Location("mem", "/")), {"mem": backend}, limits=Limits(max_depth=2000))
+    fs.copy_tree("/d", "/e")
+    assert read(fs, "/e" + bottom[2:] + "/f") == b"bottom"
+
+
+def test_copy_tree_deeper_than_max_depth_raises_invalid_path():
+    backend, _ = deep_memory_tree(10)
+    fs = UserFS(User("u", home=Location("mem", "/")), {"mem": backend}, limits=Limits(max_depth=5))
+    with pytest.raises(InvalidPath, match="at most 5 are allowed"):
+        fs.copy_tree("/d", "/e")
+    with pytest.raises(InvalidPath, match="at most 5 are allowed"):
+        fs.make_dir("/d/d/d/d/d/x")
+    fs.make_dir("/d/d/d/d/x")
+
+
+def test_a_gap_past_the_end_over_max_hole_bytes_raises_quota_exceeded_and_writes_nothing():
+    fs = UserFS(User("u", home=Location("mem", "/")), {"mem": MemoryBackend()},
+                limits=Limits(max_hole_bytes=10))
+    put(fs, "/f", b"abc")
+    with fs.open_write("/f", truncate=False) as up:
+        with pytest.raises(QuotaExceeded, match="11 bytes of zeros"):
+            up.write_at(14, b"x")
+        with pytest.raises(QuotaExceeded):
+            up.truncate(14)
+        up.write_at(13, b"y")
+        up.truncate(24)
+    assert read(fs, "/f") == b"abc" + b"\0" * 10 + b"y" + b"\0" * 10
+    with fs.open_write("/g", offset=11) as up:
+        with pytest.raises(QuotaExceeded):
+            up.write(b"x")

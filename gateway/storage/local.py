@@ -496,15 +496,30 @@ class LocalBackend(Backend):
 
     def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         """Delete temp files left by a crash; returns how many were removed."""
+        # Not os.fwalk: it recurses (RecursionError past ~1,000 nested folders)
+        # and holds a descriptor per level. An explicit stack of paths, each
+        # opened with the confined walk, holds one descriptor at a time.
         removed = 0
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(self.root, follow_symlinks=False):
-            if stop is not None and stop.is_set():
-                break
-            for name in filenames:
-                if name.startswith(TEMP_PREFIX):
-                    with contextlib.suppress(OSError):
-                        os.unlink(name, dir_fd=dir_fd)
-                        removed += 1
+        pending = ["/"]
+        while pending and not (stop is not None and stop.is_set()):
+            path = pending.pop()
+            try:
+                fd = self._open_dir(path)
+            except GatewayError:
+                continue  # removed or replaced since it was listed
+            try:
+                with os.scandir(fd) as it:
+                    for item in it:
+                        with contextlib.suppress(OSError):
+                            if item.is_dir(follow_symlinks=False):
+                                pending.append(paths.join(path, item.name))
+                            elif item.name.startswith(TEMP_PREFIX) and item.is_file(follow_symlinks=False):
+                                os.unlink(item.name, dir_fd=fd)
+                                removed += 1
+            except OSError as exc:
+                log.warning("sweeping temp files: cannot list %s: %s", path, exc)
+            finally:
+                os.close(fd)
         if removed:
             log.info("removed %d temp files of interrupted uploads under %s", removed, self.root)
         return removed

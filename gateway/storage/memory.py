@@ -96,15 +96,19 @@ class MemoryBackend(Backend):
 
     def _check_parent(self, path: str) -> None:
         """Raise the error the parent chain of `path` deserves, if any."""
-        parent = paths.split(path)[0]
-        if path == "/":
-            return
-        node = self._nodes.get(parent)
-        if node is None:
-            self._check_parent(parent)
-            raise NotFound(path)
-        if not node.is_dir:
-            raise NotADirectory(path)
+        # Climb (without recursion: paths can be deeper than the recursion
+        # limit) to the nearest ancestor that exists; `below` is its child.
+        below = None
+        while path != "/":
+            node = self._nodes.get(paths.split(path)[0])
+            if node is None:
+                below, path = path, paths.split(path)[0]
+                continue
+            if not node.is_dir:
+                raise NotADirectory(path)
+            break
+        if below is not None:
+            raise NotFound(below)
 
     def _entry(self, path: str, node: _Node) -> Entry:
         name = paths.split(path)[1]

@@ -275,6 +275,18 @@ class TestBackendContract:
         with pytest.raises(NotADirectory):
             backend.make_dir("/f/d")
 
+    def test_writes_under_more_missing_folders_than_the_recursion_limit_raise_not_found(self, backend):
+        deep = "/d" * 1101
+        with pytest.raises(NotFound):
+            backend.make_dir(deep)
+        with pytest.raises(NotFound):
+            backend.open_write(deep + "/f")
+
+    def test_writes_below_a_file_many_levels_up_raise_an_error(self, backend):
+        put(backend, "/f", b"x")
+        with pytest.raises((NotFound, NotADirectory)):
+            backend.make_dir("/f" + "/d" * 1101)
+
     def test_remove_dir_removes_an_empty_directory(self, backend):
         backend.make_dir("/d")
         backend.remove_dir("/d")
