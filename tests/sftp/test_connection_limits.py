@@ -1,0 +1,157 @@
+"""SSH clients that never log in, open too many channels, or never start a subsystem."""
+from __future__ import annotations
+
+import io
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from gateway.config import load_config
+from gateway.server import Gateway
+from tests.conftest import PASSWORD, RunningGateway, wait_for, write_config
+from tests.sftp.helpers import copy_host_keys, sftp_client, start_sftp_gateway
+from tests.webdav.conftest import DavClient, read_until_closed
+
+
+@contextmanager
+def gateway_with(tmp: Path, host_key_dir: Path, *, webdav: bool = False,
+                 **sections: dict) -> Iterator[RunningGateway]:
+    path = write_config(tmp, webdav=webdav, sftp=True, extra=sections)
+    copy_host_keys(host_key_dir, tmp / "state")
+    gateway = Gateway(load_config(path))
+    gateway.start()
+    try:
+        running = RunningGateway(gateway, path, tmp / "data")
+        for frontend in gateway.frontends:
+            running.ports[frontend.name] = frontend.address[1]
+        yield running
+    finally:
+        gateway.stop()
+
+
+@contextmanager
+def handshake_only(port: int) -> Iterator[paramiko.Transport]:
+    """An SSH connection that completes the key exchange and never authenticates."""
+    transport = paramiko.Transport(("127.0.0.1", port))
+    try:
+        transport.start_client(timeout=60)
+        yield transport
+    finally:
+        transport.close()
+
+
+def closed_by_server(transport: paramiko.Transport) -> bool:
+    return not transport.is_active()
+
+
+def test_connections_that_do_not_log_in_are_closed_after_login_timeout(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, sftp={"login_timeout": 1}) as running:
+        port = running.sftp_port
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as silent:
+            # No client banner at all: the server's own banner, then the end.
+            assert read_until_closed(silent).startswith(b"SSH-2.0-")
+        with handshake_only(port) as transport:
+            wait_for(lambda: closed_by_server(transport), "the unauthenticated connection closed")
+        with sftp_client_for(running) as sftp:
+            assert sftp.listdir("/") == []
+
+
+@contextmanager
+def sftp_client_for(running: RunningGateway, user: str = "alice") -> Iterator[paramiko.SFTPClient]:
+    if running.gateway.users.get(user) is None:
+        running.add_user(user)
+    with sftp_client(running.sftp_port, user) as sftp:
+        yield sftp
+
+
+def refused_at_accept(port: int) -> bool:
+    try:
+        with handshake_only(port):
+            return False
+    except (paramiko.SSHException, EOFError, OSError):
+        return True
+
+
+def test_unauthenticated_connections_have_their_own_cap_and_leave_webdav_its_slots(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, webdav=True,
+                      sftp={"max_unauthenticated": 8, "max_unauthenticated_per_ip": 8},
+                      defender={"max_connections": 8}) as running:
+        running.add_user("alice")
+        with ExitStack() as held:
+            pending = [held.enter_context(handshake_only(running.sftp_port)) for _ in range(8)]
+            assert refused_at_accept(running.sftp_port)
+            assert DavClient(running.webdav_port, "alice").get("/").status == 200
+            pending[0].close()
+            wait_for(lambda: uploads(running), "a login and upload once a slot is free")
+            assert (running.data / "alice" / "hello.txt").read_bytes() == b"logged in"
+
+
+def uploads(running: RunningGateway) -> bool:
+    """Log in over SFTP and upload a file; False when the connection is refused."""
+    try:
+        with sftp_client(running.sftp_port, "alice") as sftp:
+            sftp.putfo(io.BytesIO(b"logged in"), "/hello.txt")
+            return True
+    except (paramiko.SSHException, EOFError, OSError):
+        return False
+
+
+def test_unauthenticated_connections_are_capped_per_address(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, sftp={"max_unauthenticated_per_ip": 3}) as running:
+        with ExitStack() as held:
+            for _ in range(3):
+                held.enter_context(handshake_only(running.sftp_port))
+            assert refused_at_accept(running.sftp_port)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, host_key_dir) -> Iterator[RunningGateway]:
+    running = start_sftp_gateway(tmp_path_factory.mktemp("limits"), host_key_dir,
+                                 max_channels=10, channel_setup_timeout=1)
+    running.add_user("alice")
+    yield running
+    running.gateway.stop()
+
+
+@contextmanager
+def logged_in(port: int) -> Iterator[paramiko.Transport]:
+    transport = paramiko.Transport(("127.0.0.1", port))
+    try:
+        transport.connect(username="alice", password=PASSWORD)
+        yield transport
+    finally:
+        transport.close()
+
+
+def test_the_eleventh_channel_on_one_connection_is_refused(limited):
+    with logged_in(limited.sftp_port) as transport:
+        channels = [transport.open_session(timeout=30) for _ in range(10)]
+        for channel in channels:
+            channel.invoke_subsystem("sftp")
+        with pytest.raises(paramiko.ChannelException):
+            transport.open_session(timeout=30)
+        channels[0].close()
+        wait_for(lambda: _opens(transport), "a channel slot freed")
+
+
+def _opens(transport: paramiko.Transport) -> bool:
+    try:
+        transport.open_session(timeout=30).close()
+        return True
+    except paramiko.ChannelException:
+        return False
+
+
+def test_a_channel_that_starts_no_subsystem_is_closed(limited):
+    with logged_in(limited.sftp_port) as transport:
+        idle = transport.open_session(timeout=30)
+        working = transport.open_session(timeout=30)
+        working.invoke_subsystem("sftp")
+        wait_for(lambda: idle.closed or idle.eof_received, "the idle channel closed")
+        sftp = paramiko.SFTPClient(working)
+        assert sftp.listdir("/") is not None
+        sftp.close()
