@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import io
+import resource
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,6 +18,7 @@ from gateway.config import load_config
 from gateway.server import Gateway
 from tests.conftest import PASSWORD, RunningGateway, wait_for, write_config
 from tests.sftp.helpers import copy_host_keys, sftp_client, start_sftp_gateway
+from tests.test_serve import REPO, config, wait_for_line
 from tests.webdav.conftest import DavClient, read_until_closed
 
 
@@ -155,3 +160,47 @@ def test_a_channel_that_starts_no_subsystem_is_closed(limited):
         sftp = paramiko.SFTPClient(working)
         assert sftp.listdir("/") is not None
         sftp.close()
+
+
+def test_a_user_past_the_handle_budget_is_refused_while_another_user_still_transfers(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, sftp={"max_handles_per_user": 8},
+                      server={"max_open_files": 12}) as running:
+        running.add_user("alice")
+        running.add_user("bob")
+        with sftp_client(running.sftp_port, "alice") as first, \
+                sftp_client(running.sftp_port, "alice") as second:
+            # The budget is per user, over all of that user's sessions.
+            handles = [client.open(f"/f{i}-{n}.txt", "w") for i, client in enumerate((first, second))
+                       for n in range(4)]
+            with pytest.raises(IOError, match="too many open files"):
+                first.open("/one-more.txt", "w")
+            with pytest.raises(IOError, match="too many open files"):
+                second.listdir("/")
+            with sftp_client(running.sftp_port, "bob") as bob:
+                bob.putfo(io.BytesIO(b"bob's data"), "/bob.txt")
+                assert bob.open("/bob.txt").read() == b"bob's data"
+            handles[0].close()
+            with first.open("/after-close.txt", "w") as again:
+                again.write(b"ok")
+            for handle in handles[1:]:
+                handle.close()
+        assert (running.data / "alice" / "after-close.txt").read_bytes() == b"ok"
+
+
+def test_start_raises_the_soft_open_file_limit_to_the_hard_one(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                             str(config(tmp_path, sftp=True))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        wait_for_line(proc, "gateway ready")
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "open file limit raised from 256" in err
