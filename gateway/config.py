@@ -241,13 +241,12 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         # RFC 4254 and SFTP clients assume packets of at least 32 KiB plus headers.
         raise ConfigError(f"{where_file}: [sftp] max_packet_size: must be at least 34000, "
                           f"got {sftp.max_packet_size}")
-    for where, section, key in (("webdav", webdav, "max_header_size"), ("webdav", webdav, "header_timeout"),
-                                ("sftp", sftp, "login_timeout"), ("sftp", sftp, "max_unauthenticated"),
-                                ("sftp", sftp, "max_unauthenticated_per_ip"), ("sftp", sftp, "max_channels"),
-                                ("sftp", sftp, "channel_setup_timeout"),
-                                ("sftp", sftp, "max_handles_per_user")):
+    for name, section, key in (("webdav", webdav, "header_timeout"), ("sftp", sftp, "login_timeout"),
+                               ("sftp", sftp, "max_unauthenticated"),
+                               ("sftp", sftp, "max_unauthenticated_per_ip"), ("sftp", sftp, "max_channels"),
+                               ("sftp", sftp, "channel_setup_timeout"), ("sftp", sftp, "max_handles_per_user")):
         if getattr(section, key) < 1:
-            raise ConfigError(f"{where_file}: [{where}] {key}: must be at least 1, got {getattr(section, key)}")
+            raise ConfigError(f"{where_file}: [{name}] {key}: must be at least 1, got {getattr(section, key)}")
     if webdav.max_header_size < 1024:
         raise ConfigError(f"{where_file}: [webdav] max_header_size: must be at least 1024, "
                           f"got {webdav.max_header_size}")

@@ -66,6 +66,10 @@ BROKEN = {
     "not toml": ("[server\nstate_dir=", "not valid TOML"),
     "unknown backend key": (GOOD.replace('root = "data"', 'root = "data"\nbucket = "x"'),
                             "[backends.local] bucket"),
+    "tiny header cap": (GOOD.replace('[webdav]\n', '[webdav]\nmax_header_size = 100\n'),
+                        "[webdav] max_header_size"),
+    "no channels": (GOOD.replace('[sftp]\n', '[sftp]\nmax_channels = 0\n'), "[sftp] max_channels"),
+    "no login time": (GOOD.replace('[sftp]\n', '[sftp]\nlogin_timeout = 0\n'), "[sftp] login_timeout"),
 }
 
 

@@ -116,7 +116,7 @@ def test_unauthenticated_connections_are_capped_per_address(tmp_path, host_key_d
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, host_key_dir) -> Iterator[RunningGateway]:
     running = start_sftp_gateway(tmp_path_factory.mktemp("limits"), host_key_dir,
-                                 max_channels=10, channel_setup_timeout=1)
+                                 channel_setup_timeout=1)
     running.add_user("alice")
     yield running
     running.gateway.stop()
@@ -132,15 +132,15 @@ def logged_in(port: int) -> Iterator[paramiko.Transport]:
         transport.close()
 
 
-def test_the_eleventh_channel_on_one_connection_is_refused(limited):
-    with logged_in(limited.sftp_port) as transport:
-        channels = [transport.open_session(timeout=30) for _ in range(10)]
-        for channel in channels:
-            channel.invoke_subsystem("sftp")
-        with pytest.raises(paramiko.ChannelException):
-            transport.open_session(timeout=30)
-        channels[0].close()
-        wait_for(lambda: _opens(transport), "a channel slot freed")
+def test_the_eleventh_channel_on_one_connection_is_refused(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, sftp={"channel_setup_timeout": 300}) as running:
+        running.add_user("alice")
+        with logged_in(running.sftp_port) as transport:
+            channels = [transport.open_session(timeout=30) for _ in range(10)]
+            with pytest.raises(paramiko.ChannelException):
+                transport.open_session(timeout=30)
+            channels[0].close()
+            wait_for(lambda: _opens(transport), "a channel slot freed")
 
 
 def _opens(transport: paramiko.Transport) -> bool:
