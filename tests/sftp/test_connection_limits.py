@@ -17,7 +17,7 @@ import pytest
 from gateway.config import load_config
 from gateway.server import Gateway
 from tests.conftest import PASSWORD, RunningGateway, wait_for, write_config
-from tests.sftp.helpers import copy_host_keys, sftp_client, start_sftp_gateway
+from tests.sftp.helpers import copy_host_keys, sftp_client
 from tests.test_serve import REPO, config, wait_for_line
 from tests.webdav.conftest import DavClient, read_until_closed
 
@@ -49,10 +49,6 @@ def handshake_only(port: int) -> Iterator[paramiko.Transport]:
         transport.close()
 
 
-def closed_by_server(transport: paramiko.Transport) -> bool:
-    return not transport.is_active()
-
-
 def test_connections_that_do_not_log_in_are_closed_after_login_timeout(tmp_path, host_key_dir):
     with gateway_with(tmp_path, host_key_dir, sftp={"login_timeout": 1}) as running:
         port = running.sftp_port
@@ -60,7 +56,7 @@ def test_connections_that_do_not_log_in_are_closed_after_login_timeout(tmp_path,
             # No client banner at all: the server's own banner, then the end.
             assert read_until_closed(silent).startswith(b"SSH-2.0-")
         with handshake_only(port) as transport:
-            wait_for(lambda: closed_by_server(transport), "the unauthenticated connection closed")
+            wait_for(lambda: not transport.is_active(), "the unauthenticated connection closed")
         with sftp_client_for(running) as sftp:
             assert sftp.listdir("/") == []
 
@@ -113,15 +109,6 @@ def test_unauthenticated_connections_are_capped_per_address(tmp_path, host_key_d
             assert refused_at_accept(running.sftp_port)
 
 
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory, host_key_dir) -> Iterator[RunningGateway]:
-    running = start_sftp_gateway(tmp_path_factory.mktemp("limits"), host_key_dir,
-                                 channel_setup_timeout=1)
-    running.add_user("alice")
-    yield running
-    running.gateway.stop()
-
-
 @contextmanager
 def logged_in(port: int) -> Iterator[paramiko.Transport]:
     transport = paramiko.Transport(("127.0.0.1", port))
@@ -151,15 +138,17 @@ def _opens(transport: paramiko.Transport) -> bool:
         return False
 
 
-def test_a_channel_that_starts_no_subsystem_is_closed(limited):
-    with logged_in(limited.sftp_port) as transport:
-        idle = transport.open_session(timeout=30)
-        working = transport.open_session(timeout=30)
-        working.invoke_subsystem("sftp")
-        wait_for(lambda: idle.closed or idle.eof_received, "the idle channel closed")
-        sftp = paramiko.SFTPClient(working)
-        assert sftp.listdir("/") is not None
-        sftp.close()
+def test_a_channel_that_starts_no_subsystem_is_closed(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, sftp={"channel_setup_timeout": 1}) as running:
+        running.add_user("alice")
+        with logged_in(running.sftp_port) as transport:
+            idle = transport.open_session(timeout=30)
+            working = transport.open_session(timeout=30)
+            working.invoke_subsystem("sftp")
+            wait_for(lambda: idle.closed or idle.eof_received, "the idle channel closed")
+            sftp = paramiko.SFTPClient(working)
+            assert sftp.listdir("/") == []
+            sftp.close()
 
 
 def test_a_user_past_the_handle_budget_is_refused_while_another_user_still_transfers(tmp_path, host_key_dir):
