@@ -173,9 +173,6 @@ class HeaderGate(connections.ConnectionManager):
 
     server: "GatewayHTTPServer"
 
-    def __init__(self, server: "GatewayHTTPServer") -> None:
-        super().__init__(server)
-
     def _from_server_socket(self, server_socket):
         listener = _AdmittingSocket(server_socket, self.server.admit_connection)
         try:
