@@ -57,9 +57,13 @@ class Defender:
                     self._banned_until[key] = now + self.config.ban_time
                     times.clear()
 
-    def open_connection(self, ip: str) -> bool:
-        """Count a new connection; False when a limit or a ban refuses it."""
-        if self.is_banned(ip):
+    def open_connection(self, ip: str, *, check_ban: bool = True) -> bool:
+        """Count a new connection; False when a limit or (with `check_ban`) a ban refuses it.
+
+        WebDAV counts its connections without the ban check, so that a banned
+        client still gets a readable 403 on its request.
+        """
+        if check_ban and self.is_banned(ip):
             return False
         with self._lock:
             if self.config.max_connections and self._total_connections >= self.config.max_connections:

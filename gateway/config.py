@@ -60,6 +60,10 @@ class ServerSection:
     # Most names in a path a user may create (a folder, a file, a copy or move
     # destination); deeper trees that already exist stay readable and deletable.
     max_depth: int = 256
+    # Open file and folder handles of all SFTP sessions together; 0: the open-file
+    # limit (RLIMIT_NOFILE, raised to its hard limit at start) minus a reserve
+    # for sockets, listeners and the state store.
+    max_open_files: int = 0
 
     def __post_init__(self) -> None:
         if self.max_hole_bytes < 0:
@@ -84,6 +88,11 @@ class WebDAVSection:
     # past either the property is refused with 507. 0 refuses all dead properties.
     max_properties: int = 100
     max_property_bytes: int = 64 * 1024
+    # Request line and headers together; larger ones get 431 and the connection closes.
+    max_header_size: int = 64 * 1024
+    # Seconds a request's complete headers may take to arrive (counted from the
+    # connection's accept, or from the first byte of a later request on it).
+    header_timeout: int = 10
 
 
 @dataclass
@@ -99,6 +108,18 @@ class SFTPSection:
     # have to buffer, per session. Measured: 4 MiB 174 MB/s, 16 MiB 185, 64 MiB 186.
     window_size: int = 16 * 1024 * 1024
     max_packet_size: int = 256 * 1024     # SSH packet and SFTP read/write size (limits@openssh.com)
+    # Seconds from accept to a successful login; banner and key exchange included.
+    login_timeout: int = 60
+    # Connections not logged in yet, in total and per address. They do not use the
+    # defender's connection slots (shared with WebDAV) until they log in.
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_ip: int = 10
+    # Channels open at once on one connection (OpenSSH's MaxSessions is 10).
+    max_channels: int = 10
+    # Seconds a channel may stay open without starting the SFTP subsystem.
+    channel_setup_timeout: int = 10
+    # Open file and folder handles of one user over all of their sessions.
+    max_handles_per_user: int = 256
 
 
 @dataclass
@@ -255,6 +276,15 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         # RFC 4254 and SFTP clients assume packets of at least 32 KiB plus headers.
         raise ConfigError(f"{where_file}: [sftp] max_packet_size: must be at least 34000, "
                           f"got {sftp.max_packet_size}")
+    for name, section, key in (("webdav", webdav, "header_timeout"), ("sftp", sftp, "login_timeout"),
+                               ("sftp", sftp, "max_unauthenticated"),
+                               ("sftp", sftp, "max_unauthenticated_per_ip"), ("sftp", sftp, "max_channels"),
+                               ("sftp", sftp, "channel_setup_timeout"), ("sftp", sftp, "max_handles_per_user")):
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{where_file}: [{name}] {key}: must be at least 1, got {getattr(section, key)}")
+    if webdav.max_header_size < 1024:
+        raise ConfigError(f"{where_file}: [webdav] max_header_size: must be at least 1024, "
+                          f"got {webdav.max_header_size}")
     if bool(webdav.tls_cert) != bool(webdav.tls_key):
         raise ConfigError(f"{where_file}: [webdav] tls_key: tls_cert and tls_key go together")
     for key in ("tls_cert", "tls_key"):

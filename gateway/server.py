@@ -11,6 +11,7 @@ import weakref
 from typing import Protocol
 
 from .auth import Authenticator, Defender
+from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
 from .errors import GatewayError
 from .permissions import ALL
@@ -53,6 +54,9 @@ class Gateway:
         self.users = UserStore(config.server.users_file, backends=self.backends.keys())
         self.defender = Defender(config.defender)
         self.auth = Authenticator(self.users, self.defender)
+        # Sized in start(), once the open-file limit has been raised.
+        self.handles = HandleBudget(config.server.max_open_files or 1 << 30,
+                                    config.sftp.max_handles_per_user)
         self.frontends: list[FrontEnd] = []
         self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
         self._ready: set[tuple[str, str]] = set()
@@ -102,6 +106,15 @@ class Gateway:
 
     def start(self) -> None:
         self.users.load()
+        limit = raise_open_file_limit()
+        total = self.config.server.max_open_files
+        if not total:
+            # Every connection the limits allow holds a socket.
+            sockets = self.config.defender.max_connections + self.config.sftp.max_unauthenticated
+            total = derive_total(limit, sockets)
+        self.handles.total = total
+        log.info("open file limit %d; SFTP handles: %d in total, %d per user", limit, total,
+                 self.handles.per_user)
         for backend in self.backends.values():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)

@@ -70,6 +70,10 @@ BROKEN = {
                                 "[webdav] max_properties"),
     "property size not a number": (GOOD.replace('[webdav]\n', '[webdav]\nmax_property_bytes = "64k"\n'),
                                    "[webdav] max_property_bytes"),
+    "tiny header cap": (GOOD.replace('[webdav]\n', '[webdav]\nmax_header_size = 100\n'),
+                        "[webdav] max_header_size"),
+    "no channels": (GOOD.replace('[sftp]\n', '[sftp]\nmax_channels = 0\n'), "[sftp] max_channels"),
+    "no login time": (GOOD.replace('[sftp]\n', '[sftp]\nlogin_timeout = 0\n'), "[sftp] login_timeout"),
 }
 
 

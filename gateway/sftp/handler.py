@@ -592,6 +592,8 @@ class GatewaySFTPServer(SFTPServer):
         server.register_handler(self)
         config = server.config
         self.max_handles = config.max_handles
+        # Handles of all sessions share the process's descriptors: see budget.py.
+        self.budget = server.frontend.gateway.handles
         self.max_length = max(config.max_packet_size, 34000)
         # A length word above this is garbage or abuse; OpenSSH clients stay below max_length.
         self.max_request = max(4 * self.max_length, 1 << 20)
@@ -670,6 +672,7 @@ class GatewaySFTPServer(SFTPServer):
                 log.exception("aborting an open handle failed")
         for handle in list(self.folder_table.values()):
             handle.close()
+        self.budget.release(self.session.username, len(self.file_table) + len(self.folder_table))
         self.file_table.clear()
         self.folder_table.clear()
         self._send_exit_status()
@@ -719,22 +722,43 @@ class GatewaySFTPServer(SFTPServer):
         if len(self.file_table) + len(self.folder_table) >= self.max_handles:
             raise SFTPStatus(SFTP_FAILURE, f"too many open handles (limit {self.max_handles})")
 
+    def _open_budgeted(self, request_number: int, folder: bool, open_handle: Callable[[], SFTPHandle]) -> None:
+        """Open and register a handle within the session's limit and the user's and process's budget."""
+        self._check_handle_limit()
+        user = self.session.username
+        if not self.budget.acquire(user):
+            log.info("refusing another handle for %r from %s: open-file budget spent", user,
+                     self.session.ip)
+            raise SFTPStatus(SFTP_FAILURE, "too many open files")
+        try:
+            handle = open_handle()
+        except BaseException:
+            self.budget.release(user)
+            raise
+        self._register(request_number, handle, folder)
+
+    def _release_budget(self) -> None:
+        self.budget.release(self.session.username)
+
     # -- requests ------------------------------------------------------------------
 
     def _open(self, request_number: int, msg: Message) -> None:
         path, pflags = msg.get_string(), msg.get_int()
         attr = SFTPAttributes._from_msg(msg)
-        self._check_handle_limit()
-        self._register(request_number, self.server.open(path, pflags, attr), False)
+        self._open_budgeted(request_number, False, lambda: self.server.open(path, pflags, attr))
 
     def _close(self, request_number: int, msg: Message) -> None:
         key = msg.get_binary()
         if key in self.folder_table:
-            self.folder_table.pop(key).close()
+            handle = self.folder_table.pop(key)
+            self._release_budget()
+            handle.close()
         elif key in self.file_table:
+            handle = self.file_table.pop(key)
+            self._release_budget()
             # Trap: paramiko answers OK whatever close() does; here a failed
             # commit raises and the client gets the error.
-            self.file_table.pop(key).close()
+            handle.close()
         else:
             raise SFTPStatus(SFTP_FAILURE, "invalid handle")
         self._ok(request_number)
@@ -775,8 +799,7 @@ class GatewaySFTPServer(SFTPServer):
 
     def _opendir(self, request_number: int, msg: Message) -> None:
         path = msg.get_string()
-        self._check_handle_limit()
-        self._register(request_number, self.server.list_folder(path), True)
+        self._open_budgeted(request_number, True, lambda: self.server.list_folder(path))
 
     def _readdir(self, request_number: int, msg: Message) -> None:
         folder = self.folder_table.get(msg.get_binary())

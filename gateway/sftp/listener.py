@@ -1,9 +1,15 @@
 """The SFTP listener: accepts sockets and runs one paramiko Transport per connection.
 
 A single accept thread hands each socket to its own Transport thread; a reaper
-thread closes connections idle for longer than `idle_timeout`. stop() closes
-every connection (open uploads are aborted by the subsystem) and joins all
-threads it started.
+thread closes connections that have not logged in within `login_timeout`,
+channels that start no subsystem within `channel_setup_timeout`, and
+connections idle for longer than `idle_timeout`. stop() closes every
+connection (open uploads are aborted by the subsystem) and joins all threads
+it started.
+
+A connection that has not logged in counts against `max_unauthenticated` (in
+total and per address) only; it takes one of the defender's connection slots,
+which WebDAV shares, once it has logged in.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections import defaultdict
 from typing import Any
 
 import paramiko
@@ -48,6 +55,16 @@ class _Transport(paramiko.Transport):
                          disabled_algorithms=disabled)
         self._frontend = frontend
         self.name = f"sftp-conn-{login.ip}"
+        # paramiko's own waits for the banner and each key exchange; the
+        # reaper enforces the deadline for the whole login.
+        self.banner_timeout = self.handshake_timeout = config.login_timeout
+
+    def _auth_trigger(self) -> None:
+        super()._auth_trigger()
+        if not self._frontend._logged_in(self._login):
+            log.info("sftp login of %r from %s refused: connection limit", self.get_username(),
+                     self._login.ip)
+            self.close()
 
     def _log(self, level: int, msg: Any, *args: Any) -> None:
         """paramiko's one log path: say how a connection ended in one line, at its level.
@@ -122,6 +139,7 @@ class SFTPFrontEnd:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._connections: set[LoginServer] = set()
+        self._unauthenticated: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
     # -- life cycle -----------------------------------------------------------
@@ -188,13 +206,11 @@ class SFTPFrontEnd:
             self._open_connection(sock, addr[0])
 
     def _open_connection(self, sock: socket.socket, ip: str) -> None:
-        if not self.gateway.defender.open_connection(ip):
-            log.info("sftp connection from %s refused (limit or ban)", ip)
+        login = LoginServer(self, ip)
+        if self.gateway.defender.is_banned(ip) or not self._admit_unauthenticated(login):
+            log.info("sftp connection from %s refused (unauthenticated limit or ban)", ip)
             sock.close()
             return
-        login = LoginServer(self, ip)
-        with self._lock:
-            self._connections.add(login)
         try:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -214,25 +230,71 @@ class SFTPFrontEnd:
             self._connection_ended(login)
             sock.close()
 
+    def _admit_unauthenticated(self, login: LoginServer) -> bool:
+        """Count a new connection as not logged in; False over `max_unauthenticated` (total or per address)."""
+        with self._lock:
+            total = sum(self._unauthenticated.values())
+            if total >= self.config.max_unauthenticated or \
+                    self._unauthenticated[login.ip] >= self.config.max_unauthenticated_per_ip:
+                if not self._unauthenticated[login.ip]:
+                    del self._unauthenticated[login.ip]
+                return False
+            self._unauthenticated[login.ip] += 1
+            login.slot = "unauthenticated"
+            self._connections.add(login)
+            return True
+
+    def _release_unauthenticated(self, ip: str) -> None:
+        self._unauthenticated[ip] -= 1
+        if self._unauthenticated[ip] <= 0:
+            del self._unauthenticated[ip]
+
+    def _logged_in(self, login: LoginServer) -> bool:
+        """Move a connection that logged in to a defender slot; False when the limits refuse it."""
+        with self._lock:
+            if login.slot != "unauthenticated":
+                return login.slot == "authenticated"
+            self._release_unauthenticated(login.ip)
+            login.slot = None
+            # The defender's lock nests inside ours, never the other way round.
+            if self.gateway.defender.open_connection(login.ip):
+                login.slot = "authenticated"
+                return True
+            return False
+
     def _connection_ended(self, login: LoginServer) -> None:
         with self._lock:
             if login not in self._connections:
                 return
             self._connections.discard(login)
-        self.gateway.defender.close_connection(login.ip)
+            slot, login.slot = login.slot, None
+            if slot == "unauthenticated":
+                self._release_unauthenticated(login.ip)
+        if slot == "authenticated":
+            self.gateway.defender.close_connection(login.ip)
 
     def _reap_loop(self) -> None:
-        timeout = self.config.idle_timeout
-        if not timeout:
-            self._stopping.wait()
-            return
-        interval = min(max(timeout / 4, 0.1), 30.0)
+        config = self.config
+        timeouts = [config.login_timeout, config.channel_setup_timeout] + \
+            ([config.idle_timeout] if config.idle_timeout else [])
+        interval = min(max(min(timeouts) / 4, 0.1), 30.0)
         while not self._stopping.wait(interval):
-            now = time.monotonic()
-            with self._lock:
-                idle = [c for c in self._connections if now - c.last_activity > timeout]
-            for login in idle:
+            self._reap(time.monotonic())
+
+    def _reap(self, now: float) -> None:
+        config = self.config
+        with self._lock:
+            connections = list(self._connections)
+        for login in connections:
+            if login.transport is None:
+                continue
+            if login.slot != "authenticated" and now - login.accepted_at > config.login_timeout:
+                log.info("closing sftp connection from %s: not logged in within %ds", login.ip,
+                         config.login_timeout)
+                login.transport.close()
+            elif config.idle_timeout and now - login.last_activity > config.idle_timeout:
                 log.info("closing sftp connection of %r from %s: idle for %ds",
-                         login.username, login.ip, timeout)
-                if login.transport is not None:
-                    login.transport.close()
+                         login.username, login.ip, config.idle_timeout)
+                login.transport.close()
+            else:
+                login.close_idle_channels(now - config.channel_setup_timeout)

@@ -23,9 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Channels running the SFTP subsystem at once on one connection; each is a thread.
-MAX_SESSIONS_PER_CONNECTION = 8
-
 
 class LoginServer(paramiko.ServerInterface):
     """paramiko's server hooks for one connection, answered from the users file."""
@@ -35,8 +32,13 @@ class LoginServer(paramiko.ServerInterface):
         self.config = frontend.config
         self.ip = ip
         self.transport: paramiko.Transport | None = None
-        self.last_activity = time.monotonic()
+        self.accepted_at = self.last_activity = time.monotonic()
+        # Which of the front-end's counts holds this connection: "unauthenticated",
+        # "authenticated" (a defender slot) or None; the front-end keeps it.
+        self.slot: str | None = None
         self.handlers: list[threading.Thread] = []
+        # Channels opened that have not started a subsystem yet: id -> when opened.
+        self._unstarted_channels: dict[int, float] = {}
         self._verified: dict[str, User] = {}
         self._interactive_user = ""
         self._lock = threading.Lock()
@@ -103,16 +105,35 @@ class LoginServer(paramiko.ServerInterface):
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session":
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        # Each open channel may buffer up to a window of unread data and runs
+        # a thread once its subsystem starts: cap them like OpenSSH's MaxSessions.
+        # paramiko offers no public count of a transport's open channels.
+        open_channels = len(self.transport._channels) if self.transport is not None else 0
+        if open_channels >= self.config.max_channels:
+            log.info("refusing another channel from %s: %d open", self.ip, open_channels)
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        with self._lock:
+            self._unstarted_channels[chanid] = time.monotonic()
         return OPEN_SUCCEEDED
+
+    def close_idle_channels(self, opened_before: float) -> None:
+        """Close channels opened before `opened_before` that have not started a subsystem."""
+        with self._lock:
+            late = [c for c, opened in self._unstarted_channels.items() if opened < opened_before]
+            for chanid in late:
+                del self._unstarted_channels[chanid]
+        for chanid in late:
+            channel = self.transport._channels.get(chanid) if self.transport is not None else None
+            if channel is not None:
+                log.info("closing a channel from %s: no subsystem started within %ds", self.ip,
+                         self.config.channel_setup_timeout)
+                channel.close()
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         if name != "sftp":
             return False
         with self._lock:
-            self.handlers = [t for t in self.handlers if t.is_alive()]
-            if len(self.handlers) >= MAX_SESSIONS_PER_CONNECTION:
-                log.info("refusing another SFTP session from %s: %d open", self.ip, len(self.handlers))
-                return False
+            self._unstarted_channels.pop(channel.get_id(), None)
         try:
             return super().check_channel_subsystem_request(channel, name)
         except Exception:

@@ -122,49 +122,18 @@ def _climbs_above_root(path: str) -> bool:
     return False
 
 
-class _Released:
-    """A response body that gives its connection slot back when the server closes it."""
-
-    def __init__(self, body, release) -> None:
-        self._body = body
-        self._release = release
-
-    def __iter__(self):
-        return iter(self._body)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
-
-
 def front_door(app, defender):
     """Wrap the wsgidav application with checks that must run before it parses anything.
 
-    The defender's bans and connection limits apply here, before credentials
-    are read: a banned address costs no argon2 verification. Each request in
-    flight holds one of its address's connection slots (a transfer holds a
-    cheroot thread the same way).
+    The defender's bans apply here, before credentials are read: a banned
+    address costs no argon2 verification. Its connection limits apply earlier,
+    when cheroot accepts a connection (http.HeaderGate).
     """
 
     def guarded(environ: dict, start_response):
-        ip = environ.get("REMOTE_ADDR", "")
-        if defender.is_banned(ip):
+        if defender.is_banned(environ.get("REMOTE_ADDR", "")):
             return _plain(start_response, "403 Forbidden", "too many failed logins; try again later")
-        if not defender.open_connection(ip):
-            return _plain(start_response, "503 Service Unavailable", "too many connections",
-                          [("Retry-After", "10")])
-        try:
-            body = checked(environ, start_response)
-        except BaseException:
-            defender.close_connection(ip)
-            raise
-        return _Released(body, lambda: defender.close_connection(ip))
+        return checked(environ, start_response)
 
     def checked(environ: dict, start_response):
         try:

@@ -1,15 +1,32 @@
-"""cheroot adjusted so that a refused request body is never read.
+"""cheroot adjusted so that a refused request body is never read and slow clients hold no thread.
 
 Stock cheroot answers `Expect: 100-continue` before the application runs, and
 after an early response (401, 403, 413) it reads whatever body is left in one
 `read()` call, into memory. Here `100 Continue` goes out only when the
 application first reads the body (PEP 3333's second option), and a response
 sent while body bytes are still unread closes the connection instead.
+
+Stock cheroot also hands every accepted connection to a worker thread, which
+then waits for the request headers: a few clients trickling header lines hold
+every thread. Here `HeaderGate` collects the headers in the connection
+manager's selector thread, within a size cap and a deadline, and a worker sees
+a connection only once its headers are complete. Connections are counted
+against the defender's limits when they are accepted, for their whole life.
 """
 from __future__ import annotations
 
+import errno
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+from cheroot import connections
 from cheroot import server as cheroot_server
 from cheroot import wsgi
+
+log = logging.getLogger(__name__)
 
 _CONTINUE_SUFFIX = b" 100 Continue\r\n\r\n"
 
@@ -63,6 +80,20 @@ class DeferredContinueRequest(cheroot_server.HTTPRequest):
 class DeferredContinueConnection(cheroot_server.HTTPConnection):
     RequestHandlerClass = DeferredContinueRequest
 
+    # Set by HeaderGate: the address counted for this connection, the header
+    # bytes collected so far (None between requests), and their deadline.
+    client_ip: str | None = None
+    header_buffer: bytearray | None = None
+    header_deadline = 0.0
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            ip, self.client_ip = self.client_ip, None
+            if ip is not None:
+                self.server.release_connection(ip)
+
 
 class _RequestBody:
     """wsgi.input: sends the owed `100 Continue` on the first read, then reads through."""
@@ -105,10 +136,198 @@ class GuardedGateway(wsgi.Gateway_10):
         return super().start_response(status, headers, exc_info)
 
 
-def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int) -> wsgi.Server:
-    """A cheroot WSGI server with the refinements above."""
-    server = wsgi.Server(bind, app, numthreads=threads, timeout=timeout, server_name="gateway",
-                         request_queue_size=64, shutdown_timeout=5)
-    server.ConnectionClass = DeferredContinueConnection
+_HEADER_END = (b"\r\n\r\n", b"\n\n")
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: 29\r\nConnection: close\r\n\r\nrequest headers are too large")
+
+
+class _AdmittingSocket:
+    """The listening socket as HeaderGate lets cheroot see it: accept() refuses over the limits."""
+
+    def __init__(self, sock: socket.socket, admit: Callable[[str], bool]) -> None:
+        self._sock = sock
+        self._admit = admit
+        self.ip: str | None = None
+
+    def accept(self):
+        sock, addr = self._sock.accept()
+        ip = addr[0] if isinstance(addr, tuple) else ""
+        if not self._admit(ip):
+            log.info("webdav connection from %s refused: connection limit", ip)
+            sock.close()
+            # cheroot treats EAGAIN from accept() as "nothing to accept".
+            raise BlockingIOError(errno.EAGAIN, "connection refused by limit")
+        self.ip = ip
+        return sock, addr
+
+
+class HeaderGate(connections.ConnectionManager):
+    """A ConnectionManager that admits connections by address and gives workers complete headers only.
+
+    The selector thread reads what each waiting connection has sent without
+    blocking. A connection goes to a worker once its header block is complete;
+    one whose headers outgrow `max_request_header_size` gets 431 and is
+    closed, one past its header deadline is closed. Workers therefore never
+    wait for header bytes, however slowly clients send them.
+    """
+
+    server: "GatewayHTTPServer"
+
+    def _from_server_socket(self, server_socket):
+        listener = _AdmittingSocket(server_socket, self.server.admit_connection)
+        try:
+            conn = super()._from_server_socket(listener)
+        except BaseException:
+            if listener.ip is not None:
+                self.server.release_connection(listener.ip)
+            raise
+        if conn is None:
+            # Refused, or admitted and then lost in the TLS handshake.
+            if listener.ip is not None:
+                self.server.release_connection(listener.ip)
+            return None
+        conn.client_ip = listener.ip
+        conn.last_used = time.time()
+        conn.header_buffer = bytearray()
+        conn.header_deadline = time.monotonic() + self.server.header_timeout
+        return conn
+
+    def put(self, conn) -> None:
+        """An idle keep-alive connection comes back: wait for its next request's headers."""
+        conn.last_used = time.time()
+        conn.header_buffer = None
+        self.server.process_conn(conn)
+
+    def headers_complete(self, conn) -> bool:
+        """Read what `conn` has sent; True once a worker can parse its headers without waiting.
+
+        Runs in the selector thread (and in a worker putting a connection
+        back); every read is non-blocking. A connection that is closed here,
+        or must wait for more bytes, is handled and False returned.
+        """
+        rfile = conn.rfile
+        fresh = conn.header_buffer is None
+        buffer = bytearray() if fresh else conn.header_buffer
+        # Bytes cheroot already buffered (a pipelined request) come first.
+        # cheroot reads through the pure-Python _pyio.BufferedReader; its
+        # buffer attributes are what cheroot's own has_data() looks at.
+        if rfile._read_pos < len(rfile._read_buf):
+            buffer += rfile._read_buf[rfile._read_pos:]
+            rfile._read_buf, rfile._read_pos = b"", 0
+        limit = self.server.max_request_header_size
+        ended = self._read_available(conn, buffer, limit + 1)
+        if any(end in buffer for end in _HEADER_END):
+            rfile._read_buf, rfile._read_pos = bytes(buffer), 0
+            conn.header_buffer = None
+            return True
+        if len(buffer) > limit:
+            log.info("webdav request from %s refused: headers over %d bytes", conn.client_ip, limit)
+            self._answer_and_close(conn, _TOO_LARGE)
+            return False
+        if ended:
+            conn.close()
+            return False
+        if fresh and buffer:
+            # A later request on a kept-alive connection: its deadline starts
+            # with its first byte (until then cheroot's idle timeout applies).
+            conn.header_buffer = buffer
+            conn.header_deadline = time.monotonic() + self.server.header_timeout
+        self._selector.register(conn.socket.fileno(), connections.selectors.EVENT_READ, data=conn)
+        return False
+
+    @staticmethod
+    def _read_available(conn, buffer: bytearray, limit: int) -> bool:
+        """Append what can be read now, up to `limit` bytes; True when the connection ended."""
+        sock = conn.socket
+        sock.setblocking(False)
+        try:
+            while len(buffer) < limit:
+                chunk = sock.recv(min(65536, limit - len(buffer)))
+                if not chunk:
+                    return True
+                buffer += chunk
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except OSError:
+            return True
+        finally:
+            try:
+                sock.settimeout(conn.server.timeout)
+            except OSError:
+                pass
+        return False
+
+    @staticmethod
+    def _answer_and_close(conn, response: bytes) -> None:
+        sock = conn.socket
+        try:
+            sock.setblocking(False)
+            sock.send(response)
+        except OSError:
+            pass
+        conn.close()
+
+    def _expire(self, threshold: float) -> None:
+        super()._expire(threshold)
+        now = time.monotonic()
+        late = [(fd, conn) for fd, conn in self._selector.connections
+                if conn is not self.server and conn.header_buffer is not None
+                and conn.header_deadline < now]
+        for fd, conn in late:
+            log.info("webdav connection from %s closed: no complete request headers within %ds",
+                     conn.client_ip, self.server.header_timeout)
+            self._selector.unregister(fd)
+            conn.close()
+
+    @property
+    def can_add_keepalive_connection(self) -> bool:
+        # Connections waiting for their first headers are not kept-alive ones.
+        limit = self.server.keep_alive_conn_limit
+        waiting = sum(1 for _, conn in self._selector.connections
+                      if conn is not self.server and conn.header_buffer is not None)
+        return limit is None or self._num_connections - waiting < limit
+
+
+class GatewayHTTPServer(wsgi.Server):
+    """cheroot's WSGI server with HeaderGate as its connection manager."""
+
+    ConnectionClass = DeferredContinueConnection
+
+    def __init__(self, *args, admit: Callable[[str], bool], release: Callable[[str], None],
+                 header_timeout: int, max_header_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._admit = admit
+        self._release = release
+        self.header_timeout = header_timeout
+        self.max_request_header_size = max_header_size
+
+    def admit_connection(self, ip: str) -> bool:
+        return self._admit(ip)
+
+    def release_connection(self, ip: str) -> None:
+        self._release(ip)
+
+    def prepare(self) -> None:
+        super().prepare()
+        stock, self._connections = self._connections, HeaderGate(self)
+        stock._selector.close()
+
+    def process_conn(self, conn) -> None:
+        if self._connections.headers_complete(conn):
+            super().process_conn(conn)
+
+
+def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, header_timeout: int,
+                max_header_size: int, admit: Callable[[str], bool] = lambda ip: True,
+                release: Callable[[str], None] = lambda ip: None) -> wsgi.Server:
+    """A cheroot WSGI server with the refinements above.
+
+    `admit(ip)` decides at accept whether a connection may open (and counts
+    it); `release(ip)` is called once when an admitted connection closes.
+    """
+    server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout, server_name="gateway",
+                               request_queue_size=64, shutdown_timeout=5, admit=admit,
+                               release=release, header_timeout=header_timeout,
+                               max_header_size=max_header_size)
     server.gateway = GuardedGateway
     return server

@@ -118,8 +118,15 @@ class WebDAVServer:
                         "cross the network in clear text; set [webdav] tls_cert and tls_key",
                         section.listen)
         app = self.build_app()
+        defender = self.gateway.defender
+        # Connections count against the defender's limits from accept to close;
+        # a banned address still connects, to read its 403 (front_door).
         server = make_server((section.listen.host, section.listen.port), app,
-                             threads=section.threads, timeout=section.timeout)
+                             threads=section.threads, timeout=section.timeout,
+                             header_timeout=section.header_timeout,
+                             max_header_size=section.max_header_size,
+                             admit=lambda ip: defender.open_connection(ip, check_ban=False),
+                             release=defender.close_connection)
         server.keep_alive_conn_limit = keep_alive_limit(section.threads,
                                                         self.gateway.config.defender.max_connections)
         if section.tls_cert is not None:

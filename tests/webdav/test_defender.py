@@ -1,12 +1,11 @@
 """The shared defender at the WebDAV door: bans and per-address connection limits."""
 from __future__ import annotations
 
-import base64
 import http.client
-import time
+import socket
 
-from tests.conftest import PASSWORD
-from tests.webdav.conftest import DavClient
+from tests.conftest import wait_for
+from tests.webdav.conftest import DavClient, read_until_closed
 
 
 def test_repeated_wrong_passwords_ban_the_address_even_for_the_right_one(make_gateway):
@@ -20,34 +19,28 @@ def test_repeated_wrong_passwords_ban_the_address_even_for_the_right_one(make_ga
     assert banned.status == 403 and b"too many failed logins" in banned.body
 
 
-def test_connections_per_address_are_capped_and_given_back(make_gateway):
-    running = make_gateway(webdav=True, extra={"defender": {"max_connections_per_ip": 1}})
+def test_connections_per_address_are_capped_at_accept_and_given_back(make_gateway):
+    running = make_gateway(webdav=True, extra={"defender": {"max_connections_per_ip": 1},
+                                               "webdav": {"header_timeout": 120}})
     running.add_user("alice")
     client = DavClient(running.webdav_port, "alice")
-    token = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
-    slow = http.client.HTTPConnection("127.0.0.1", running.webdav_port, timeout=30)
+    # A connection that has sent nothing yet already holds the address's only slot.
+    holder = socket.create_connection(("127.0.0.1", running.webdav_port), timeout=30)
     try:
-        # A PUT whose body is still arriving holds the address's only slot.
-        slow.putrequest("PUT", "/slow.bin")
-        slow.putheader("Authorization", f"Basic {token}")
-        slow.putheader("Content-Length", "10")
-        slow.endheaders()
-        slow.send(b"12345")
-        home = running.data / "alice"
-        deadline = time.monotonic() + 30
-        while not (home.exists() and any(p.name.startswith(".gw-upload-") for p in home.iterdir())):
-            assert time.monotonic() < deadline, "the slow PUT never started its upload"
-            time.sleep(0.02)
-        refused = client.get("/")
-        assert refused.status == 503 and refused.header("Retry-After") == "10"
-        slow.send(b"67890")
-        assert slow.getresponse().status == 201
+        wait_for(lambda: running.gateway.defender._total_connections == 1, "the first connection counted")
+        extra = socket.create_connection(("127.0.0.1", running.webdav_port), timeout=30)
+        with extra:
+            extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_until_closed(extra) == b""
     finally:
-        slow.close()
-    # The slot comes back once the server has closed the response, just after the client saw it.
-    for _ in range(100):
-        done = client.get("/slow.bin")
-        if done.status != 503:
-            break
-        time.sleep(0.05)
-    assert done.body == b"1234567890"
+        holder.close()
+    # The slot comes back when the server closes the first connection.
+    wait_for(lambda: status_or_none(client) == 200, "a request after the first connection closed")
+
+
+def status_or_none(client: DavClient) -> int | None:
+    """The status of GET /, or None when the server closed the connection at accept."""
+    try:
+        return client.get("/").status
+    except (ConnectionError, http.client.RemoteDisconnected):
+        return None

@@ -1,0 +1,134 @@
+"""Clients that never finish their request headers: they hold no worker thread, no memory, no slot for long."""
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tests.conftest import wait_for
+from tests.test_serve import _listening_ports, config, start, wait_for_line
+from tests.webdav.conftest import DavClient, read_until_closed
+
+OTHER_ADDRESS = "127.0.0.2"
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A TCP connection to the gateway on 127.0.0.1 from the loopback address `source`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(60)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def still_connected(sock: socket.socket) -> bool:
+    """True while the server has neither closed nor reset the connection."""
+    if not select.select([sock], [], [], 0)[0]:
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except OSError:
+        return False
+
+
+@contextmanager
+def tricklers(port: int, count: int, source: str, interval: float = 0.5) -> Iterator[list[socket.socket]]:
+    """`count` connections that send one more header line every `interval` seconds, never the end."""
+    socks = [connect_from(source, port) for _ in range(count)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n")
+        while not stop.wait(interval):
+            for sock in socks:
+                try:
+                    sock.sendall(b"X-Slow: still coming\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=trickle, name="trickler")
+    thread.start()
+    try:
+        yield socks
+    finally:
+        stop.set()
+        thread.join()
+        for sock in socks:
+            sock.close()
+
+
+def test_header_tricklers_from_one_address_do_not_starve_another_address(make_gateway):
+    running = make_gateway(webdav=True, extra={"webdav": {"header_timeout": 300}})
+    running.add_user("alice")
+    alice = DavClient(running.webdav_port, "alice")
+    # More tricklers than worker threads (32): each used to hold one.
+    with tricklers(running.webdav_port, 40, OTHER_ADDRESS) as socks:
+        # The tricklers are ahead of this request in the listener's accept queue.
+        assert alice.get("/").status == 200
+        assert all(still_connected(sock) for sock in socks)
+
+
+def test_a_client_that_trickles_headers_is_disconnected_after_header_timeout(make_gateway):
+    running = make_gateway(webdav=True, extra={"webdav": {"header_timeout": 1}})
+    with tricklers(running.webdav_port, 1, "127.0.0.1", interval=0.2) as (sock,):
+        wait_for(lambda: not still_connected(sock), "the trickler disconnected")
+    silent = connect_from("127.0.0.1", running.webdav_port)
+    with silent:
+        assert read_until_closed(silent) == b""
+    wait_for(lambda: running.gateway.defender._total_connections == 0, "the slots given back")
+
+
+def test_connections_over_the_per_address_limit_are_closed_at_accept(make_gateway):
+    running = make_gateway(webdav=True, extra={"webdav": {"header_timeout": 300},
+                                               "defender": {"max_connections_per_ip": 64}})
+    running.add_user("alice")
+    held = [connect_from(OTHER_ADDRESS, running.webdav_port) for _ in range(64)]
+    try:
+        wait_for(lambda: running.gateway.defender._connections.get(OTHER_ADDRESS) == 64,
+                 "64 connections accepted")
+        for _ in range(3):
+            with connect_from(OTHER_ADDRESS, running.webdav_port) as extra:
+                extra.sendall(b"OPTIONS / HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                assert read_until_closed(extra) == b""
+        assert all(still_connected(sock) for sock in held)
+        assert DavClient(running.webdav_port, "alice").get("/").status == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_oversized_header_line_gets_431_and_costs_no_memory(tmp_path):
+    proc = start(config(tmp_path, webdav=True))
+    try:
+        port = _listening_ports(wait_for_line(proc, "gateway ready"))["webdav"]
+        before = _peak_rss_kib(proc.pid)
+        line = b"X-Big: " + b"a" * (64 << 20) + b"\r\n\r\n"
+        with connect_from("127.0.0.1", port) as sock:
+            def send() -> None:
+                try:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n" + line)
+                except OSError:
+                    pass   # the server closes while the line is still arriving
+            sender = threading.Thread(target=send, name="big-header")
+            sender.start()
+            answer = read_until_closed(sock)
+            sender.join()
+        # A reset may overtake the answer; whatever arrived is the 431.
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+        grown_mib = (_peak_rss_kib(proc.pid) - before) / 1024
+        assert grown_mib < 16, f"peak RSS grew by {grown_mib:.1f} MiB for one header line"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
