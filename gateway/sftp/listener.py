@@ -165,6 +165,7 @@ class SFTPFrontEnd:
             if login not in self._connections:
                 return
             self._connections.discard(login)
+        login.close_sessions()
         self.gateway.defender.close_connection(login.ip)
 
     def _reap_loop(self) -> None:
