@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 from .config import DefenderSection
 from .users import User, UserStore, hash_password, verify_password
@@ -174,6 +175,9 @@ class _Flight:
 class Authenticator:
     """Checks credentials against the users file, through the defender."""
 
+    # The cache's clock; tests move it instead of waiting.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
     def __init__(self, users: UserStore, defender: Defender) -> None:
         self.users = users
         self.defender = defender
@@ -193,7 +197,7 @@ class Authenticator:
 
     def _cached(self, digest: str) -> bool:
         """A verified credential in the cache; using it keeps it there (sliding expiry)."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             entry = self._cache.get(digest)
             if entry is None or entry[1] <= now:
@@ -202,7 +206,7 @@ class Authenticator:
             return True
 
     def _remember(self, digest: str, name: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if len(self._cache) > _MAX_TRACKED:
                 self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
