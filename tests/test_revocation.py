@@ -193,3 +193,29 @@ def test_sessions_are_listed_and_one_can_be_ended_by_id(both):
             assert not both.gateway.sessions.end(session.id)
         finally:
             transport.close()
+
+
+def test_a_disabled_user_loses_a_webdav_download_in_flight(both):
+    size = 256 * 1024 * 1024
+    with open(both.data / "alice" / "big.bin", "wb") as fh:
+        fh.truncate(size)
+    sock = socket.create_connection(("127.0.0.1", both.webdav_port), timeout=60)
+    try:
+        # A small receive buffer: the server cannot push the whole file into the kernel.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {_basic(PASSWORD)}\r\n\r\n".encode())
+        received = len(sock.recv(65536))
+        assert received
+        wait_for(lambda: alice_sessions(both), "the download to register its session")
+
+        change_alice(both, "disable")
+
+        wait_for(lambda: not alice_sessions(both), "the revocation to reach the download")
+        try:
+            while chunk := sock.recv(1024 * 1024):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert received < size

@@ -59,7 +59,8 @@ class LoginServer(paramiko.ServerInterface):
         # Keyed by the name paramiko authenticated: a key merely accepted for
         # one name (before its signature) never grants a session to another.
         user = self._verified[self.username]
-        return self.frontend.gateway.open_fs(user, "sftp", self.ip, self._sessions.get(self.username))
+        return self.frontend.gateway.open_fs(user, "sftp", self.ip,
+                                            session=self._sessions.get(self.username))
 
     def _accept(self, user: User | None, username: str) -> int:
         self.touch()
