@@ -203,7 +203,7 @@ def test_a_disabled_user_loses_a_webdav_download_in_flight(both):
     try:
         # A small receive buffer: the server cannot push the whole file into the kernel.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {_basic(PASSWORD)}\r\n\r\n".encode())
+        sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {_basic(PASSWORD)}\r\n\r\n".encode())
         received = len(sock.recv(65536))
         assert received
         wait_for(lambda: alice_sessions(both), "the download to register its session")
