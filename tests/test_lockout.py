@@ -14,10 +14,8 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
-from gateway.config import load_config
-from gateway.server import Gateway
-from tests.conftest import PASSWORD, RunningGateway, write_config
-from tests.sftp.helpers import copy_host_keys
+from tests.conftest import PASSWORD, RunningGateway
+from tests.sftp.helpers import start_gateway
 
 ATTACKER = "127.0.0.2"
 
@@ -25,18 +23,13 @@ ATTACKER = "127.0.0.2"
 @pytest.fixture
 def both(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
     # A tiny failure delay: the slow-down runs, the test does not wait seconds for it.
-    path = write_config(tmp_path, webdav=True, sftp=True,
-                        extra={"defender": {"failure_delay": 0.01, "failure_delay_max": 0.05}})
-    copy_host_keys(host_key_dir, tmp_path / "state")
-    gateway = Gateway(load_config(path))
-    gateway.start()
+    running = start_gateway(tmp_path, host_key_dir,
+                            extra={"defender": {"failure_delay": 0.01, "failure_delay_max": 0.05}})
     try:
-        running = RunningGateway(gateway, path, tmp_path / "data",
-                                 {f.name: f.address[1] for f in gateway.frontends})
         running.add_user("alice", keys=(client_key.public_line,))
         yield running
     finally:
-        gateway.stop()
+        running.gateway.stop()
 
 
 def webdav_status(port: int, password: str, source: str = "127.0.0.1") -> int:

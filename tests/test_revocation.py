@@ -18,11 +18,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from gateway.config import load_config
-from gateway.server import Gateway
 from gateway.users import UserStore
-from tests.conftest import PASSWORD, RunningGateway, wait_for, write_config
-from tests.sftp.helpers import copy_host_keys
+from tests.conftest import PASSWORD, RunningGateway, wait_for
+from tests.sftp.helpers import start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 NEW_PASSWORD = "a brand new password"
@@ -32,28 +30,22 @@ OLD = b"the previous version\n"
 @pytest.fixture
 def both(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
     """A gateway with WebDAV and SFTP, alice (password and key) and bob, and alice's /keep.txt."""
-    path = write_config(tmp_path, webdav=True, sftp=True)
-    copy_host_keys(host_key_dir, tmp_path / "state")
-    gateway = Gateway(load_config(path))
-    gateway.start()
+    running = start_gateway(tmp_path, host_key_dir)
     try:
-        running = RunningGateway(gateway, path, tmp_path / "data",
-                                 {f.name: f.address[1] for f in gateway.frontends})
         running.add_user("alice", keys=(client_key.public_line,))
         running.add_user("bob")
         (running.data / "alice").mkdir()
         (running.data / "alice" / "keep.txt").write_bytes(OLD)
         yield running
     finally:
-        gateway.stop()
+        running.gateway.stop()
 
 
 def change_alice(running: RunningGateway, change: str) -> None:
     """Change alice as an operator would: the CLI in its own process, or another writer for keys."""
     if change == "keys":
-        other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                                str(running.config_path.parent / "other_key")], check=True)
-        assert other.returncode == 0
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(running.config_path.parent / "other_key")], check=True)
         line = (running.config_path.parent / "other_key.pub").read_text().strip()
         UserStore(running.config_path.parent / "users.toml").update("alice", keys=(line,))
         return
@@ -203,7 +195,8 @@ def test_a_disabled_user_loses_a_webdav_download_in_flight(both):
     try:
         # A small receive buffer: the server cannot push the whole file into the kernel.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {_basic(PASSWORD)}\r\n\r\n".encode())
+        sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Authorization: {_basic(PASSWORD)}\r\n\r\n".encode())
         received = len(sock.recv(65536))
         assert received
         wait_for(lambda: alice_sessions(both), "the download to register its session")
