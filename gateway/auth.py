@@ -1,9 +1,15 @@
 """Authentication shared by both protocols: password and key checks, and the defender.
 
-The defender counts failed logins per client IP and per user name across
-WebDAV and SFTP and bans for a while past a limit. Verified passwords are
-cached briefly because argon2 is deliberately slow and WebDAV clients send
-credentials with every request.
+The defender counts failed logins per client address across WebDAV and SFTP
+and bans the address for a while past a limit. Per user it only slows
+repeated failures down: a user is never locked out, a key login is never
+refused, and an address with no recent failures is never slowed down because
+other addresses failed for that user.
+
+argon2 is deliberately slow and costs 64 MiB per verification, so verified
+passwords are cached (the expiry slides while they are used), one credential
+is verified once however many requests bring it at the same time, and only
+`max_concurrent_verifications` run at once.
 """
 from __future__ import annotations
 
@@ -13,49 +19,128 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 from .config import DefenderSection
 from .users import User, UserStore, hash_password, verify_password
 
+# A verified credential stays cached this long after its last use; a password
+# change, a disabled or removed user drops it at once (Authenticator.forget).
 _CACHE_SECONDS = 60.0
+# A password check waits at most this long for a verification slot, then is
+# refused unverified: a flood must not queue without end.
+_VERIFY_WAIT_SECONDS = 30.0
+# Past this many tracked keys, expired failure records are swept.
+_MAX_TRACKED = 10_000
 
 
 class Defender:
-    """Failed-login counting and temporary bans, keyed by IP and by user name."""
+    """Failed-login counting, bans of addresses, per-user slow-down and connection limits."""
 
     def __init__(self, config: DefenderSection) -> None:
         self.config = config
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._failures: dict[str, deque[float]] = {}   # "ip:..." / "user:..." -> failure times
+        self._pending: dict[str, int] = defaultdict(int)   # ip -> verifications in flight
         self._banned_until: dict[str, float] = {}
         self._connections: dict[str, int] = defaultdict(int)
         self._total_connections = 0
         self._lock = threading.Lock()
 
-    def is_banned(self, ip: str, user: str | None = None) -> bool:
-        if not self.config.enabled or ip in self.config.exempt:
+    def _exempt(self, ip: str) -> bool:
+        return not self.config.enabled or ip in self.config.exempt
+
+    def _recent(self, key: str, now: float) -> int:
+        """Failures under `key` within the window (caller holds the lock)."""
+        times = self._failures.get(key)
+        if times is None:
+            return 0
+        while times and times[0] < now - self.config.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+        return len(times)
+
+    def _banned(self, ip: str, now: float) -> bool:
+        until = self._banned_until.get(ip)
+        if until is None:
             return False
-        now = time.monotonic()
-        with self._lock:
-            for key in (f"ip:{ip}", f"user:{user}" if user else None):
-                if key and self._banned_until.get(key, 0) > now:
-                    return True
+        if until > now:
+            return True
+        del self._banned_until[ip]
         return False
 
+    def is_banned(self, ip: str) -> bool:
+        """The address is banned. Only addresses are banned, never user names."""
+        if self._exempt(ip):
+            return False
+        with self._lock:
+            return self._banned(ip, time.monotonic())
+
+    def begin_attempt(self, ip: str) -> bool:
+        """Count a password verification from `ip` as a failure before it runs.
+
+        False: refuse it without verifying, because the address is banned or
+        its recent failures plus the verifications it has in flight reach the
+        ban limit (if those fail, the address is banned anyway). `end_attempt`
+        refunds the count on success.
+        """
+        if self._exempt(ip):
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if self._banned(ip, now) or \
+                    self._recent(f"ip:{ip}", now) + self._pending[ip] >= self.config.max_failures:
+                return False
+            self._pending[ip] += 1
+            return True
+
+    def end_attempt(self, ip: str, user: str | None, ok: bool) -> None:
+        """Settle a verification `begin_attempt` let through."""
+        if self._exempt(ip):
+            return
+        with self._lock:
+            self._pending[ip] -= 1
+            if self._pending[ip] <= 0:
+                del self._pending[ip]
+        if not ok:
+            self.record_failure(ip, user)
+
     def record_failure(self, ip: str, user: str | None) -> None:
-        if not self.config.enabled or ip in self.config.exempt:
+        if self._exempt(ip):
             return
         now = time.monotonic()
         with self._lock:
-            for key in (f"ip:{ip}", f"user:{user}" if user else None):
-                if not key:
-                    continue
-                times = self._failures[key]
-                times.append(now)
-                while times and times[0] < now - self.config.window:
-                    times.popleft()
-                if len(times) >= self.config.max_failures:
-                    self._banned_until[key] = now + self.config.ban_time
-                    times.clear()
+            if len(self._failures) > _MAX_TRACKED:
+                for key in list(self._failures):
+                    self._recent(key, now)
+            times = self._failures.setdefault(f"ip:{ip}", deque())
+            times.append(now)
+            self._recent(f"ip:{ip}", now)
+            if len(times) >= self.config.max_failures:
+                self._banned_until[ip] = now + self.config.ban_time
+                times.clear()
+            if user:
+                self._failures.setdefault(f"user:{user}", deque()).append(now)
+
+    def delay_for(self, ip: str, user: str) -> float:
+        """Seconds a password attempt for `user` from `ip` waits before it is verified.
+
+        Zero from an address with no recent failures, whatever other addresses
+        did: repeated failures slow the guesser down, never the user's own
+        clean address. Otherwise `failure_delay`, doubling with each recent
+        failure for the user, up to `failure_delay_max`.
+        """
+        if self._exempt(ip) or not self.config.failure_delay:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            if not self._recent(f"ip:{ip}", now):
+                return 0.0
+            failures = self._recent(f"user:{user}", now)
+        if not failures:
+            return 0.0
+        return min(self.config.failure_delay_max,
+                   self.config.failure_delay * 2 ** min(failures - 1, 32))
 
     def open_connection(self, ip: str, *, check_ban: bool = True) -> bool:
         """Count a new connection; False when a limit or (with `check_ban`) a ban refuses it.
@@ -83,53 +168,124 @@ class Defender:
             self._total_connections = max(0, self._total_connections - 1)
 
 
+class _Flight:
+    """One verification that other checks of the same credential wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok: bool | None = None   # None: refused unverified; the waiters try themselves
+
+
 class Authenticator:
     """Checks credentials against the users file, through the defender."""
+
+    # The cache's clock; tests move it instead of waiting.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(self, users: UserStore, defender: Defender) -> None:
         self.users = users
         self.defender = defender
-        self._cache: dict[str, float] = {}
+        self._cache: dict[str, tuple[str, float]] = {}    # digest -> (user name, expires)
+        self._flights: dict[str, _Flight] = {}
         self._cache_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
+        # Each argon2id verification holds 64 MiB: bound how many run at once.
+        self._verifying = threading.BoundedSemaphore(max(1, defender.config.max_concurrent_verifications))
         # Unknown users are checked against this hash so that both answers take
         # the same time and a timing probe cannot list user names.
         self._dummy_hash = hash_password(secrets.token_urlsafe(16))
 
-    def _digest(self, user: User, password: str) -> str:
-        material = f"{user.name}\0{user.password_hash}\0{password}".encode("utf-8", "surrogatepass")
+    def _digest(self, name: str, password_hash: str, password: str) -> str:
+        material = f"{name}\0{password_hash}\0{password}".encode("utf-8", "surrogatepass")
         return hmac.new(self._cache_key, material, hashlib.sha256).hexdigest()
+
+    def _cached(self, digest: str) -> bool:
+        """A verified credential in the cache; using it keeps it there (sliding expiry)."""
+        now = self.clock()
+        with self._lock:
+            entry = self._cache.get(digest)
+            if entry is None or entry[1] <= now:
+                return False
+            self._cache[digest] = (entry[0], now + _CACHE_SECONDS)
+            return True
+
+    def _remember(self, digest: str, name: str) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._cache) > _MAX_TRACKED:
+                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+            self._cache[digest] = (name, now + _CACHE_SECONDS)
+
+    def forget(self, name: str) -> None:
+        """Drop every cached credential of `name` (disabled, removed, password or keys changed)."""
+        with self._lock:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] != name}
 
     def check_password(self, name: str, password: str, ip: str) -> User | None:
         """Return the user when `password` is right, else None (and count a failure)."""
-        if self.defender.is_banned(ip, name):
+        if self.defender.is_banned(ip):
             return None
         user = self.users.get(name)
-        if user is None or user.disabled or not user.password_hash:
-            verify_password(self._dummy_hash, password)
-            self.defender.record_failure(ip, name)
+        password_hash = user.password_hash if user is not None and not user.disabled else None
+        digest = self._digest(name, password_hash or "", password)
+        if password_hash and self._cached(digest):
+            return user
+        delay = self.defender.delay_for(ip, name)
+        if delay:
+            time.sleep(delay)
+        return user if self._verify_once(digest, name, password_hash, password, ip) else None
+
+    def _verify_once(self, digest: str, name: str, password_hash: str | None, password: str,
+                     ip: str) -> bool:
+        """Verify, or wait for a verification of the same credential already running."""
+        while True:
+            with self._lock:
+                flight = self._flights.get(digest)
+                leader = flight is None
+                if leader:
+                    flight = self._flights[digest] = _Flight()
+            if leader:
+                break
+            flight.done.wait()
+            if flight.ok is None:
+                continue   # the other check was refused unverified: this one may still run
+            if not flight.ok:
+                self.defender.record_failure(ip, name)
+            return flight.ok
+        try:
+            flight.ok = self._verify(name, password_hash, password, ip)
+            if flight.ok:
+                self._remember(digest, name)
+        finally:
+            with self._lock:
+                del self._flights[digest]
+            flight.done.set()
+        return bool(flight.ok)
+
+    def _verify(self, name: str, password_hash: str | None, password: str, ip: str) -> bool | None:
+        """One argon2 verification within the limits; None when refused without verifying."""
+        if not self._verifying.acquire(timeout=_VERIFY_WAIT_SECONDS):
             return None
-        digest = self._digest(user, password)
-        now = time.monotonic()
-        with self._lock:
-            if self._cache.get(digest, 0) > now:
-                return user
-        if not verify_password(user.password_hash, password):
-            self.defender.record_failure(ip, name)
-            return None
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache = {k: v for k, v in self._cache.items() if v > now}
-            self._cache[digest] = now + _CACHE_SECONDS
-        return user
+        try:
+            if not self.defender.begin_attempt(ip):
+                return None
+            ok = False
+            try:
+                ok = verify_password(password_hash or self._dummy_hash, password) and bool(password_hash)
+            finally:
+                self.defender.end_attempt(ip, name, ok)
+            return ok
+        finally:
+            self._verifying.release()
 
     def check_key(self, name: str, key_line: str, ip: str) -> User | None:
         """Return the user when `key_line` ("type base64") is one of their keys, else None.
 
         A key offered that is not listed is not a failed login: SSH clients
-        offer every key they hold, one after the other.
+        offer every key they hold, one after the other. Failed passwords for
+        the user never stop a key login; only a banned address does.
         """
-        if self.defender.is_banned(ip, name):
+        if self.defender.is_banned(ip):
             return None
         user = self.users.get(name)
         if user is None or user.disabled:

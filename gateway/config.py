@@ -125,9 +125,16 @@ class SFTPSection:
 @dataclass
 class DefenderSection:
     enabled: bool = True
-    max_failures: int = 10       # failed logins within `window` before a ban
+    max_failures: int = 10       # failed logins from one address within `window` before it is banned
     window: int = 300            # seconds
     ban_time: int = 900          # seconds
+    # argon2id verifications running at once, 64 MiB each: 4 bounds them to
+    # 256 MiB and already keeps two cores busy (each uses 4 lanes).
+    max_concurrent_verifications: int = 4
+    # A password attempt for a user with recent failures, from an address that
+    # failed too, waits this long first, doubling per failure up to the max.
+    failure_delay: float = 1.0
+    failure_delay_max: float = 8.0
     max_connections: int = 512
     max_connections_per_ip: int = 64
     exempt: list[str] = field(default_factory=list)   # IPs never banned
@@ -272,6 +279,13 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if webdav.macos_files not in ("allow", "hide", "refuse"):
         raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
                           f"got {webdav.macos_files!r}")
+    if defender.max_concurrent_verifications < 1:
+        raise ConfigError(f"{where_file}: [defender] max_concurrent_verifications: must be at least 1, "
+                          f"got {defender.max_concurrent_verifications}")
+    for key in ("failure_delay", "failure_delay_max"):
+        if getattr(defender, key) < 0:
+            raise ConfigError(f"{where_file}: [defender] {key}: must not be negative, "
+                              f"got {getattr(defender, key)}")
     if sftp.max_packet_size < 34000:
         # RFC 4254 and SFTP clients assume packets of at least 32 KiB plus headers.
         raise ConfigError(f"{where_file}: [sftp] max_packet_size: must be at least 34000, "

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from .auth import Authenticator, Defender
@@ -15,6 +16,7 @@ from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
 from .errors import GatewayError
 from .permissions import ALL
+from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
 from .users import Location, User, UserStore, hash_password
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # Front-end name -> module exposing create_server(gateway) -> FrontEnd.
 FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp"}
+# How often the watcher looks for changed users (one stat of the users file):
+# a revoked user's sessions end within this plus the time to close them.
+USERS_POLL_SECONDS = 0.5
 
 
 class FrontEnd(Protocol):
@@ -57,6 +62,10 @@ class Gateway:
         # Sized in start(), once the open-file limit has been raised.
         self.handles = HandleBudget(config.server.max_open_files or 1 << 30,
                                     config.sftp.max_handles_per_user)
+        self.sessions = SessionRegistry()
+        self.users.subscribe(self._users_changed)
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.frontends: list[FrontEnd] = []
         self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
         self._ready: set[tuple[str, str]] = set()
@@ -80,15 +89,48 @@ class Gateway:
                 return tracker
             return known[1]
 
-    def open_fs(self, user: User, protocol: str, client: str = "") -> UserFS:
-        """A file system for one session of `user`; creates the home and mount targets on first use."""
+    def open_session(self, user: User, protocol: str, ip: str,
+                     on_end: Callable[[], None] | None = None) -> Session:
+        """Register a session of `user`, authenticated as the User record given.
+
+        If that record is already out of date in a way that revokes it (the
+        watcher saw the change before this session existed), the session is
+        ended at once: check after registering, so no change falls in between.
+        """
+        session = self.sessions.open(user.name, protocol, ip, on_end)
+        if revokes(user, self.users.get(user.name)):
+            self.sessions.end(session.id)
+        return session
+
+    def _users_changed(self, old: dict[str, User], new: dict[str, User]) -> None:
+        for name, user in old.items():
+            if revokes(user, new.get(name)):
+                self.auth.forget(name)
+                ended = self.sessions.revoke_user(name)
+                log.info("user %r was disabled, removed or got new credentials: %d session(s) ended",
+                         name, ended)
+
+    def _watch_users(self) -> None:
+        while not self._watch_stop.wait(USERS_POLL_SECONDS):
+            try:
+                self.users.refresh()
+            except Exception:
+                log.exception("checking the users for changes failed")
+
+    def open_fs(self, user: User, protocol: str, client: str = "",
+                session: Session | None = None) -> UserFS:
+        """A file system for one session of `user`; creates the home and mount targets on first use.
+
+        With a session, the file system stops working once the session is ended.
+        """
         for location in [user.home] + [m.target for m in user.mounts]:
             key = (location.backend, location.path)
             if key not in self._ready:
                 ensure_location(self.backends[location.backend], location.path)
                 self._ready.add(key)
         return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
-                      client=client, open_uploads=self._open_uploads, limits=self.limits)
+                      client=client, open_uploads=self._open_uploads, limits=self.limits,
+                      session=session)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -115,6 +157,9 @@ class Gateway:
         self.handles.total = total
         log.info("open file limit %d; SFTP handles: %d in total, %d per user", limit, total,
                  self.handles.per_user)
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch_users, name="users-watch", daemon=True)
+        self._watcher.start()
         for backend in self.backends.values():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)
@@ -137,6 +182,10 @@ class Gateway:
             log.info("%s listening on %s:%d", name, host, port)
 
     def stop(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
         for frontend in reversed(self.frontends):
             try:
                 frontend.stop()

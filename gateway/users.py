@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import tempfile
 import threading
@@ -215,16 +216,33 @@ def validate_name(name: str) -> str:
     return name
 
 
+# What tells a changed users file: a rewrite (os.replace) gives a new inode even
+# when the size and a coarse mtime stay the same, as after a password change.
+_Signature = tuple[int, int, int]
+
+
 class UserStore:
-    """The users file: read on demand, reloaded when it changes on disk."""
+    """The users file: read on demand, reloaded when it changes on disk.
+
+    `subscribe` lets the server see every change (to end the sessions of a
+    disabled user); callbacks run after each reload, in the thread that reloaded.
+    """
 
     def __init__(self, path: Path, backends: Iterable[str] | None = None) -> None:
         self.path = Path(path)
         self._backends = set(backends) if backends is not None else None
         self._users: dict[str, User] = {}
-        self._signature: tuple[int, int] | None = None
+        self._signature: _Signature | None = None
         self._checked_at = 0.0
         self._lock = threading.Lock()
+        # One reload at a time, so subscribers see each change once and in order.
+        # Reentrant: a subscriber may read users again.
+        self._reload_lock = threading.RLock()
+        self._subscribers: list[Callable[[dict[str, User], dict[str, User]], None]] = []
+
+    def subscribe(self, callback: Callable[[dict[str, User], dict[str, User]], None]) -> None:
+        """Call `callback(old, new)` (name -> User) after every reload."""
+        self._subscribers.append(callback)
 
     # -- reading --------------------------------------------------------------
 
@@ -250,41 +268,54 @@ class UserStore:
             users[name] = user
         return users
 
-    def _read_file(self) -> tuple[dict[str, User], tuple[int, int] | None]:
+    def _stat(self) -> _Signature | None:
         try:
             st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read_file(self) -> tuple[dict[str, User], _Signature | None]:
+        signature = self._stat()
+        try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}, None
-        return self._parse(text), (st.st_mtime_ns, st.st_size)
+        return self._parse(text), signature
 
     def load(self) -> dict[str, User]:
         """(Re)read the file now. Raises UsersFileError when it is invalid."""
-        users, signature = self._read_file()
-        with self._lock:
-            self._users, self._signature = users, signature
-            self._checked_at = time.monotonic()
+        with self._reload_lock:
+            users, signature = self._read_file()
+            with self._lock:
+                old = self._users
+                self._users, self._signature = users, signature
+                self._checked_at = time.monotonic()
+            for callback in list(self._subscribers):
+                try:
+                    callback(old, users)
+                except Exception:
+                    logging.getLogger(__name__).exception("a users subscriber failed")
         return users
 
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < 1.0:
-            return
-        self._checked_at = now
-        try:
-            st = self.path.stat()
-            signature = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            signature = None
-        if signature != self._signature:
+    def refresh(self) -> None:
+        """Reload now if the file changed on disk (one stat when it did not)."""
+        with self._reload_lock:
+            self._checked_at = time.monotonic()
+            signature = self._stat()
+            if signature == self._signature:
+                return
             try:
                 self.load()
             except UsersFileError:
                 # A broken edit must not lock everyone out: keep serving the
                 # last good version and say so in the log.
-                import logging
                 logging.getLogger(__name__).exception("users file invalid; keeping the previous version")
                 self._signature = signature
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._checked_at >= 1.0:
+            self.refresh()
 
     def get(self, name: str) -> User | None:
         self._refresh()

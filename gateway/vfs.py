@@ -7,6 +7,7 @@ Derived operations (copy tree, remove tree, moves across backends) live here.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from . import paths
 from .errors import (AlreadyExists, GatewayError, InvalidPath, IsADirectory, NotADirectory,
                      NotFound, PermissionDenied, QuotaExceeded)
 from .permissions import Perm, Policy
+from .sessions import Session
 from .storage.base import Backend, Entry, Upload, Usage
 from .users import Location, User
 
@@ -140,12 +142,14 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def write(self, data: bytes) -> None:
+        self._fs._check_live()
         self._check(self._pos, self._pos + len(data))
         self._inner.write(data)
         self._pos += len(data)
 
     @_virtual_errors
     def write_at(self, offset: int, data: bytes) -> None:
+        self._fs._check_live()
         self._check(offset, offset + len(data))
         self._inner.write_at(offset, data)
         self._pos = offset + len(data)
@@ -156,6 +160,7 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def truncate(self, size: int) -> None:
+        self._fs._check_live()
         self._check(size, size)
         self._inner.truncate(size)
         self._high = size
@@ -176,6 +181,7 @@ class GuardedUpload(Upload):
         track = self._track and self._fs._quota.counting
         replaced = self._fs._replaced_size(self.path, self._old_size) if track else None
         try:
+            self._fs._check_live()
             entry = self._inner.commit()
         except GatewayError as exc:
             self._fs._audit("upload", self.path, type(exc).__name__)
@@ -191,8 +197,52 @@ class GuardedUpload(Upload):
             self._fs._audit("upload", self.path, "aborted", self._high)
 
 
+class _LiveReader(io.BufferedIOBase):
+    """A download stream that stops at its next read once its session has been ended."""
+
+    def __init__(self, inner: BinaryIO, fs: "UserFS") -> None:
+        super().__init__()
+        self._inner = inner
+        self._fs = fs
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._fs._check_live()
+        return self._inner.read(size)
+
+    def read1(self, size: int = -1) -> bytes:
+        self._fs._check_live()
+        return self._inner.read1(size) if hasattr(self._inner, "read1") else self._inner.read(size)
+
+    def readinto(self, buffer) -> int:
+        self._fs._check_live()
+        return self._inner.readinto(buffer)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._inner.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            super().close()
+
+
 class UserFS:
-    """One session's file system: confine, authorize, delegate."""
+    """One session's file system: confine, authorize, delegate.
+
+    Once its session has been ended (the user was disabled, removed, or their
+    credentials changed), every operation, upload chunk and read raises
+    PermissionDenied.
+    """
 
     # The guard test holds every public method to exactly one of these lists,
     # so a new write method cannot slip in without a permission check.
@@ -205,9 +255,10 @@ class UserFS:
     def __init__(self, user: User, backends: Mapping[str, Backend], *,
                  quota: QuotaTracker | None = None, protocol: str = "", client: str = "",
                  open_uploads: "weakref.WeakSet[Upload] | None" = None,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), session: Session | None = None) -> None:
         self.user = user
         self.limits = limits
+        self.session = session
         self._open_uploads = open_uploads
         self.protocol = protocol
         self.client = client
@@ -226,6 +277,11 @@ class UserFS:
 
     def _backend(self, location: Location) -> Backend:
         return self._backends[location.backend]
+
+    def _check_live(self) -> None:
+        if self.session is not None and self.session.ended.is_set():
+            raise PermissionDenied("/", f"the session of '{self.user.name}' was ended: "
+                                        "access revoked or credentials changed")
 
     def _public_error(self, exc: GatewayError, hints: list[str] = ()) -> GatewayError:
         """The same error naming the user's path: the storage layout is not the client's business.
@@ -259,6 +315,8 @@ class UserFS:
         return self.user.home, "/", True
 
     def _resolve(self, vpath: str) -> _Target:
+        # Every operation resolves its paths: the one place a revoked session stops.
+        self._check_live()
         location, root, in_home = self._place(vpath)
         return _Target(self._backend(location), paths.rebase(vpath, root, location.path), in_home, root)
 
@@ -421,7 +479,7 @@ class UserFS:
         target = self._resolve(vpath)
         stream = target.backend.open_read(target.path, offset, length)
         self._audit("download", vpath, "ok")
-        return stream
+        return _LiveReader(stream, self) if self.session is not None else stream
 
     def usage(self) -> Usage:
         """Space for quota reporting (statvfs, RFC 4331): the quota if set, else the storage's."""

@@ -161,6 +161,17 @@ def test_store_reloads_after_the_file_changes(tmp_path):
     assert reader.get("late") is not None
 
 
+def test_subscribers_see_each_change_another_writer_makes_once(tmp_path):
+    store = UserStore(tmp_path / "users.toml")
+    store.add(User("alice", hash_password("pw-123456")))
+    seen = []
+    store.subscribe(lambda old, new: seen.append((old["alice"].disabled, new["alice"].disabled)))
+    UserStore(tmp_path / "users.toml").update("alice", disabled=True)
+    store.refresh()
+    store.refresh()
+    assert seen == [(False, True)]
+
+
 def test_parse_public_key_normalizes_whitespace(ssh_key):
     line = ssh_key.read_text().strip()
     kind, blob, comment = line.split()

@@ -270,6 +270,7 @@ class SFTPFrontEnd:
             slot, login.slot = login.slot, None
             if slot == "unauthenticated":
                 self._release_unauthenticated(login.ip)
+        login.close_sessions()
         if slot == "authenticated":
             self.gateway.defender.close_connection(login.ip)
 

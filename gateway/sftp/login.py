@@ -15,6 +15,7 @@ import paramiko
 from paramiko import (AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
                       OPEN_SUCCEEDED, InteractiveQuery)
 
+from ..sessions import Session
 from ..users import User
 from ..vfs import UserFS
 
@@ -40,6 +41,9 @@ class LoginServer(paramiko.ServerInterface):
         # Channels opened that have not started a subsystem yet: id -> when opened.
         self._unstarted_channels: dict[int, float] = {}
         self._verified: dict[str, User] = {}
+        # One registered session per user name accepted on this connection;
+        # ending it closes the whole connection (no new channels either).
+        self._sessions: dict[str, Session] = {}
         self._interactive_user = ""
         self._lock = threading.Lock()
 
@@ -57,14 +61,36 @@ class LoginServer(paramiko.ServerInterface):
         # Keyed by the name paramiko authenticated: a key merely accepted for
         # one name (before its signature) never grants a session to another.
         user = self._verified[self.username]
-        return self.frontend.gateway.open_fs(user, "sftp", self.ip)
+        return self.frontend.gateway.open_fs(user, "sftp", self.ip,
+                                            session=self._sessions.get(self.username))
 
     def _accept(self, user: User | None, username: str) -> int:
         self.touch()
         if user is None:
             return AUTH_FAILED
+        with self._lock:
+            session = self._sessions.get(username)
+            if session is None:
+                # Registered as soon as the credentials check out (for a key,
+                # before paramiko verifies the signature): a revocation racing
+                # the login must find this connection.
+                session = self._sessions[username] = self.frontend.gateway.open_session(
+                    user, "sftp", self.ip, on_end=self._close_transport)
+        if session.ended.is_set():
+            return AUTH_FAILED
         self._verified[username] = user
         return AUTH_SUCCESSFUL
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_sessions(self) -> None:
+        """The connection is gone: forget its sessions."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            self.frontend.gateway.sessions.close(session)
 
     # -- authentication -------------------------------------------------------
 
@@ -104,6 +130,9 @@ class LoginServer(paramiko.ServerInterface):
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session":
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        session = self._sessions.get(self.username)
+        if session is None or session.ended.is_set():
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         # Each open channel may buffer up to a window of unread data and runs
         # a thread once its subsystem starts: cap them like OpenSSH's MaxSessions.

@@ -21,6 +21,7 @@ from .state import open_state, rekey_user_urls
 
 if TYPE_CHECKING:
     from ..server import Gateway
+    from ..sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,11 @@ class WebDAVServer:
         self._prop_manager = None
 
     def _open_fs(self, user, client_ip: str):
-        return self.gateway.open_fs(user, "webdav", client_ip)
+        # Each request in flight is a session: revoking the user stops its
+        # transfer at the next chunk (the UserFS refuses), and the request's
+        # end closes it (`_closing_sessions`).
+        session = self.gateway.open_session(user, "webdav", client_ip)
+        return self.gateway.open_fs(user, "webdav", client_ip, session=session)
 
     def _storage_key(self, user_name: str, path: str) -> str | None:
         """The storage-location key of a path in a user's tree (None: no such user, or a bad path)."""
@@ -109,7 +114,8 @@ class WebDAVServer:
                             "libre_office_support": False, "response_trailer": "",
                             "show_user": True},
         }
-        return front_door(WsgiDAVApp(config), self.gateway.defender)
+        return front_door(_closing_sessions(WsgiDAVApp(config), self.gateway.sessions),
+                          self.gateway.defender)
 
     def start(self) -> None:
         section = self.section
@@ -156,6 +162,44 @@ class WebDAVServer:
         if self._lock_storage is not None:
             self._lock_storage.close()
             self._lock_storage = self._prop_manager = None
+
+
+class _ClosingBody:
+    """A response body that closes the request's session when the server closes the body."""
+
+    def __init__(self, body, close_session) -> None:
+        self._body = body
+        self._close_session = close_session
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._close_session()
+
+
+def _closing_sessions(app, sessions: "SessionRegistry"):
+    """Wrap the wsgidav app so the session a request opened is closed when the response is done."""
+
+    def close_session(environ: dict) -> None:
+        fs = environ.get("gateway.fs")
+        if fs is not None and fs.session is not None:
+            sessions.close(fs.session)
+
+    def wrapped(environ: dict, start_response):
+        try:
+            body = app(environ, start_response)
+        except BaseException:
+            close_session(environ)
+            raise
+        return _ClosingBody(body, lambda: close_session(environ))
+
+    return wrapped
 
 
 def create_server(gateway: "Gateway") -> WebDAVServer:

@@ -57,8 +57,14 @@ def copy_host_keys(host_key_dir: Path, state_dir: Path) -> None:
 def start_sftp_gateway(tmp: Path, host_key_dir: Path, *, backends: dict | None = None,
                        **sftp_options) -> RunningGateway:
     """Start a gateway serving SFTP only, reusing the session's host keys."""
-    path = write_config(tmp, webdav=False, sftp=True, backends=backends,
-                        extra={"sftp": sftp_options} if sftp_options else None)
+    return start_gateway(tmp, host_key_dir, webdav=False, backends=backends,
+                         extra={"sftp": sftp_options} if sftp_options else None)
+
+
+def start_gateway(tmp: Path, host_key_dir: Path, *, webdav: bool = True, backends: dict | None = None,
+                  extra: dict | None = None) -> RunningGateway:
+    """Start a gateway serving SFTP (and WebDAV unless told not to), reusing the session's host keys."""
+    path = write_config(tmp, webdav=webdav, sftp=True, backends=backends, extra=extra)
     copy_host_keys(host_key_dir, tmp / "state")
     gateway = Gateway(load_config(path))
     gateway.start()

@@ -1,0 +1,214 @@
+"""Revocation: disabling, removing or re-keying a user ends that user's sessions on both protocols.
+
+The changes are made the way an operator makes them, by the real CLI in
+another process (or, for keys, by another writer of the users file); the
+gateway notices through its users watcher.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import select
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from gateway.users import UserStore
+from tests.conftest import PASSWORD, RunningGateway, wait_for
+from tests.sftp.helpers import start_gateway
+
+REPO = Path(__file__).resolve().parent.parent
+NEW_PASSWORD = "a brand new password"
+OLD = b"the previous version\n"
+
+
+@pytest.fixture
+def both(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
+    """A gateway with WebDAV and SFTP, alice (password and key) and bob, and alice's /keep.txt."""
+    running = start_gateway(tmp_path, host_key_dir)
+    try:
+        running.add_user("alice", keys=(client_key.public_line,))
+        running.add_user("bob")
+        (running.data / "alice").mkdir()
+        (running.data / "alice" / "keep.txt").write_bytes(OLD)
+        yield running
+    finally:
+        running.gateway.stop()
+
+
+def change_alice(running: RunningGateway, change: str) -> None:
+    """Change alice as an operator would: the CLI in its own process, or another writer for keys."""
+    if change == "keys":
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(running.config_path.parent / "other_key")], check=True)
+        line = (running.config_path.parent / "other_key.pub").read_text().strip()
+        UserStore(running.config_path.parent / "users.toml").update("alice", keys=(line,))
+        return
+    args = {"disable": ["disable", "alice"], "remove": ["remove", "alice"],
+            "passwd": ["passwd", "alice", "--password-stdin"]}[change]
+    result = subprocess.run([sys.executable, "-m", "gateway", "user", *args,
+                             "--config", str(running.config_path)],
+                            input=NEW_PASSWORD + "\n", cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def alice_sessions(running: RunningGateway) -> list:
+    return [s for s in running.gateway.sessions.list() if s.user == "alice"]
+
+
+def temp_files(home: Path) -> list[str]:
+    return [p.name for p in home.iterdir() if p.name.startswith(".gw-upload-")]
+
+
+@pytest.mark.parametrize("change", ["disable", "remove", "passwd", "keys"])
+def test_a_changed_user_loses_an_open_sftp_session_and_its_upload(both, change):
+    transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
+    try:
+        transport.connect(username="alice", password=PASSWORD)
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        upload = sftp.open("/keep.txt", "w")
+        upload.write(b"half of a new version")
+        upload.flush()
+        assert sftp.listdir("/") == ["keep.txt"]
+        wait_for(lambda: temp_files(both.data / "alice"), "the upload to start")
+        assert [s.protocol for s in alice_sessions(both)] == ["sftp"]
+        bob_transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
+        try:
+            bob_transport.connect(username="bob", password=PASSWORD)
+
+            change_alice(both, change)
+
+            wait_for(lambda: not transport.is_active(), "alice's SSH connection to be closed")
+            with pytest.raises(paramiko.SSHException):
+                transport.open_session()
+            # Bob is not touched.
+            assert bob_transport.is_active()
+            bob = paramiko.SFTPClient.from_transport(bob_transport)
+            assert bob.listdir("/") == []
+            bob.close()
+        finally:
+            bob_transport.close()
+    finally:
+        transport.close()
+    # The open upload was aborted: the previous version stays, no temp file is left.
+    wait_for(lambda: not temp_files(both.data / "alice"), "the open upload to be aborted")
+    assert (both.data / "alice" / "keep.txt").read_bytes() == OLD
+    wait_for(lambda: not alice_sessions(both), "alice's session to leave the registry")
+
+
+def _basic(password: str) -> str:
+    return "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()
+
+
+def _status(port: int, password: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("PROPFIND", "/", headers={"Depth": "0", "Authorization": _basic(password)})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("change", ["disable", "passwd"])
+def test_a_changed_user_loses_a_webdav_upload_in_flight_and_the_old_password(both, change):
+    size = 64 * 1024 * 1024
+    chunk = b"x" * (64 * 1024)
+    conn = http.client.HTTPConnection("127.0.0.1", both.webdav_port, timeout=60)
+    try:
+        conn.putrequest("PUT", "/keep.txt")
+        conn.putheader("Authorization", _basic(PASSWORD))
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        conn.send(chunk)
+        wait_for(lambda: temp_files(both.data / "alice"), "the slow PUT to start its upload")
+        assert [s.protocol for s in alice_sessions(both)] == ["webdav"]
+
+        change_alice(both, change)
+
+        # Keep trickling the body until the server gives up on it; it never gets all of it.
+        sent = len(chunk)
+        answered = False
+        for _ in range(size // len(chunk) - 2):
+            if select.select([conn.sock], [], [], 0.05)[0]:
+                answered = True
+                break
+            try:
+                conn.send(chunk)
+            except OSError:
+                answered = True
+                break
+            sent += len(chunk)
+        assert answered, "the server took the whole body of a revoked user's upload"
+        try:
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            status = None      # the server closed the connection: just as good
+        assert status in (None, 403)
+    finally:
+        conn.close()
+    wait_for(lambda: not temp_files(both.data / "alice"), "the cut upload to be aborted")
+    assert (both.data / "alice" / "keep.txt").read_bytes() == OLD
+    wait_for(lambda: not alice_sessions(both), "alice's request to leave the registry")
+    # The cached credential went with the change: the old password fails at once.
+    assert _status(both.webdav_port, PASSWORD) == 401
+    if change == "passwd":
+        assert _status(both.webdav_port, NEW_PASSWORD) == 207
+
+
+def test_a_login_racing_a_revocation_is_ended_when_it_registers(both):
+    user = both.gateway.users.get("alice")
+    both.gateway.users.update("alice", disabled=True)
+    ended = []
+    session = both.gateway.open_session(user, "test", "127.0.0.1", on_end=lambda: ended.append(1))
+    assert session.ended.is_set() and ended == [1]
+    assert not alice_sessions(both)
+
+
+def test_sessions_are_listed_and_one_can_be_ended_by_id(both):
+    with socket.create_connection(("127.0.0.1", both.sftp_port)) as sock:
+        transport = paramiko.Transport(sock)
+        try:
+            transport.connect(username="bob", password=PASSWORD)
+            wait_for(lambda: both.gateway.sessions.list(), "bob's session to be registered")
+            (session,) = both.gateway.sessions.list()
+            assert (session.user, session.protocol, session.ip) == ("bob", "sftp", "127.0.0.1")
+            assert both.gateway.sessions.end(session.id)
+            wait_for(lambda: not transport.is_active(), "bob's connection to be closed")
+            assert not both.gateway.sessions.end(session.id)
+        finally:
+            transport.close()
+
+
+def test_a_disabled_user_loses_a_webdav_download_in_flight(both):
+    size = 256 * 1024 * 1024
+    with open(both.data / "alice" / "big.bin", "wb") as fh:
+        fh.truncate(size)
+    sock = socket.create_connection(("127.0.0.1", both.webdav_port), timeout=60)
+    try:
+        # A small receive buffer: the server cannot push the whole file into the kernel.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Authorization: {_basic(PASSWORD)}\r\n\r\n".encode())
+        received = len(sock.recv(65536))
+        assert received
+        wait_for(lambda: alice_sessions(both), "the download to register its session")
+
+        change_alice(both, "disable")
+
+        wait_for(lambda: not alice_sessions(both), "the revocation to reach the download")
+        try:
+            while chunk := sock.recv(1024 * 1024):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    assert received < size
