@@ -19,6 +19,8 @@ from wsgidav.mw.base_mw import BaseMiddleware
 log = logging.getLogger(__name__)
 
 _NO_BODY = (204, 304)
+# environ key: an unexpected exception of this request, logged once when it ends.
+UNEXPECTED_ERROR = "gateway.unexpected_error"
 
 
 def _status_code(status: str) -> int:
@@ -29,6 +31,12 @@ def _request_line(environ: dict) -> str:
     query = environ.get("QUERY_STRING")
     path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
     return f"{environ.get('REQUEST_METHOD', '?')} {path}{'?' + query if query else ''}"
+
+
+def _log_unexpected(environ: dict) -> None:
+    """Log the request's unexpected exception, if any, once: the request line and its traceback."""
+    if UNEXPECTED_ERROR in environ:
+        log.error("%s: internal error", _request_line(environ), exc_info=environ.pop(UNEXPECTED_ERROR))
 
 
 class _Captured:
@@ -54,9 +62,20 @@ class _Captured:
 
 
 class ErrorPages(BaseMiddleware):
-    """wsgidav middleware: every error becomes a short answer; unexpected ones are logged once."""
+    """wsgidav middleware: every error becomes a short answer; unexpected ones are logged once.
+
+    The log line (ERROR) names the request line and carries the traceback of
+    the exception recorded under UNEXPECTED_ERROR, by this middleware or by
+    the provider for exceptions wsgidav catches itself.
+    """
 
     def __call__(self, environ: dict, start_response):
+        try:
+            yield from self._respond(environ, start_response)
+        finally:
+            _log_unexpected(environ)   # e.g. a failed member in a 207 Multi-Status
+
+    def _respond(self, environ: dict, start_response):
         captured = _Captured()
         started = False
         try:
@@ -81,25 +100,26 @@ class ErrorPages(BaseMiddleware):
                 if close is not None:
                     close()
         except DAVError as exc:
+            if exc.value == 500:
+                # The exception wsgidav wrapped, else the DAVError itself.
+                environ.setdefault(UNEXPECTED_ERROR, exc.src_exception or exc)
             if started:
                 raise   # the status line is out; cheroot drops the connection
-            if exc.value == 500:
-                # The traceback of the exception wsgidav wrapped, else of the DAVError.
-                log.error("%s: internal error%s", _request_line(environ),
-                          f" ({exc.context_info})" if exc.context_info else "",
-                          exc_info=exc.src_exception or True)
+            _log_unexpected(environ)
             yield from self._error(environ, start_response, exc)
-        except Exception:
+        except Exception as exc:
+            environ.setdefault(UNEXPECTED_ERROR, exc)
             if started:
                 raise
-            log.exception("%s: unexpected error", _request_line(environ))
+            _log_unexpected(environ)
             yield from self._error(environ, start_response, DAVError(500))
 
     def _replace_page(self, environ: dict, start_response, captured: _Captured):
         if _status_code(captured.status) == 500:
-            # wsgidav caught this one itself (a failed member of a DELETE or
-            # COPY, say) and logged it only at its own verbose levels.
-            log.error("%s: internal error reported by wsgidav", _request_line(environ))
+            # wsgidav caught this one itself (DELETE, COPY, MOVE) and logs it
+            # only at its own verbose levels; the provider may have kept it.
+            environ.setdefault(UNEXPECTED_ERROR, None)
+        _log_unexpected(environ)
         yield from self._page(environ, start_response, captured.status, captured.headers)
 
     def _error(self, environ: dict, start_response, exc: DAVError):

@@ -23,6 +23,7 @@ from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, Gate
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
 from ..vfs import Entry, Upload, UserFS
+from .error_page import UNEXPECTED_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,11 @@ class _Resource:
             yield
         except GatewayError as exc:
             raise dav_error(exc, self.method) from None
+        except Exception as exc:
+            # wsgidav turns some exceptions into a 500 or a multistatus entry
+            # without logging them: keep it for the error log (error_page.py).
+            self.environ.setdefault(UNEXPECTED_ERROR, exc)
+            raise
 
     # -- identity: locks and dead properties are keyed by this ----------------
 

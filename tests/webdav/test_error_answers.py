@@ -157,3 +157,4 @@ def test_exception_wsgidav_catches_itself_answers_a_short_500_and_is_logged(dav,
     assert reply.body == b"500 Internal Server Error\n"
     assert any(r.levelno == logging.ERROR and "DELETE /d" in r.getMessage() for r in caplog.records), \
         caplog.text
+    assert "secret detail" in caplog.text and "Traceback" in caplog.text
