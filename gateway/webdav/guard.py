@@ -25,7 +25,10 @@ _XML_METHODS = frozenset({"PROPFIND", "PROPPATCH", "LOCK", "UNLOCK"})
 _CREATING_METHODS = frozenset({"PUT", "MKCOL", "LOCK", "PROPPATCH"})
 # WebDAV bodies never need a DTD; refusing any DOCTYPE rules out external
 # entities (XXE) and entity-expansion bombs before a parser sees them.
-_DOCTYPE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_DOCTYPE = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+# The encoding an XML declaration names (XML 1.0 section 4.3.3).
+_DECLARED_ENCODING = re.compile(r"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9._-]*)["']""")
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
 
 
 class RequestGuard(BaseMiddleware):
@@ -59,8 +62,8 @@ class RequestGuard(BaseMiddleware):
         """Read the XML body once, within the limit, and hand wsgidav a checked copy.
 
         Raises:
-            DAVError: 413 for a body over `max_xml_body`, 400 for a DTD or bytes
-                that are not UTF-8.
+            DAVError: 413 for a body over `max_xml_body`, 400 for a DTD or a
+                body that is not UTF-8 (see `_utf8_text`).
         """
         text = environ.get("CONTENT_LENGTH", "").strip()
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -80,16 +83,35 @@ class RequestGuard(BaseMiddleware):
                 raise DAVError(413, context_info=f"XML body over {self.max_xml_body} bytes")
         environ["wsgidav.some_input_read"] = 1
         environ["wsgidav.all_input_read"] = 1
-        if _DOCTYPE.search(body):
+        if _DOCTYPE.search(_utf8_text(body)):
             raise DAVError(400, context_info="DTDs and entity declarations are not accepted")
-        if not body.startswith((b"\xff\xfe", b"\xfe\xff")):
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DAVError(400, context_info="XML body is not valid UTF-8") from None
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+
+def _utf8_text(body: bytes) -> str:
+    """The XML body as text; only UTF-8 (with or without its BOM) is accepted.
+
+    Security: the DTD check must see what the parser will see. In UTF-16,
+    UTF-32 or UTF-7 "<!DOCTYPE" is not those bytes, and lxml would decode them
+    from a BOM, from NUL patterns or from the XML declaration. WebDAV clients
+    send UTF-8 (RFC 4918 requires servers to accept it, not anything else).
+
+    Raises:
+        DAVError: 400 for another encoding, bytes that are not UTF-8, or NUL.
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DAVError(400, context_info="XML body is not valid UTF-8") from None
+    if "\x00" in text:
+        # Never in XML; UTF-16 and UTF-32 without a BOM are full of them.
+        raise DAVError(400, context_info="XML body is not valid UTF-8")
+    declared = _DECLARED_ENCODING.match(text.lstrip())
+    if declared and declared.group(1).lower() not in _UTF8_NAMES:
+        raise DAVError(400, context_info=f"XML body must be UTF-8, not {declared.group(1)}")
+    return text
 
 
 def _plain(start_response, status: str, text: str, extra: list[tuple[str, str]] | None = None) -> list[bytes]:

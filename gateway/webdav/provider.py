@@ -9,11 +9,13 @@ from __future__ import annotations
 import email.utils
 import fnmatch
 import logging
+import math
+import posixpath
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlparse
 
 from wsgidav.dav_error import PRECONDITION_CODE_LockConflict, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
@@ -23,6 +25,7 @@ from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, Gate
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
 from ..vfs import Entry, Upload, UserFS
+from .error_page import UNEXPECTED_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,23 @@ _WIN32_IGNORED = ("{urn:schemas-microsoft-com:}Win32FileAttributes",
 _QUOTA_PROPS = ("{DAV:}quota-used-bytes", "{DAV:}quota-available-bytes")
 MACOS_PATTERNS = ("._*", ".DS_Store")
 
+# Client-set modification times must fit every place a time goes: SFTP v3
+# carries mtime as an unsigned 32-bit number, and LocalBackend hands
+# nanoseconds to utime (int64). Times before 1970 are refused for the same reason.
+MAX_CLIENT_MTIME = 2**32 - 1
+
+# Security (stored XSS): files are other users' content on our origin, and
+# browsers resend Basic credentials to it. Every file response forbids type
+# sniffing and runs in a sandbox (no script, unique origin); types a browser
+# would render as an active document are downloaded instead of shown.
+_FILE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "sandbox")]
+_ACTIVE_EXTENSIONS = frozenset({".html", ".htm", ".shtml", ".xhtml", ".xht", ".svg", ".svgz",
+                                ".xml", ".xsl", ".xslt", ".js", ".mjs"})
+_ACTIVE_TYPES = frozenset({"text/html", "image/svg+xml", "application/xml", "text/xml",
+                           "text/xsl", "application/xhtml+xml"})
+# RFC 5987 attr-char: what filename*= may carry unencoded.
+_ATTR_CHARS = "!#$&+-.^_`|~"
+
 
 def dav_error(exc: GatewayError, method: str) -> DAVError:
     """Translate one gateway error into the DAVError the request should answer."""
@@ -69,6 +89,44 @@ def dav_error(exc: GatewayError, method: str) -> DAVError:
 
 def is_macos_name(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in MACOS_PATTERNS)
+
+
+def parse_client_mtime(text: str) -> float:
+    """Seconds since the epoch from `X-OC-Mtime` (Nextcloud and rclone send whole seconds).
+
+    Raises:
+        DAVError: 400 for anything but a finite number from 0 to MAX_CLIENT_MTIME.
+    """
+    try:
+        mtime = float(text.strip())
+    except ValueError:
+        mtime = math.nan
+    if not 0 <= mtime <= MAX_CLIENT_MTIME:   # also false for nan
+        raise DAVError(400, context_info=f"X-OC-Mtime must be a Unix time in seconds from 0 "
+                                         f"to {MAX_CLIENT_MTIME}; nothing was stored")
+    return mtime
+
+
+def is_active_content(path: str, content_type: str) -> bool:
+    """True for what a browser would run as a document or script (HTML, SVG, XML, JavaScript)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return (posixpath.splitext(path)[1].lower() in _ACTIVE_EXTENSIONS or media in _ACTIVE_TYPES
+            or media.endswith("+xml") or "javascript" in media or "ecmascript" in media
+            or "xhtml" in media)
+
+
+def attachment_disposition(name: str) -> str:
+    """`Content-Disposition: attachment` naming the file as RFC 6266 says.
+
+    An ASCII `filename` for old clients (non-ASCII characters become "_")
+    and, when the name is not plain ASCII, `filename*=UTF-8''...` for the rest.
+    """
+    ascii_name = "".join(c if " " <= c < "\x7f" else "_" for c in name)
+    quoted = ascii_name.replace("\\", "\\\\").replace('"', '\\"')
+    value = f'attachment; filename="{quoted}"'
+    if ascii_name != name:
+        value += "; filename*=UTF-8''" + quote(name, safe=_ATTR_CHARS)
+    return value
 
 
 def parse_http_date(text: str) -> float:
@@ -126,6 +184,11 @@ class _Resource:
             yield
         except GatewayError as exc:
             raise dav_error(exc, self.method) from None
+        except Exception as exc:
+            # wsgidav turns some exceptions into a 500 or a multistatus entry
+            # without logging them: keep it for the error log (error_page.py).
+            self.environ.setdefault(UNEXPECTED_ERROR, exc)
+            raise
 
     # -- identity: locks and dead properties are keyed by this ----------------
 
@@ -214,6 +277,8 @@ class _Resource:
 
     def set_last_modified(self, dest_path: str, time_stamp, *, dry_run: bool) -> bool:
         mtime = float(time_stamp) if isinstance(time_stamp, (int, float)) else parse_http_date(time_stamp)
+        if not 0 <= mtime <= MAX_CLIENT_MTIME:
+            raise DAVError(400, context_info=f"modification time out of range: {time_stamp!r}")
         with self.mapped():
             self.fs.set_mtime(self.provider.to_vpath(dest_path), mtime, dry_run=dry_run)
         return True
@@ -383,10 +448,7 @@ class FileResource(_Resource, DAVNonCollection):
         text = self.environ.get("HTTP_X_OC_MTIME", "").strip()
         if not text:
             return
-        try:
-            mtime = float(text)
-        except ValueError:
-            return
+        mtime = parse_client_mtime(text)   # checked before the body was read
         try:
             self.fs.set_mtime(self.vpath, mtime)
         except GatewayError as exc:
@@ -520,7 +582,9 @@ class UserFSProvider(DAVProvider):
         cls = FolderResource if entry.is_dir else FileResource
         return cls(path, environ, fs, vpath, entry)
 
-    def get_resource_inst(self, path: str, environ: dict):
+    def get_resource_inst(self, path: str | None, environ: dict):
+        if path is None:
+            return None   # wsgidav asks for the parent of "/" (DELETE, COPY, MOVE, LOCK)
         fs = self.fs_for(environ)
         if fs is None:
             if environ.get("REQUEST_METHOD") == "OPTIONS":
@@ -539,9 +603,18 @@ class UserFSProvider(DAVProvider):
         # wsgidav's own refusal of Depth: infinity (403 + propfind-finite-depth):
         # a whole-tree PROPFIND is a denial of service on a large share.
         default_handler.__self__.allow_propfind_infinite = False
-        if environ.get("REQUEST_METHOD") in ("GET", "HEAD") and self._not_modified_since(environ):
-            start_response("304 Not Modified", [("Content-Length", "0")])
-            return [b""]
+        method = environ.get("REQUEST_METHOD")
+        self._refuse_root_change(environ, method)
+        if method in ("GET", "HEAD"):
+            # Folders never get here: the dir browser answers GET/HEAD on them.
+            start_response = _file_response(environ, start_response)
+            if self._not_modified_since(environ):
+                start_response("304 Not Modified", [("Content-Length", "0")])
+                return [b""]
+        if method == "PUT" and environ.get("HTTP_X_OC_MTIME", "").strip():
+            # Before the body is read: a refused time stores nothing (Nextcloud
+            # answers 400 too, but only after storing the file).
+            parse_client_mtime(environ["HTTP_X_OC_MTIME"])
         if environ.get("HTTP_X_OC_MTIME"):
             start_response = _mtime_acknowledging(environ, start_response)
         self._request.environ = environ
@@ -557,6 +630,19 @@ class UserFSProvider(DAVProvider):
         finally:
             self._request.environ = None
 
+    def _refuse_root_change(self, environ: dict, method: str | None) -> None:
+        """403 for DELETE of "/" and COPY/MOVE onto "/" (RFC 4918 9.6.1, 9.8.5).
+
+        UserFS refuses these too; answering here keeps wsgidav from asking for
+        the parent of "/" or answering 409 ("parent is not a collection").
+        """
+        if method == "DELETE" and self.to_vpath(environ["PATH_INFO"]) == "/":
+            raise DAVError(403, context_info="the root folder cannot be deleted")
+        if method in ("COPY", "MOVE") and environ.get("HTTP_DESTINATION"):
+            dest = urlparse(unquote(environ["HTTP_DESTINATION"]), allow_fragments=False).path
+            if self.to_vpath(dest or "/") == "/":
+                raise DAVError(403, context_info="the root folder cannot be replaced")
+
     def _not_modified_since(self, environ: dict) -> bool:
         """If-Modified-Since alone, compared as RFC 9110 says (wsgidav answers 200 on equal times)."""
         text = environ.get("HTTP_IF_MODIFIED_SINCE")
@@ -570,6 +656,20 @@ class UserFSProvider(DAVProvider):
         except DAVError:
             return False
         return int(res.get_last_modified()) <= since
+
+
+def _file_response(environ: dict, start_response):
+    """Add the file-response security headers (see _FILE_HEADERS) to a GET or HEAD."""
+    def wrapped(status, headers, exc_info=None):
+        headers = list(headers) + _FILE_HEADERS
+        if status.startswith(("2", "304")):
+            content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
+            path = environ.get("PATH_INFO", "")
+            if is_active_content(path, content_type):
+                headers.append(("Content-Disposition",
+                                attachment_disposition(path.rstrip("/").rpartition("/")[2])))
+        return start_response(status, headers, exc_info)
+    return wrapped
 
 
 def _mtime_acknowledging(environ: dict, start_response):

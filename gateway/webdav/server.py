@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from wsgidav.dir_browser import WsgiDavDirBrowser
-from wsgidav.error_printer import ErrorPrinter
 from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from .auth import GatewayDomainController
+from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
 from .http import make_server
 from ..errors import GatewayError
@@ -101,7 +101,7 @@ class WebDAVServer:
                         "macos_files": section.macos_files},
             "lock_storage": self._lock_storage,
             "property_manager": self._prop_manager,
-            "middleware_stack": [ErrorPrinter, HTTPAuthenticator, RequestGuard,
+            "middleware_stack": [ErrorPages, HTTPAuthenticator, RequestGuard,
                                  WsgiDavDirBrowser, RequestResolver],
             "block_size": section.block_size,
             "verbose": 1,

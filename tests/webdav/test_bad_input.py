@@ -29,6 +29,38 @@ def test_hostile_xml_bodies_get_400_and_change_nothing(dav, alice, method, body)
     assert alice.get("/t.txt").status == 200   # still serving
 
 
+XXE_TEXT = XXE.decode()
+
+
+@pytest.mark.parametrize("body", [
+    XXE_TEXT.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="UTF-16"?>').encode("utf-16"),
+    XXE_TEXT.encode("utf-16-le"),
+    XXE_TEXT.encode("utf-16-be"),
+    XXE_TEXT.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="UTF-32"?>').encode("utf-32"),
+    b'<?xml version="1.0" encoding="UTF-7"?>+ADw-!DOCTYPE p +AFs-+ADw-!ENTITY x SYSTEM '
+    b'+ACI-file:///etc/passwd+ACI-+AD4-+AF0-+AD4-<D:propfind xmlns:D="DAV:"><D:prop>'
+    b'<D:displayname>+ACY-x;</D:displayname></D:prop></D:propfind>',
+], ids=["utf-16-bom", "utf-16le", "utf-16be", "utf-32", "utf-7"])
+def test_xml_body_in_another_encoding_is_refused_so_no_dtd_hides(dav, alice, body):
+    alice.put("/t.txt", b"t")
+    for method in ("PROPFIND", "PROPPATCH", "LOCK"):
+        reply = alice.request(method, "/t.txt", body, {"Depth": "0",
+                                                       "Content-Type": "application/xml; charset=utf-16"})
+        assert reply.status == 400, (method, reply)
+        assert b"root:" not in reply.body
+    assert b"lockdiscovery/>" in alice.propfind("/t.txt", "0").body
+
+
+def test_utf8_xml_bodies_with_and_without_bom_still_work(dav, alice):
+    query = ('<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:">'
+             '<D:prop><D:displayname/></D:prop></D:propfind>').encode()
+    alice.put("/gr%C3%BC%C3%9Fe.txt", b"t")
+    for body in (query, b"\xef\xbb\xbf" + query, query.replace(b' encoding="utf-8"', b"")):
+        reply = alice.propfind("/gr%C3%BC%C3%9Fe.txt", "0", body)
+        assert reply.status == 207, reply
+        assert "grüße.txt".encode() in reply.body
+
+
 def test_ten_megabyte_xml_body_gets_413_without_being_read(dav, alice):
     sock = socket.create_connection(("127.0.0.1", dav.webdav_port), timeout=30)
     sock.sendall((f"PROPFIND / HTTP/1.1\r\nHost: x\r\nAuthorization: {alice.auth}\r\nDepth: 0\r\n"
