@@ -12,6 +12,7 @@ from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
+from ..proxy_protocol import ProxiedListener, ProxyProtocol
 from .auth import GatewayDomainController
 from .guard import RequestGuard, front_door
 from .http import make_server
@@ -99,6 +100,10 @@ class WebDAVServer:
         except BaseException:
             self._close_state()
             raise
+        proxy = ProxyProtocol.for_section(section, "webdav")
+        if proxy is not None:
+            # Below cheroot and TLS: REMOTE_ADDR is the client the PROXY header names.
+            server.socket = ProxiedListener(server.socket, proxy)
         self._server = server
         host, port = server.bind_addr[:2]
         self.address = (host, port)
