@@ -66,7 +66,21 @@ BROKEN = {
     "not toml": ("[server\nstate_dir=", "not valid TOML"),
     "unknown backend key": (GOOD.replace('root = "data"', 'root = "data"\nbucket = "x"'),
                             "[backends.local] bucket"),
+    "trusted proxy not an address": (
+        GOOD.replace('[webdav]\n', '[webdav]\nproxy_protocol = true\ntrusted_proxies = ["10.0.0.1/8"]\n'),
+        "[webdav] trusted_proxies[0]: '10.0.0.1/8'"),
+    "proxy protocol without trusted proxies": (
+        GOOD.replace('[sftp]\n', '[sftp]\nproxy_protocol = true\n'), "[sftp] trusted_proxies"),
 }
+
+
+def test_proxy_protocol_is_off_by_default_and_takes_addresses_and_networks(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert not config.webdav.proxy_protocol and config.webdav.trusted_proxies == []
+    text = GOOD.replace('[sftp]\n', '[sftp]\nproxy_protocol = true\ntrusted_proxies = ["10.0.0.5", "fd00::/8"]\n')
+    config = load_config(write(tmp_path, text))
+    assert config.sftp.proxy_protocol and config.sftp.trusted_proxies == ["10.0.0.5", "fd00::/8"]
+    assert not config.webdav.proxy_protocol
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
