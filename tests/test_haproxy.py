@@ -10,8 +10,10 @@ import base64
 import http.client
 import logging
 import subprocess
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,8 @@ import pytest
 
 from gateway.config import load_config
 from gateway.server import Gateway
-from tests.conftest import PASSWORD, RunningGateway, write_config
-from tests.haproxy import CLIENT_IP, HAProxy, connect_from, needs_haproxy, run_haproxy
+from tests.conftest import PASSWORD, RunningGateway, wait_for, write_config
+from tests.haproxy import CLIENT_IP, HAProxy, connect_from, needs_haproxy, run_example, run_haproxy
 from tests.sftp.helpers import OpenSSH, copy_host_keys, known_hosts
 from tests.test_proxy_protocol import v2_header
 from tests.webdav.conftest import read_until_closed
@@ -220,6 +222,73 @@ def test_trusted_peer_without_a_header_is_refused(gateway):
     with connect_from("127.0.0.1", gateway.webdav_port) as sock:
         sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_until_closed(sock) == b""
+
+
+class ReadyStub(ThreadingHTTPServer):
+    """Stands in for a node's admin listener: GET /readyz answers 200 while `ready`, else 503."""
+
+    ready = True
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/readyz" and self.server.ready
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+
+@contextmanager
+def ready_stub() -> Iterator[ReadyStub]:
+    server = ReadyStub(("127.0.0.1", 0), ReadyStub.Handler)
+    thread = threading.Thread(target=server.serve_forever, name="readyz-stub")
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def dav_get(port: int, path: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(CLIENT_IP, 0))
+    token = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Basic {token}"})
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+@needs_haproxy
+def test_example_config_spreads_two_nodes_and_takes_out_one_not_ready(tmp_path, host_key_dir):
+    with ExitStack() as stack:
+        nodes, stubs = [], []
+        for number in (1, 2):
+            (tmp_path / f"node{number}").mkdir()
+            node = stack.enter_context(proxied_gateway(tmp_path / f"node{number}", host_key_dir))
+            (node.data / "alice").mkdir(parents=True, exist_ok=True)
+            (node.data / "alice" / "node.txt").write_text(f"node{number}")
+            nodes.append(node)
+            stubs.append(stack.enter_context(ready_stub()))
+        haproxy = stack.enter_context(run_example(tmp_path / "haproxy", [
+            {"webdav": node.webdav_port, "sftp": node.sftp_port, "admin": stub.server_address[1]}
+            for node, stub in zip(nodes, stubs)]))
+        sftp_port, webdav_port = haproxy.ports["sftp"], haproxy.ports["webdav"]
+        # leastconn: a second session while the first is open goes to the other node.
+        with ssh_from(CLIENT_IP, sftp_port) as first, ssh_from(CLIENT_IP, sftp_port) as second:
+            seen = sorted(client.open("/node.txt").read() for client in (first, second))
+        assert seen == [b"node1", b"node2"]
+        for node in nodes:
+            assert not node.gateway.defender.is_banned(CLIENT_IP)
+        stubs[0].ready = False
+        wait_for(lambda: all(dav_get(webdav_port, "/node.txt") == b"node2" for _ in range(4)),
+                 "haproxy to take node1 out after its /readyz fails")
+        with ssh_from(CLIENT_IP, sftp_port) as first, ssh_from(CLIENT_IP, sftp_port) as second:
+            assert [client.open("/node.txt").read() for client in (first, second)] == [b"node2", b"node2"]
 
 
 @needs_haproxy
