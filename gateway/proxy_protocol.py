@@ -213,7 +213,6 @@ class ProxyProtocol:
         return client
 
     def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
-        sock.close()
         with self._lock:
             first = ip not in self._warned
             if first:
@@ -222,6 +221,8 @@ class ProxyProtocol:
                 self._warned.add(ip)
         log.log(logging.WARNING if first else logging.DEBUG,
                 "%s connection from %s refused (proxy_protocol is on): %s", self.name, ip, reason)
+        # Closed after logging, so the line is written by the time the peer sees the close.
+        sock.close()
 
 
 class ProxiedListener:
