@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.client
 import logging
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from tests.sftp.helpers import OpenSSH, copy_host_keys, known_hosts
 from tests.test_proxy_protocol import v2_header
 from tests.webdav.conftest import read_until_closed
 from tests.webdav.test_litmus import assert_litmus_passes
+from tests.webdav.test_tls import self_signed
 
 REPO = Path(__file__).resolve().parent.parent
 PROXY = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"]}
@@ -50,9 +52,9 @@ class Proxied:
 
 
 @contextmanager
-def proxied_gateway(tmp: Path, host_key_dir: Path) -> Iterator[RunningGateway]:
+def proxied_gateway(tmp: Path, host_key_dir: Path, **webdav: object) -> Iterator[RunningGateway]:
     """A gateway serving WebDAV and SFTP with proxy_protocol on, banning after 3 failed logins."""
-    path = write_config(tmp, extra={"webdav": PROXY, "sftp": PROXY,
+    path = write_config(tmp, extra={"webdav": {**PROXY, **webdav}, "sftp": PROXY,
                                     "defender": {"max_failures": 3, "ban_time": 600}})
     copy_host_keys(host_key_dir, tmp / "state")
     gateway = Gateway(load_config(path))
@@ -121,6 +123,27 @@ def test_webdav_upload_through_haproxy_is_audited_with_the_client_address(proxie
     (line,) = audit_lines(caplog, "upload")
     assert "ip=127.0.0.2" in line
     assert (proxied.gateway.data / "alice" / "via-haproxy.txt").read_bytes() == b"hello"
+
+
+@needs_haproxy
+def test_https_passes_through_haproxy_and_the_gateway_reads_the_header_before_tls(tmp_path, host_key_dir, caplog):
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "node").mkdir()
+    with proxied_gateway(tmp_path / "node", host_key_dir, tls_cert=str(cert), tls_key=str(key)) as node, \
+            run_haproxy(tmp_path / "haproxy", {"webdav": [node.webdav_port]}) as haproxy:
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("localhost", haproxy.ports["webdav"], context=context, timeout=30,
+                                           source_address=(CLIENT_IP, 0))
+        token = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+        try:
+            with caplog.at_level(logging.INFO, logger="gateway.audit"):
+                conn.request("PUT", "/tls.txt", body=b"tls end to end", headers={"Authorization": f"Basic {token}"})
+                assert conn.getresponse().status == 201
+        finally:
+            conn.close()
+        assert (node.data / "alice" / "tls.txt").read_bytes() == b"tls end to end"
+    (line,) = audit_lines(caplog, "upload")
+    assert "ip=127.0.0.2" in line
 
 
 @needs_haproxy
