@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .proxy_protocol import parse_networks
 from .storage import BACKEND_TYPES, backend_classes
 from .store import StoreError, check_url
 
@@ -93,6 +94,10 @@ class WebDAVSection:
     # Seconds a request's complete headers may take to arrive (counted from the
     # connection's accept, or from the first byte of a later request on it).
     header_timeout: int = 10
+    # Behind a load balancer: take the client address from a PROXY protocol header (v2 or v1),
+    # accepted only from these IPs/CIDR networks; every other peer is refused.
+    proxy_protocol: bool = False
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +125,10 @@ class SFTPSection:
     channel_setup_timeout: int = 10
     # Open file and folder handles of one user over all of their sessions.
     max_handles_per_user: int = 256
+    # Behind a load balancer: take the client address from a PROXY protocol header (v2 or v1),
+    # accepted only from these IPs/CIDR networks; every other peer is refused.
+    proxy_protocol: bool = False
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -301,6 +310,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                           f"got {webdav.max_header_size}")
     if bool(webdav.tls_cert) != bool(webdav.tls_key):
         raise ConfigError(f"{where_file}: [webdav] tls_key: tls_cert and tls_key go together")
+    for name, section in (("webdav", webdav), ("sftp", sftp)):
+        _check_proxy_protocol(section, f"{where_file}: [{name}]")
     for key in ("tls_cert", "tls_key"):
         value = getattr(webdav, key)
         if value is not None and not os.access(value, os.R_OK):
@@ -330,6 +341,16 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
             built = dataclasses.replace(built, spool_dir=server.state_dir / "s3-spool")
         backends[name] = BackendSection(name, type_name, built)
     return Config(path, server, webdav, sftp, defender, backends, store)
+
+
+def _check_proxy_protocol(section: WebDAVSection | SFTPSection, where: str) -> None:
+    try:
+        parse_networks(section.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"{where} trusted_proxies{exc}") from None
+    if section.proxy_protocol and not section.trusted_proxies:
+        raise ConfigError(f"{where} trusted_proxies: proxy_protocol = true needs the load "
+                          f"balancers' addresses here")
 
 
 def _check_local_root(root: Path, where: str) -> None:

@@ -74,7 +74,21 @@ BROKEN = {
                         "[webdav] max_header_size"),
     "no channels": (GOOD.replace('[sftp]\n', '[sftp]\nmax_channels = 0\n'), "[sftp] max_channels"),
     "no login time": (GOOD.replace('[sftp]\n', '[sftp]\nlogin_timeout = 0\n'), "[sftp] login_timeout"),
+    "trusted proxy not an address": (
+        GOOD.replace('[webdav]\n', '[webdav]\nproxy_protocol = true\ntrusted_proxies = ["10.0.0.1/8"]\n'),
+        "[webdav] trusted_proxies[0]: '10.0.0.1/8'"),
+    "proxy protocol without trusted proxies": (
+        GOOD.replace('[sftp]\n', '[sftp]\nproxy_protocol = true\n'), "[sftp] trusted_proxies"),
 }
+
+
+def test_proxy_protocol_is_off_by_default_and_takes_addresses_and_networks(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert not config.webdav.proxy_protocol and config.webdav.trusted_proxies == []
+    text = GOOD.replace('[sftp]\n', '[sftp]\nproxy_protocol = true\ntrusted_proxies = ["10.0.0.5", "fd00::/8"]\n')
+    config = load_config(write(tmp_path, text))
+    assert config.sftp.proxy_protocol and config.sftp.trusted_proxies == ["10.0.0.5", "fd00::/8"]
+    assert not config.webdav.proxy_protocol
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

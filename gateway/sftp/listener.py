@@ -24,6 +24,7 @@ from typing import Any
 import paramiko
 
 from ..config import SFTPSection
+from ..proxy_protocol import ProxyProtocol
 from .handler import GatewaySFTPServer, UserFSInterface
 from .hostkey import describe, load_host_keys
 from .login import LoginServer
@@ -141,6 +142,7 @@ class SFTPFrontEnd:
         self._connections: set[LoginServer] = set()
         self._unauthenticated: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+        self._proxy = ProxyProtocol.for_section(self.config, "sftp")
 
     # -- life cycle -----------------------------------------------------------
 
@@ -203,7 +205,10 @@ class SFTPFrontEnd:
                 log.warning("sftp accept failed: %s", exc)
                 self._stopping.wait(0.5)
                 continue
-            self._open_connection(sock, addr[0])
+            # Behind a load balancer the client is who the PROXY header names (None: refused, closed).
+            client = self._proxy.client_address(sock, addr) if self._proxy else addr
+            if client is not None:
+                self._open_connection(sock, client[0])
 
     def _open_connection(self, sock: socket.socket, ip: str) -> None:
         login = LoginServer(self, ip)

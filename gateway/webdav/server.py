@@ -11,6 +11,7 @@ from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
+from ..proxy_protocol import ProxiedListener, ProxyProtocol
 from .auth import GatewayDomainController
 from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
@@ -143,6 +144,10 @@ class WebDAVServer:
         except BaseException:
             self._close_state()
             raise
+        proxy = ProxyProtocol.for_section(section, "webdav")
+        if proxy is not None:
+            # Below cheroot and TLS: REMOTE_ADDR is the client the PROXY header names.
+            server.socket = ProxiedListener(server.socket, proxy)
         self._server = server
         host, port = server.bind_addr[:2]
         self.address = (host, port)
