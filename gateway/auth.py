@@ -14,6 +14,8 @@ import threading
 import time
 from collections import defaultdict, deque
 
+from . import metrics
+from .audit import record_login
 from .config import DefenderSection
 from .users import User, UserStore, hash_password, verify_password
 
@@ -55,6 +57,7 @@ class Defender:
                     times.popleft()
                 if len(times) >= self.config.max_failures:
                     self._banned_until[key] = now + self.config.ban_time
+                    metrics.BANS.inc()
                     times.clear()
 
     def open_connection(self, ip: str) -> bool:
@@ -96,14 +99,25 @@ class Authenticator:
         material = f"{user.name}\0{user.password_hash}\0{password}".encode("utf-8", "surrogatepass")
         return hmac.new(self._cache_key, material, hashlib.sha256).hexdigest()
 
-    def check_password(self, name: str, password: str, ip: str) -> User | None:
-        """Return the user when `password` is right, else None (and count a failure)."""
+    def check_password(self, name: str, password: str, ip: str, *, protocol: str = "",
+                       method: str = "password") -> User | None:
+        """Return the user when `password` is right, else None (and count a failure).
+
+        Each answer is audited as a login of `protocol` by `method`, except a
+        credential still cached from an earlier check (WebDAV sends it with
+        every request).
+        """
+        def login(ok: bool) -> None:
+            record_login(user=name, protocol=protocol, ip=ip, method=method, ok=ok)
+
         if self.defender.is_banned(ip, name):
+            login(False)
             return None
         user = self.users.get(name)
         if user is None or user.disabled or not user.password_hash:
             verify_password(self._dummy_hash, password)
             self.defender.record_failure(ip, name)
+            login(False)
             return None
         digest = self._digest(user, password)
         now = time.monotonic()
@@ -112,11 +126,13 @@ class Authenticator:
                 return user
         if not verify_password(user.password_hash, password):
             self.defender.record_failure(ip, name)
+            login(False)
             return None
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache = {k: v for k, v in self._cache.items() if v > now}
             self._cache[digest] = now + _CACHE_SECONDS
+        login(True)
         return user
 
     def check_key(self, name: str, key_line: str, ip: str) -> User | None:

@@ -50,8 +50,9 @@ class ServerSection:
     state_dir: Path = Path("var")
     users_file: Path = Path("users.toml")
     log_level: str = "info"
-    # Audit lines (one per file operation) go to this file; unset: to the main log.
-    audit_log: Path | None = None
+    # Audit lines (JSON, one per file operation and login) go to this file, relative
+    # to the config file, or to stdout with "-"; unset: to the main log.
+    audit_log: str | None = None
 
 
 @dataclass
@@ -84,6 +85,14 @@ class SFTPSection:
 
 
 @dataclass
+class AdminSection:
+    enabled: bool = True
+    listen: Listen = Listen("127.0.0.1", 8090)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass
 class DefenderSection:
     enabled: bool = True
     max_failures: int = 10       # failed logins within `window` before a ban
@@ -109,6 +118,7 @@ class Config:
     sftp: SFTPSection
     defender: DefenderSection
     backends: dict[str, BackendSection]
+    admin: AdminSection = field(default_factory=AdminSection)
 
     @property
     def base_dir(self) -> Path:
@@ -205,7 +215,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(f"{where_file}: not valid TOML: {exc}") from None
     path = path.resolve()
     base = path.parent
-    known = {"server", "webdav", "sftp", "defender", "backends"}
+    known = {"server", "webdav", "sftp", "defender", "backends", "admin"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where_file}: [{key}]: unknown section")
@@ -213,6 +223,12 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     webdav = build_dataclass(WebDAVSection, data.get("webdav", {}), f"{where_file}: [webdav]", base)
     sftp = build_dataclass(SFTPSection, data.get("sftp", {}), f"{where_file}: [sftp]", base)
     defender = build_dataclass(DefenderSection, data.get("defender", {}), f"{where_file}: [defender]", base)
+    admin = build_dataclass(AdminSection, data.get("admin", {}), f"{where_file}: [admin]", base)
+    if server.audit_log is not None:
+        if not server.audit_log:
+            raise ConfigError(f"{where_file}: [server] audit_log: expected a path or '-', got ''")
+        if server.audit_log != "-":
+            server.audit_log = str((base / server.audit_log).resolve())
     if webdav.macos_files not in ("allow", "hide", "refuse"):
         raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
                           f"got {webdav.macos_files!r}")
@@ -220,12 +236,13 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         # RFC 4254 and SFTP clients assume packets of at least 32 KiB plus headers.
         raise ConfigError(f"{where_file}: [sftp] max_packet_size: must be at least 34000, "
                           f"got {sftp.max_packet_size}")
-    if bool(webdav.tls_cert) != bool(webdav.tls_key):
-        raise ConfigError(f"{where_file}: [webdav] tls_key: tls_cert and tls_key go together")
-    for key in ("tls_cert", "tls_key"):
-        value = getattr(webdav, key)
-        if value is not None and not os.access(value, os.R_OK):
-            raise ConfigError(f"{where_file}: [webdav] {key}: cannot read '{value}'")
+    for name, section in (("webdav", webdav), ("admin", admin)):
+        if bool(section.tls_cert) != bool(section.tls_key):
+            raise ConfigError(f"{where_file}: [{name}] tls_key: tls_cert and tls_key go together")
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(section, key)
+            if value is not None and not os.access(value, os.R_OK):
+                raise ConfigError(f"{where_file}: [{name}] {key}: cannot read '{value}'")
     backends = {}
     raw_backends = data.get("backends", {})
     if not isinstance(raw_backends, dict) or not raw_backends:
@@ -250,7 +267,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         if type_name == "s3" and built.spool_dir is None:
             built = dataclasses.replace(built, spool_dir=server.state_dir / "s3-spool")
         backends[name] = BackendSection(name, type_name, built)
-    return Config(path, server, webdav, sftp, defender, backends)
+    return Config(path, server, webdav, sftp, defender, backends, admin)
 
 
 def _check_local_root(root: Path, where: str) -> None:
@@ -271,7 +288,7 @@ def check_listeners(config: Config) -> None:
     Raises:
         ConfigError: naming the key of the listener that cannot bind.
     """
-    for section_name in ("webdav", "sftp"):
+    for section_name in ("webdav", "sftp", "admin"):
         section = getattr(config, section_name)
         if not section.enabled or section.listen.port == 0:
             continue

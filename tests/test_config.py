@@ -29,6 +29,9 @@ listen = "127.0.0.1:0"
 [sftp]
 listen = "127.0.0.1:0"
 
+[admin]
+listen = "127.0.0.1:0"
+
 [backends.local]
 type = "local"
 root = "data"

@@ -14,6 +14,7 @@ import time
 
 import paramiko
 
+from .. import metrics
 from ..config import SFTPSection
 from .handler import GatewaySFTPServer, UserFSInterface
 from .hostkey import describe, load_host_keys
@@ -51,6 +52,11 @@ class _Transport(paramiko.Transport):
             # running for its full timeout; a flood of garbage would pile them up.
             self.packetizer.complete_handshake()
             self._frontend._connection_ended(self._login)
+
+    def _auth_trigger(self) -> None:
+        # paramiko's only signal that a login succeeded, whatever the method.
+        super()._auth_trigger()
+        self._login.authenticated()
 
 
 class SFTPFrontEnd:
@@ -141,6 +147,8 @@ class SFTPFrontEnd:
         login = LoginServer(self, ip)
         with self._lock:
             self._connections.add(login)
+        metrics.CONNECTIONS.labels("sftp").inc()
+        metrics.CONNECTIONS_OPEN.labels("sftp").inc()
         try:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -165,6 +173,7 @@ class SFTPFrontEnd:
             if login not in self._connections:
                 return
             self._connections.discard(login)
+        metrics.CONNECTIONS_OPEN.labels("sftp").dec()
         self.gateway.defender.close_connection(login.ip)
 
     def _reap_loop(self) -> None:

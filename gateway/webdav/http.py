@@ -11,6 +11,8 @@ from __future__ import annotations
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 
+from .. import metrics
+
 _CONTINUE_SUFFIX = b" 100 Continue\r\n\r\n"
 
 
@@ -61,7 +63,24 @@ class DeferredContinueRequest(cheroot_server.HTTPRequest):
 
 
 class DeferredContinueConnection(cheroot_server.HTTPConnection):
+    """A client connection, counted in the metrics from accept to close."""
+
     RequestHandlerClass = DeferredContinueRequest
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted = True
+        metrics.CONNECTIONS.labels("webdav").inc()
+        metrics.CONNECTIONS_OPEN.labels("webdav").inc()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            # cheroot may close a connection more than once.
+            if getattr(self, "_counted", False):
+                self._counted = False
+                metrics.CONNECTIONS_OPEN.labels("webdav").dec()
 
 
 class _RequestBody:
