@@ -100,12 +100,12 @@ class Authenticator:
         return hmac.new(self._cache_key, material, hashlib.sha256).hexdigest()
 
     def check_password(self, name: str, password: str, ip: str, *, protocol: str = "",
-                       method: str = "password") -> User | None:
+                       method: str = "password", count_cached: bool = True) -> User | None:
         """Return the user when `password` is right, else None (and count a failure).
 
-        Each answer is audited as a login of `protocol` by `method`, except a
-        credential still cached from an earlier check (WebDAV sends it with
-        every request).
+        Each answer is audited as a login of `protocol` by `method`; one from
+        the cache only with `count_cached` (WebDAV sends the credential with
+        every request: there only a verification is a login).
         """
         def login(ok: bool) -> None:
             record_login(user=name, protocol=protocol, ip=ip, method=method, ok=ok)
@@ -122,8 +122,11 @@ class Authenticator:
         digest = self._digest(user, password)
         now = time.monotonic()
         with self._lock:
-            if self._cache.get(digest, 0) > now:
-                return user
+            cached = self._cache.get(digest, 0) > now
+        if cached:
+            if count_cached:
+                login(True)
+            return user
         if not verify_password(user.password_hash, password):
             self.defender.record_failure(ip, name)
             login(False)

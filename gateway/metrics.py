@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -65,3 +65,13 @@ def registry(multiproc_dir: str | os.PathLike | None = None) -> CollectorRegistr
 def exposition(source: CollectorRegistry) -> tuple[bytes, str]:
     """The Prometheus text format of `source`, and its content type."""
     return generate_latest(source), CONTENT_TYPE_LATEST
+
+
+def forget_process(pid: int, multiproc_dir: str | os.PathLike | None = None) -> None:
+    """Drop the live gauges (open connections, uploads in flight) of a worker that exited.
+
+    Its counters and histograms stay: they still count what it did.
+    """
+    path = multiproc_dir or os.environ.get(MULTIPROC_ENV)
+    if path:
+        mark_process_dead(pid, str(path))

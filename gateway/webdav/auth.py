@@ -38,7 +38,7 @@ class GatewayDomainController(BaseDomainController):
 
     def basic_auth_user(self, realm: str, user_name: str, password: str, environ: dict) -> bool:
         user = self._auth.check_password(user_name, password, environ.get("REMOTE_ADDR", ""),
-                                         protocol="webdav", method="basic")
+                                         protocol="webdav", method="basic", count_cached=False)
         if user is None:
             return False
         environ["gateway.user"] = user
