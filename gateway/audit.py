@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import datetime, timezone
 
@@ -23,7 +22,7 @@ STDOUT = "-"
 
 def result_of(exc: BaseException) -> str:
     """The audit and metrics result for an error: its class in snake case ("not_found")."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    return metrics.error_label(type(exc))
 
 
 def record_operation(*, user: str, protocol: str, ip: str, session: str, op: str, path: str,

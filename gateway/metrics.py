@@ -9,6 +9,7 @@ values live in this process. A parent that forks workers sets the variable
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
@@ -47,6 +48,11 @@ BACKEND_ERRORS = Counter("gateway_backend_errors", "Storage backend calls that r
                          ["backend", "op", "error"])
 STORE_SECONDS = Histogram("gateway_store_request_duration_seconds", "State store calls, by operation",
                           ["op"], buckets=_LATENCY_BUCKETS)
+
+
+def error_label(exc_type: type[BaseException]) -> str:
+    """An error class as a label value and audit result: snake case ("not_found")."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", exc_type.__name__).lower()
 
 
 def registry(multiproc_dir: str | os.PathLike | None = None) -> CollectorRegistry:

@@ -29,7 +29,7 @@ class _Timer:
     def __exit__(self, exc_type, exc, tb) -> None:
         metrics.BACKEND_SECONDS.labels(self.backend, self.op).observe(time.perf_counter() - self._started)
         if exc_type is not None:
-            metrics.BACKEND_ERRORS.labels(self.backend, self.op, exc_type.__name__).inc()
+            metrics.BACKEND_ERRORS.labels(self.backend, self.op, metrics.error_label(exc_type)).inc()
 
 
 class InstrumentedUpload(Upload):
