@@ -10,7 +10,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import paramiko
 import pytest
 import tomli_w
 

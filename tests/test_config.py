@@ -69,7 +69,20 @@ BROKEN = {
     "not toml": ("[server\nstate_dir=", "not valid TOML"),
     "unknown backend key": (GOOD.replace('root = "data"', 'root = "data"\nbucket = "x"'),
                             "[backends.local] bucket"),
+    "bad admin listen": (GOOD.replace('[admin]\nlisten = "127.0.0.1:0"', '[admin]\nlisten = "8090"'),
+                         "[admin] listen"),
+    "admin cert without key": (GOOD.replace('[admin]\n', '[admin]\ntls_cert = "cert.pem"\n'),
+                               "[admin] tls_key"),
+    "empty audit log": (GOOD.replace('[server]\n', '[server]\naudit_log = ""\n'), "[server] audit_log"),
 }
+
+
+def test_audit_log_is_relative_to_the_config_file_or_dash(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace('[server]\n', '[server]\naudit_log = "logs/a.jsonl"\n')))
+    assert config.server.audit_log == str(tmp_path.resolve() / "logs" / "a.jsonl")
+    config = load_config(write(tmp_path, GOOD.replace('[server]\n', '[server]\naudit_log = "-"\n')))
+    assert config.server.audit_log == "-"
+    assert config.admin.enabled and config.admin.listen.port == 0
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

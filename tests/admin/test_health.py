@@ -5,7 +5,6 @@ import ssl
 
 from gateway.config import load_config
 from gateway.server import Gateway
-from tests.admin.conftest import start_gateway
 from tests.admin.helpers import admin_request
 from tests.conftest import write_config
 from tests.s3_server import start_s3_server
