@@ -222,7 +222,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
     users = _store(config).load()
     check_listeners(config)
-    listeners = [f"{n} {getattr(config, n).listen}" for n in ("webdav", "sftp")
+    listeners = [f"{n} {getattr(config, n).listen}" for n in ("webdav", "sftp", "admin")
                  if getattr(config, n).enabled]
     backends = [f"{n} ({s.type})" for n, s in config.backends.items()]
     print(f"OK: {config.path}: backends: {', '.join(backends)}; users: {len(users)}; "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
 import secrets
 import signal
 import sys
@@ -11,6 +12,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
+from .audit import ReopeningFileHandler, setup_audit_log
 from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
@@ -19,13 +21,16 @@ from .permissions import ALL
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
+from .storage.instrumented import InstrumentedBackend
 from .users import Location, User, UserStore, hash_password
 from .vfs import Limits, QuotaTracker, UserFS, ensure_location
 
 log = logging.getLogger(__name__)
 
-# Front-end name -> module exposing create_server(gateway) -> FrontEnd.
-FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp"}
+# Front-end name -> module exposing create_server(gateway) -> FrontEnd. Started
+# in this order and stopped in reverse: the admin listener (health checks)
+# comes up last and goes first.
+FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp", "admin": "gateway.admin"}
 # How often the watcher looks for changed users (one stat of the users file):
 # a revoked user's sessions end within this plus the time to close them.
 USERS_POLL_SECONDS = 0.5
@@ -51,7 +56,9 @@ class Gateway:
         self.backends: dict[str, Backend] = {}
         for name, section in config.backends.items():
             try:
-                self.backends[name] = create_backend(section.type, section.options)
+                # Timed for the metrics in one place, whatever the backend.
+                self.backends[name] = InstrumentedBackend(name, create_backend(section.type,
+                                                                               section.options))
             except GatewayError as exc:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
             except OSError as exc:
@@ -132,6 +139,10 @@ class Gateway:
                       client=client, open_uploads=self._open_uploads, limits=self.limits,
                       session=session)
 
+    def readiness_probes(self) -> dict[str, Callable[[], None]]:
+        """What must answer for the gateway to be ready: each returns, or raises with the reason."""
+        return {f"backend '{name}'": backend.check for name, backend in self.backends.items()}
+
     # -- life cycle -----------------------------------------------------------
 
     def ensure_first_user(self, out=sys.stdout) -> None:
@@ -205,23 +216,25 @@ class Gateway:
             backend.close()
 
 
-def setup_logging(config: Config) -> None:
+def setup_logging(config: Config) -> logging.Handler | None:
+    """The main log on stderr, and the audit log where the config says; returns the audit handler."""
     level = getattr(logging, config.server.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.server.audit_log:
-        handler = logging.FileHandler(config.server.audit_log)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        audit = logging.getLogger("gateway.audit")
-        audit.addHandler(handler)
-        audit.propagate = False
+    try:
+        return setup_audit_log(config.server.audit_log)
+    except OSError as exc:
+        raise ConfigError(f"{config.path}: [server] audit_log: cannot open "
+                          f"'{config.server.audit_log}': {exc.strerror or exc}") from None
 
 
 def serve(config: Config) -> int:
-    """Run until SIGINT or SIGTERM; returns the exit status."""
-    setup_logging(config)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    """Run until SIGINT or SIGTERM; SIGHUP reopens the audit log. Returns the exit status."""
+    audit_handler = setup_logging(config)
+    # Handlers only queue the signal; the main thread acts on it outside the
+    # handler, where taking the logging locks cannot deadlock.
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: signals.put(signum))
     gateway = Gateway(config)
     gateway.ensure_first_user()
     gateway.start()
@@ -232,7 +245,10 @@ def serve(config: Config) -> int:
             print(f"  {notice}", flush=True)
     print("gateway ready", flush=True)
     try:
-        stop.wait()
+        while (signum := signals.get()) == signal.SIGHUP:
+            if isinstance(audit_handler, ReopeningFileHandler):
+                audit_handler.reopen()
+                log.info("SIGHUP: reopened the audit log %s", audit_handler.baseFilename)
     finally:
         log.info("shutting down")
         gateway.stop()

@@ -26,6 +26,8 @@ from cheroot import connections
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 
+from .. import metrics
+
 log = logging.getLogger(__name__)
 
 _CONTINUE_SUFFIX = b" 100 Continue\r\n\r\n"
@@ -78,6 +80,8 @@ class DeferredContinueRequest(cheroot_server.HTTPRequest):
 
 
 class DeferredContinueConnection(cheroot_server.HTTPConnection):
+    """A client connection, counted in the metrics from accept to close."""
+
     RequestHandlerClass = DeferredContinueRequest
 
     # Set by HeaderGate: the address counted for this connection, the header
@@ -86,6 +90,12 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
     header_buffer: bytearray | None = None
     header_deadline = 0.0
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted = True
+        metrics.CONNECTIONS.labels("webdav").inc()
+        metrics.CONNECTIONS_OPEN.labels("webdav").inc()
+
     def close(self) -> None:
         try:
             super().close()
@@ -93,6 +103,10 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
             ip, self.client_ip = self.client_ip, None
             if ip is not None:
                 self.server.release_connection(ip)
+            # cheroot may close a connection more than once.
+            if getattr(self, "_counted", False):
+                self._counted = False
+                metrics.CONNECTIONS_OPEN.labels("webdav").dec()
 
 
 class _RequestBody:
