@@ -72,7 +72,9 @@ class StoreFollower:
             thread.start()
 
     def stop(self) -> None:
-        """Stop both threads and take this process's sessions out of the store."""
+        """Stop both threads and take this process's sessions out of the store. Idempotent."""
+        if not self._threads:
+            return
         self._stop.set()
         for thread in self._threads:
             thread.join()

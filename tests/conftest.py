@@ -16,8 +16,8 @@ from gateway.permissions import parse_perms
 from gateway.server import Gateway
 from gateway.users import Location, Mount, User, hash_password
 
-# The moto S3 server and the SFTP key fixtures, available to every test folder.
-pytest_plugins = ["tests.s3_server", "tests.sftp.helpers"]
+# The moto S3 server, the SFTP key fixtures and PostgreSQL, available to every test folder.
+pytest_plugins = ["tests.s3_server", "tests.sftp.helpers", "tests.postgres"]
 
 PASSWORD = "correct horse battery"
 
@@ -72,7 +72,7 @@ def write_config(tmp_path: Path, *, webdav: bool = True, sftp: bool = True,
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     config = {
-        "server": {"state_dir": "state", "users_file": "users.toml", "log_level": "warning"},
+        "server": {"state_dir": "state", "log_level": "warning"},
         "webdav": {"enabled": webdav, "listen": "127.0.0.1:0"},
         "sftp": {"enabled": sftp, "listen": "127.0.0.1:0"},
         "backends": {"local": {"type": "local", "root": "data"}, **(backends or {})},
@@ -93,10 +93,11 @@ def make_gateway(tmp_path):
                 extra: dict | None = None, start: bool = True) -> RunningGateway:
         path = write_config(tmp_path, webdav=webdav, sftp=sftp, backends=backends, extra=extra)
         gateway = Gateway(load_config(path))
+        # Stopped at the end even if never started: it holds the store open.
+        started.append(gateway)
         running = RunningGateway(gateway, path, tmp_path / "data")
         if start:
             gateway.start()
-            started.append(gateway)
             for frontend in gateway.frontends:
                 running.ports[frontend.name] = frontend.address[1]
         return running
