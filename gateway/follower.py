@@ -39,10 +39,10 @@ def node_id() -> str:
 class StoreFollower:
     """Keeps `users`, the defender's bans and `sessions` in step with the store, from two threads."""
 
-    def __init__(self, store: Store, node: str, users: UserCache, defender: Defender,
+    def __init__(self, store: Store, users: UserCache, defender: Defender,
                  sessions: SessionRegistry) -> None:
         self.store = store
-        self.node = node
+        self.node = ""     # named at start(): a worker forked after __init__ is a node of its own
         self.users = users
         self.defender = defender
         self.sessions = sessions
@@ -57,6 +57,7 @@ class StoreFollower:
         Raises:
             StoreUnavailable: the store cannot be reached.
         """
+        self.node = node_id()
         # The counter first: whatever changes after it is reported by the watch.
         since = self.store.change_counter()
         self.users.follow()

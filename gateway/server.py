@@ -15,7 +15,7 @@ from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
 from .errors import GatewayError
-from .follower import StoreFollower, node_id
+from .follower import StoreFollower
 from .permissions import ALL
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
@@ -55,8 +55,6 @@ class Gateway:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
             except OSError as exc:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
-        # This process in the store's sessions table; a restart is a new node.
-        self.node = node_id()
         self.store = open_store(config.store.url, self.state_dir)
         self.users = UserCache(self.store, backends=self.backends.keys())
         self.defender = Defender(config.defender, self.store)
@@ -66,7 +64,7 @@ class Gateway:
                                     config.sftp.max_handles_per_user)
         self.sessions = SessionRegistry()
         self.users.subscribe(self._users_changed)
-        self._follower = StoreFollower(self.store, self.node, self.users, self.defender, self.sessions)
+        self._follower = StoreFollower(self.store, self.users, self.defender, self.sessions)
         self.frontends: list[FrontEnd] = []
         self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
         self._ready: set[tuple[str, str]] = set()
@@ -75,6 +73,11 @@ class Gateway:
         self._stopping = threading.Event()
         self._sweepers: list[threading.Thread] = []
         self.limits = Limits(config.server.max_hole_bytes, config.server.max_depth)
+
+    @property
+    def node(self) -> str:
+        """This process's name in the store's sessions table (set by start(); a restart is a new node)."""
+        return self._follower.node
 
     # -- sessions -------------------------------------------------------------
 
