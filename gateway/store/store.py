@@ -601,6 +601,25 @@ class Store:
         except sa.exc.IntegrityError:
             raise Missing(f"no user '{user}'") from None
 
+    def init_usage(self, user: str, usage: Usage) -> Usage:
+        """Record `usage` for `user` unless usage is recorded already; return what is recorded.
+
+        For the first count of a user's storage: when two processes count at
+        once, the first one's numbers stay and the deltas added since are kept.
+
+        Raises:
+            Missing: no such user.
+        """
+        q = schema.quota_usage
+        insert = self._insert(q).values(user=user, bytes=usage.bytes, files=usage.files)
+        try:
+            with self._write() as conn:
+                conn.execute(insert.on_conflict_do_nothing(index_elements=["user"]))
+                row = conn.execute(sa.select(q.c.bytes, q.c.files).where(q.c.user == user)).one()
+        except sa.exc.IntegrityError:
+            raise Missing(f"no user '{user}'") from None
+        return Usage(row.bytes, row.files)
+
     def add_usage(self, user: str, bytes_delta: int, files_delta: int) -> Usage:
         """Add to the usage of `user` atomically (starting from 0) and return the new total.
 
@@ -699,6 +718,11 @@ class Store:
         with self._write() as conn:
             conn.execute(insert.on_conflict_do_update(index_elements=["node"],
                                                       set_={"heartbeat": insert.excluded.heartbeat}))
+
+    def forget_node(self, node: str) -> None:
+        """Remove the heartbeat of a node that stopped cleanly (its uploads are gone already)."""
+        with self._write() as conn:
+            conn.execute(sa.delete(schema.nodes).where(schema.nodes.c.node == node))
 
     def add_upload(self, upload: InFlightUpload) -> None:
         """Record an upload in flight (e.g. an S3 multipart upload) owned by `upload.node`."""
