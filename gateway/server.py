@@ -15,10 +15,13 @@ from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
 from .errors import GatewayError
+from .node import node_id
 from .permissions import ALL
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
+from .store import open_store
+from .uploads import InFlightUploads, NodeKeeper
 from .users import Location, User, UserStore, hash_password
 from .vfs import Limits, QuotaTracker, UserFS, ensure_location
 
@@ -56,6 +59,12 @@ class Gateway:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
             except OSError as exc:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
+        # The state store and this process's node (lead: one Store per Gateway, shared with store2's parts).
+        self.node = node_id()
+        self.store = open_store(config.store.url, self.state_dir)
+        self.uploads = InFlightUploads(self.store, self.node, self.backends)
+        self.keeper = NodeKeeper(self.store, self.node, self.backends, node_timeout=config.store.node_timeout,
+                                 sweep_interval=config.store.sweep_interval)
         self.users = UserStore(config.server.users_file, backends=self.backends.keys())
         self.defender = Defender(config.defender)
         self.auth = Authenticator(self.users, self.defender)
@@ -84,7 +93,7 @@ class Gateway:
             if known is None or known[0] != limits:
                 home = self.backends[user.home.backend]
                 tracker = QuotaTracker(user.quota_bytes, user.quota_files,
-                                       lambda: home.usage(user.home.path))
+                                       lambda: home.usage(user.home.path), store=self.store, user=user.name)
                 self._quotas[user.name] = (limits, tracker)
                 return tracker
             return known[1]
@@ -130,7 +139,7 @@ class Gateway:
                 self._ready.add(key)
         return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
                       client=client, open_uploads=self._open_uploads, limits=self.limits,
-                      session=session)
+                      session=session, uploads=self.uploads)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -160,6 +169,7 @@ class Gateway:
         self._watch_stop.clear()
         self._watcher = threading.Thread(target=self._watch_users, name="users-watch", daemon=True)
         self._watcher.start()
+        self.keeper.start()
         for backend in self.backends.values():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)
@@ -196,6 +206,7 @@ class Gateway:
         for upload in list(self._open_uploads):
             if not upload.closed:
                 upload.abort()
+        self.keeper.stop()
         # A sweep still walking a large tree stops at its next folder; the
         # backends it uses must outlive it.
         self._stopping.set()
@@ -203,6 +214,7 @@ class Gateway:
             thread.join(timeout=30)
         for backend in self.backends.values():
             backend.close()
+        self.store.close()
 
 
 def setup_logging(config: Config) -> None:
