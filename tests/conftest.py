@@ -16,8 +16,8 @@ from gateway.permissions import parse_perms
 from gateway.server import Gateway
 from gateway.users import Location, Mount, User, hash_password
 
-# The moto S3 server and the SFTP key fixtures, available to every test folder.
-pytest_plugins = ["tests.s3_server", "tests.sftp.helpers"]
+# The moto S3 server, the SFTP key fixtures and PostgreSQL, available to every test folder.
+pytest_plugins = ["tests.s3_server", "tests.sftp.helpers", "tests.postgres"]
 
 PASSWORD = "correct horse battery"
 
