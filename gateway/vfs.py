@@ -6,6 +6,7 @@ Derived operations (copy tree, remove tree, moves across backends) live here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -290,6 +291,13 @@ class GuardedUpload(Upload):
         if self._record is not None and self._inner.closed:
             record, self._record = self._record, None
             self._fs._uploads.forget(record)
+
+    def __del__(self) -> None:
+        # Dropped without commit or abort (a handler that crashed): the record
+        # must not outlive the backend upload, which aborts itself when dropped.
+        if getattr(self, "_record", None) is not None:
+            with contextlib.suppress(Exception):
+                self.abort()
 
 
 class _LiveReader(io.BufferedIOBase):
