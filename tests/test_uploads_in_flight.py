@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 from gateway.node import node_id
@@ -59,12 +60,15 @@ def test_an_upload_dropped_without_commit_or_abort_drops_its_record(make_gateway
     assert [p.name for p in (running.data / "alice").iterdir()] == []
 
 
-def test_a_stopped_gateway_leaves_no_heartbeat_and_no_upload(make_gateway):
+def test_a_stopped_gateway_closes_its_store_and_leaves_no_heartbeat_and_no_upload(make_gateway):
     running = make_gateway()
     running.add_user("alice")
     upload = running.fs("alice").open_write("/a.txt")
     upload.write(b"never committed")
     running.gateway.stop()
+    store_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                   if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [f for f in store_files if "gateway.db" in f], "the stopped gateway's store is still open"
     store = open_store("sqlite:///gateway.db", running.gateway.state_dir)
     try:
         assert store.list_uploads() == []
