@@ -450,6 +450,17 @@ class Store:
                                 .order_by(t.c.root, t.c.token)).all()
         return [_row_lock(row) for row in rows]
 
+    def locks_at(self, locations: Iterable[str]) -> list[Lock]:
+        """Unexpired locks whose root is one of `locations` (a path and its ancestors in one query)."""
+        t = schema.locks
+        locations = list(locations)
+        if not locations:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.root.in_(locations), t.c.expire >= time.time())
+                                .order_by(t.c.root, t.c.token)).all()
+        return [_row_lock(row) for row in rows]
+
     def purge_expired_locks(self) -> int:
         """Remove expired locks; return how many."""
         with self._write() as conn:

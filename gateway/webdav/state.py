@@ -16,9 +16,11 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -71,9 +73,45 @@ class StoreLockStorage:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        # Per request (thread): the locks on one location and all its ancestors,
+        # read in one query. wsgidav asks for each ancestor in turn, twice per PUT.
+        self._request = threading.local()
 
     def __repr__(self) -> str:
         return f"StoreLockStorage({self._store.url!r})"
+
+    @contextlib.contextmanager
+    def request_scope(self) -> Iterator[None]:
+        """Within one request, answer the lock checks of a path and its ancestors from one read.
+
+        A lock another node takes during the request is seen by the next
+        request: the same window wsgidav leaves between its check and the write.
+        """
+        self._request.memo = {}
+        try:
+            yield
+        finally:
+            self._request.memo = None
+
+    def _forget_memo(self) -> None:
+        if getattr(self._request, "memo", None):
+            self._request.memo = {}
+
+    def _locks_on(self, location: str) -> list[Lock]:
+        memo = getattr(self._request, "memo", None)
+        if memo is None:
+            return self._store.find_locks(location)
+        if location not in memo:
+            backend, _, path = location.partition(":")
+            chain = [path]
+            while chain[-1] != "/":
+                chain.append(posixpath.dirname(chain[-1]))
+            chain = [f"{backend}:{p}" for p in chain if f"{backend}:{p}" not in memo]
+            for key in chain:
+                memo[key] = []
+            for lock in self._store.locks_at(chain):
+                memo[lock.root].append(lock)
+        return memo[location]
 
     # The store belongs to the gateway, which opens and closes it.
     def open(self) -> None:
@@ -100,6 +138,7 @@ class StoreLockStorage:
         lock["expire"] = time.time() + lock["timeout"]
         validate_lock(lock)
         lock["token"] = generate_lock_token()
+        self._forget_memo()
         try:
             self._store.add_lock(Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"],
                                       lock["principal"], lock["timeout"], lock["expire"]))
@@ -111,12 +150,14 @@ class StoreLockStorage:
         return lock
 
     def refresh(self, token: str, *, timeout: float) -> dict:
+        self._forget_memo()
         try:
             return _lock_dict(self._store.refresh_lock(token, _clamp(timeout)))
         except Missing:
             raise ValueError(f"lock {token} does not exist") from None
 
     def delete(self, token: str) -> bool:
+        self._forget_memo()
         return self._store.remove_lock(token)
 
     def get_lock_list(self, path: str, *, include_root: bool, include_children: bool,
@@ -126,8 +167,11 @@ class StoreLockStorage:
             # "/" is above every backend: no lock is rooted there. (Only
             # wsgidav's debug dump asks for the children of "/".)
             return []
-        locks = self._store.find_locks(location, include_root=include_root,
-                                       include_children=include_children)
+        if include_root and not include_children:
+            locks = self._locks_on(location)
+        else:
+            locks = self._store.find_locks(location, include_root=include_root,
+                                           include_children=include_children)
         return [lock.token for lock in locks] if token_only else [_lock_dict(lock) for lock in locks]
 
 

@@ -338,6 +338,14 @@ def test_only_one_of_two_racing_exclusive_locks_is_granted(store, open_another):
         assert sorted(pool.map(take, range(2))) == [False, True]
 
 
+def test_locks_at_finds_the_locks_on_several_locations_at_once(store):
+    now = time.time()
+    for token, root in (("t1", "local:/a"), ("t2", "local:/a/b"), ("t3", "local:/other")):
+        store.add_lock(Lock(token, root, b"", "shared", "0", "alice", 60, now + 60))
+    assert [lock.token for lock in store.locks_at(["local:/a/b", "local:/a", "local:/"])] == ["t1", "t2"]
+    assert store.locks_at([]) == []
+
+
 # -- dead properties ---------------------------------------------------------
 
 def test_property_set_get_list_and_remove(store):
