@@ -143,7 +143,10 @@ class Gateway:
 
     def readiness_probes(self) -> dict[str, Callable[[], None]]:
         """What must answer for the gateway to be ready: each returns, or raises with the reason."""
-        return {f"backend '{name}'": backend.check for name, backend in self.backends.items()}
+        probes = {f"backend '{name}'": backend.check for name, backend in self.backends.items()}
+        # The store holds users, bans and locks: without it no login can be checked.
+        probes["store"] = self.store.change_counter
+        return probes
 
     # -- life cycle -----------------------------------------------------------
 
