@@ -236,6 +236,20 @@ def setup_logging(config: Config) -> logging.Handler | None:
                           f"'{config.server.audit_log}': {exc.strerror or exc}") from None
 
 
+def _next_signal(signals: "queue.SimpleQueue[int]") -> int:
+    """Wait for the next queued signal.
+
+    The wait wakes up every second: a signal the kernel delivers to another
+    thread only sets a flag, which the main thread notices when it next runs
+    Python code, not while it sleeps in a lock.
+    """
+    while True:
+        try:
+            return signals.get(timeout=1.0)
+        except queue.Empty:
+            continue
+
+
 def serve(config: Config) -> int:
     """Run until SIGINT or SIGTERM; SIGHUP reopens the audit log. Returns the exit status."""
     audit_handler = setup_logging(config)
@@ -254,7 +268,7 @@ def serve(config: Config) -> int:
             print(f"  {notice}", flush=True)
     print("gateway ready", flush=True)
     try:
-        while signals.get() == signal.SIGHUP:
+        while _next_signal(signals) == signal.SIGHUP:
             if isinstance(audit_handler, ReopeningFileHandler):
                 audit_handler.reopen()
                 log.info("SIGHUP: reopened the audit log %s", audit_handler.baseFilename)
