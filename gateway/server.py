@@ -5,10 +5,12 @@ import importlib
 import logging
 import secrets
 import signal
+import socket
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 from .auth import Authenticator, Defender
@@ -43,6 +45,14 @@ class FrontEnd(Protocol):
 
 class Gateway:
     """Everything a front-end needs: users, authentication and per-session file systems."""
+
+    # Set by the supervisor in a worker process before start(): the listening
+    # sockets the parent bound, by front-end name (a front-end without one binds
+    # its own), and whether this process sweeps the temp files of interrupted
+    # uploads (only the first worker's first run: a later sweep would delete the
+    # temp files of uploads other workers have in flight).
+    listeners: Mapping[str, socket.socket] = MappingProxyType({})
+    sweep_at_start = True
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -160,7 +170,7 @@ class Gateway:
         self._watch_stop.clear()
         self._watcher = threading.Thread(target=self._watch_users, name="users-watch", daemon=True)
         self._watcher.start()
-        for backend in self.backends.values():
+        for backend in self.backends.values() if self.sweep_at_start else ():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)
             thread.start()
@@ -219,18 +229,36 @@ def setup_logging(config: Config) -> None:
 def serve(config: Config) -> int:
     """Run until SIGINT or SIGTERM; returns the exit status."""
     setup_logging(config)
+    if config.server.workers > 1:
+        from .supervisor import Supervisor
+        return Supervisor(config).run()
+    gateway = Gateway(config)
+    gateway.ensure_first_user()
+    return run_gateway(gateway)
+
+
+def run_gateway(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> int:
+    """Start `gateway` and serve until SIGINT or SIGTERM, then stop it; returns the exit status.
+
+    Without `on_ready` the listeners and "gateway ready" are printed; a worker
+    process passes its own (the supervisor prints them once for all).
+    """
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    gateway = Gateway(config)
-    gateway.ensure_first_user()
+    # SIGHUP asks for a reload (the supervisor forwards it to every worker);
+    # its default action would end the process.
+    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP received"))
     gateway.start()
-    for frontend in gateway.frontends:
-        host, port = frontend.address
-        print(f"{frontend.name} listening on {host}:{port}", flush=True)
-        for notice in getattr(frontend, "notices", ()):
-            print(f"  {notice}", flush=True)
-    print("gateway ready", flush=True)
+    if on_ready is not None:
+        on_ready()
+    else:
+        for frontend in gateway.frontends:
+            host, port = frontend.address
+            print(f"{frontend.name} listening on {host}:{port}", flush=True)
+            for notice in getattr(frontend, "notices", ()):
+                print(f"  {notice}", flush=True)
+        print("gateway ready", flush=True)
     try:
         stop.wait()
     finally:

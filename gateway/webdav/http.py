@@ -294,8 +294,10 @@ class GatewayHTTPServer(wsgi.Server):
     ConnectionClass = DeferredContinueConnection
 
     def __init__(self, *args, admit: Callable[[str], bool], release: Callable[[str], None],
-                 header_timeout: int, max_header_size: int, **kwargs) -> None:
+                 header_timeout: int, max_header_size: int,
+                 shared_socket: socket.socket | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.shared_socket = shared_socket
         self._admit = admit
         self._release = release
         self.header_timeout = header_timeout
@@ -307,10 +309,38 @@ class GatewayHTTPServer(wsgi.Server):
     def release_connection(self, ip: str) -> None:
         self._release(ip)
 
+    def bind(self, family, type, proto=0):
+        """Create and bind the listening socket, or take the one the supervisor bound for every worker."""
+        if self.shared_socket is None:
+            return super().bind(family, type, proto)
+        sock = self.shared_socket
+        if self.ssl_adapter is not None:
+            sock = self.ssl_adapter.bind(sock)
+        self.socket = sock
+        self.bind_addr = self.resolve_real_bind_addr(sock)
+        return sock
+
     def prepare(self) -> None:
         super().prepare()
+        if self.shared_socket is not None:
+            # Every worker's selector wakes up for a new connection and one wins
+            # it: the others must get EAGAIN at once (cheroot then moves on), not
+            # wait in accept() while their own connections' requests queue up.
+            self.socket.settimeout(0)
         stock, self._connections = self._connections, HeaderGate(self)
         stock._selector.close()
+
+    def stop(self) -> None:
+        if self.shared_socket is not None and self.ready:
+            # cheroot's stop() wakes its accept() with a connection to its own
+            # port, which another worker would accept. Stop the selector loop
+            # (it wakes up by its own timeout) and close our copy of the
+            # listening socket first, so cheroot finds no socket to touch.
+            self._connections.stop()
+            sock, self.socket = self.socket, None
+            if sock is not None:
+                sock.close()
+        super().stop()
 
     def process_conn(self, conn) -> None:
         if self._connections.headers_complete(conn):
@@ -319,15 +349,18 @@ class GatewayHTTPServer(wsgi.Server):
 
 def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, header_timeout: int,
                 max_header_size: int, admit: Callable[[str], bool] = lambda ip: True,
-                release: Callable[[str], None] = lambda ip: None) -> wsgi.Server:
+                release: Callable[[str], None] = lambda ip: None,
+                sock: socket.socket | None = None) -> wsgi.Server:
     """A cheroot WSGI server with the refinements above.
 
     `admit(ip)` decides at accept whether a connection may open (and counts
     it); `release(ip)` is called once when an admitted connection closes.
+    With `sock` (a bound, listening socket that other worker processes share)
+    the server accepts on it instead of binding `bind`.
     """
     server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout, server_name="gateway",
                                request_queue_size=64, shutdown_timeout=5, admit=admit,
                                release=release, header_timeout=header_timeout,
-                               max_header_size=max_header_size)
+                               max_header_size=max_header_size, shared_socket=sock)
     server.gateway = GuardedGateway
     return server
