@@ -194,6 +194,33 @@ def test_a_killed_worker_is_restarted_and_service_continues(tmp_path, host_key_d
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
 
 
+def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, host_key_dir):
+    with serving(tmp_path, host_key_dir) as served:
+        transport = _sftp_login(served.ports["sftp"])
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+            uploader = served.owner(transport.sock, "sftp")
+            (other,) = served.workers() - {uploader}
+            handle = sftp.open("/big.bin", "wb")
+            handle.write(b"a" * 100_000)
+            handle.flush()
+            os.kill(other, signal.SIGKILL)
+            wait_for(lambda: len(served.workers()) == 2 and other not in served.workers(),
+                     "the killed worker to be replaced")
+            # The replacement is serving (so past its start-up) before the upload ends.
+            (replacement,) = served.workers() - {uploader}
+            assert _owners_until_all(served, lambda i: _put(served.ports["webdav"], f"probe-{i}.bin"),
+                                     "webdav", 200) == {uploader, replacement}
+            handle.write(b"b" * 100_000)
+            handle.close()
+            assert sftp.stat("/big.bin").st_size == 200_000
+        finally:
+            transport.close()
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=60) == 0, served.log.read_text()
+    assert (served.home / "big.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
+
+
 def test_sigterm_drains_workers_and_an_sftp_upload_in_flight_keeps_the_old_version(tmp_path, host_key_dir):
     with serving(tmp_path, host_key_dir) as served:
         target = served.home / "report.bin"
@@ -248,7 +275,7 @@ def test_workers_auto_means_one_per_cpu(tmp_path):
 
 @pytest.mark.parametrize("value", ["many", 0, -2, True, 2.5, MAX_WORKERS + 1])
 def test_a_bad_workers_value_is_a_config_error_naming_the_key(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"\[server\] workers: "):
+    with pytest.raises(ConfigError, match=r"\[server\] workers: expected a whole number"):
         load_config(write_config(tmp_path, value))
 
 
