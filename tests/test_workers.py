@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -285,3 +286,26 @@ def test_serve_with_a_bad_workers_value_fails_in_one_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "[server] workers: " in result.stderr
+
+
+def test_webdav_on_a_shared_socket_accepts_connections_without_nagle_delay():
+    # A 201 goes out as headers, then body: with Nagle on, the body waits for
+    # the client's delayed ACK (40 ms a request). cheroot sets TCP_NODELAY when
+    # it binds; on the supervisor's socket the server must set it itself.
+    from gateway.config import Listen
+    from gateway.supervisor import _bind
+    from gateway.webdav.http import make_server
+
+    listener = _bind(Listen("127.0.0.1", 0))
+    server = make_server(("127.0.0.1", 0), lambda environ, start_response: [], threads=1, timeout=5,
+                         header_timeout=5, max_header_size=4096, sock=listener)
+    server.prepare()
+    try:
+        assert server.bind_addr == listener.getsockname()
+        with socket.create_connection(server.bind_addr, timeout=10):
+            wait_for(lambda: select.select([listener], [], [], 0)[0], "the connection to arrive")
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.stop()
