@@ -81,6 +81,13 @@ def _bind(listen: Listen) -> socket.socket:
     return sock
 
 
+def restart_delay(previous: float, lived: float) -> float:
+    """Seconds to wait before restarting a worker that ran `lived` seconds; `previous`: the last wait."""
+    if lived >= STABLE_SECONDS:
+        return 0.0
+    return min(max(previous * 2, RESTART_DELAY_FIRST), RESTART_DELAY_MAX)
+
+
 def describe_exit(status: int) -> str:
     """A wait status in words: "exited with status 3", "killed by SIGKILL"."""
     code = os.waitstatus_to_exitcode(status)
@@ -243,10 +250,7 @@ class Supervisor:
                 self._stop(signal.SIGTERM)
             else:
                 lived = time.monotonic() - worker.started
-                if lived >= STABLE_SECONDS:
-                    worker.delay = 0.0
-                else:
-                    worker.delay = min(max(worker.delay * 2, RESTART_DELAY_FIRST), RESTART_DELAY_MAX)
+                worker.delay = restart_delay(worker.delay, lived)
                 worker.restart_at = time.monotonic() + worker.delay
                 log.warning("worker %d (pid %d) %s after %.1fs; restarting it in %.1fs",
                             worker.index, pid, how, lived, worker.delay)

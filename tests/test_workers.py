@@ -270,6 +270,25 @@ def test_sighup_leaves_workers_sessions_and_connections_up(tmp_path, host_key_di
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
 
 
+def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly():
+    from gateway.supervisor import RESTART_DELAY_MAX, restart_delay
+
+    delays = [0.0]
+    for _ in range(10):
+        delays.append(restart_delay(delays[-1], lived=1.0))
+    assert delays[1:5] == [0.5, 1.0, 2.0, 4.0]
+    assert delays[-1] == RESTART_DELAY_MAX
+    # One that served for a while before dying comes back at once.
+    assert restart_delay(RESTART_DELAY_MAX, lived=3600.0) == 0.0
+
+
+def test_exit_statuses_are_described_in_words():
+    from gateway.supervisor import describe_exit
+
+    assert describe_exit(3 << 8) == "exited with status 3"
+    assert describe_exit(signal.SIGKILL) == "killed by SIGKILL"
+
+
 def test_workers_auto_means_one_per_cpu(tmp_path):
     assert load_config(write_config(tmp_path, "auto")).server.workers == os.cpu_count()
 
