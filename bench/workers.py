@@ -119,6 +119,9 @@ def main() -> int:
                 seconds = sftp_batch(server, key, known_hosts, [f"put {payload} big-sftp.bin"], work)
                 results.setdefault((workers, f"{args.size_mb} MiB SFTP upload MB/s"), []).append(
                     args.size_mb * 1.048576 / seconds)
+                for name in ("big-dav.bin", "big-sftp.bin"):
+                    if (server.root / name).stat().st_size != payload.stat().st_size:
+                        raise RuntimeError(f"workers={workers}: {name} has the wrong size")
                 print(f"round {round_ + 1} workers={workers}: "
                       + ", ".join(f"{k[1]} {v[-1]:.0f}" for k, v in results.items() if k[0] == workers),
                       file=sys.stderr, flush=True)

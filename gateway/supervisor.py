@@ -35,6 +35,8 @@ RESTART_DELAY_MAX = 30.0
 # After SIGTERM, workers finish their requests and abort the uploads left;
 # one still running after this long is killed.
 DRAIN_SECONDS = 120.0
+# The signals the parent handles.
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in _HANDLED:
             signal.signal(sig, self._on_signal)
         try:
             for worker in self.workers:
@@ -274,25 +276,31 @@ class Supervisor:
         sys.stderr.flush()
         worker.runs += 1
         worker.restart_at = None
+        # Held back across fork(): the child sets its own handlers before it
+        # takes any signal (the parent's would only note it in the child's copy).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         pid = os.fork()
         if pid == 0:
-            self._run_worker(worker)
+            self._run_worker(worker, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker.pid = pid
         worker.started = time.monotonic()
         log.info("worker %d started: pid %d", worker.index, pid)
 
     # -- worker ---------------------------------------------------------------
 
-    def _run_worker(self, worker: Worker) -> NoReturn:
+    def _run_worker(self, worker: Worker, mask: set[signal.Signals]) -> NoReturn:
         """The child after fork(): serve as one gateway process, then exit without returning."""
         status = 1
         try:
-            # Until run_gateway sets its own handlers: SIGTERM ends a worker that
-            # has nothing to drain yet, and SIGHUP must not.
+            # Until run_gateway sets its own handlers: SIGTERM and SIGINT end a
+            # worker that has nothing to drain yet, and SIGHUP must not.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self._wake_r, self._wake_w, self._ready_r):
                 os.close(fd)
             gateway = Gateway(self.config)
@@ -303,8 +311,6 @@ class Supervisor:
         except ConfigError as exc:
             print(f"gateway: {exc}", file=sys.stderr)
             status = 2
-        except KeyboardInterrupt:
-            status = 0
         except BaseException:
             log.exception("worker %d failed", worker.index)
         finally:
