@@ -77,6 +77,7 @@ def start_gateway(work: Path, key_pub: Path, settings: list[str]) -> Server:
         "server": {"state_dir": "gw-state", "users_file": "gw-users.toml", "log_level": "warning"},
         "webdav": {"listen": f"127.0.0.1:{server.http_port}"},
         "sftp": {"listen": f"127.0.0.1:{server.sftp_port}"},
+        "admin": {"listen": "127.0.0.1:0"},
         "backends": {"local": {"type": "local", "root": "gw-data"}},
     }
     for setting in settings:   # --set section.key=value, value as TOML

@@ -21,6 +21,8 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 
+from . import metrics
+from .audit import record_login
 from .config import DefenderSection
 from .users import User, UserStore, hash_password, verify_password
 
@@ -118,6 +120,7 @@ class Defender:
             self._recent(f"ip:{ip}", now)
             if len(times) >= self.config.max_failures:
                 self._banned_until[ip] = now + self.config.ban_time
+                metrics.BANS.inc()
                 times.clear()
             if user:
                 self._failures.setdefault(f"user:{user}", deque()).append(now)
@@ -221,19 +224,33 @@ class Authenticator:
         with self._lock:
             self._cache = {k: v for k, v in self._cache.items() if v[0] != name}
 
-    def check_password(self, name: str, password: str, ip: str) -> User | None:
-        """Return the user when `password` is right, else None (and count a failure)."""
+    def check_password(self, name: str, password: str, ip: str, *, protocol: str = "",
+                       method: str = "password", count_cached: bool = True) -> User | None:
+        """Return the user when `password` is right, else None (and count a failure).
+
+        Each answer is audited as a login of `protocol` by `method`; one from
+        the cache only with `count_cached` (WebDAV sends the credential with
+        every request: there only a verification is a login).
+        """
+        def login(ok: bool) -> None:
+            record_login(user=name, protocol=protocol, ip=ip, method=method, ok=ok)
+
         if self.defender.is_banned(ip):
+            login(False)
             return None
         user = self.users.get(name)
         password_hash = user.password_hash if user is not None and not user.disabled else None
         digest = self._digest(name, password_hash or "", password)
         if password_hash and self._cached(digest):
+            if count_cached:
+                login(True)
             return user
         delay = self.defender.delay_for(ip, name)
         if delay:
             time.sleep(delay)
-        return user if self._verify_once(digest, name, password_hash, password, ip) else None
+        ok = self._verify_once(digest, name, password_hash, password, ip)
+        login(ok)
+        return user if ok else None
 
     def _verify_once(self, digest: str, name: str, password_hash: str | None, password: str,
                      ip: str) -> bool:

@@ -22,6 +22,10 @@ from .users import (Location, Mount, User, UserStore, UsersFileError, _user_to_t
                     parse_public_key)
 
 
+# Where prometheus_client's multiprocess mode keeps each process's values (gateway.metrics).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class CommandError(Exception):
     """A usage or input problem the user can fix; printed as one line."""
 
@@ -222,7 +226,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
     users = _store(config).load()
     check_listeners(config)
-    listeners = [f"{n} {getattr(config, n).listen}" for n in ("webdav", "sftp")
+    listeners = [f"{n} {getattr(config, n).listen}" for n in ("webdav", "sftp", "admin")
                  if getattr(config, n).enabled]
     backends = [f"{n} ({s.type})" for n, s in config.backends.items()]
     print(f"OK: {config.path}: backends: {', '.join(backends)}; users: {len(users)}; "
@@ -231,8 +235,20 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    if config.server.workers > 1 and METRICS_DIR_ENV not in os.environ:
+        # Worker processes add up their metrics through files in one directory.
+        # prometheus_client picks its mode when first imported (with .server, below).
+        os.environ[METRICS_DIR_ENV] = str(_fresh_metrics_dir(config.server.state_dir / "metrics"))
     from .server import serve
     return serve(config)
+
+
+def _fresh_metrics_dir(path: Path) -> Path:
+    """An empty directory for the worker processes' metric files: a previous run's would add up."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,8 +52,9 @@ class ServerSection:
     state_dir: Path = Path("var")
     users_file: Path = Path("users.toml")
     log_level: str = "info"
-    # Audit lines (one per file operation) go to this file; unset: to the main log.
-    audit_log: Path | None = None
+    # Audit lines (JSON, one per file operation and login) go to this file, relative
+    # to the config file, or to stdout with "-"; unset: to the main log.
+    audit_log: str | None = None
     # Largest run of zeros one write or truncate may leave past the end of a
     # file: a byte written at 1 TiB would otherwise make every copy (and every
     # S3 upload of it) move a terabyte of zeros. 0: no gap at all.
@@ -149,6 +150,14 @@ class SFTPSection:
 
 
 @dataclass
+class AdminSection:
+    enabled: bool = True
+    listen: Listen = Listen("127.0.0.1", 8090)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass
 class DefenderSection:
     enabled: bool = True
     max_failures: int = 10       # failed logins from one address within `window` before it is banned
@@ -190,6 +199,7 @@ class Config:
     defender: DefenderSection
     backends: dict[str, BackendSection]
     store: StoreSection = field(default_factory=StoreSection)
+    admin: AdminSection = field(default_factory=AdminSection)
 
     @property
     def base_dir(self) -> Path:
@@ -289,7 +299,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(f"{where_file}: not valid TOML: {exc}") from None
     path = path.resolve()
     base = path.parent
-    known = {"server", "store", "webdav", "sftp", "defender", "backends"}
+    known = {"server", "store", "webdav", "sftp", "defender", "backends", "admin"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where_file}: [{key}]: unknown section")
@@ -305,6 +315,12 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if store.node_timeout < 1:
         raise ConfigError(f"{where_file}: [store] node_timeout: must be at least 1 second, "
                           f"got {store.node_timeout}")
+    admin = build_dataclass(AdminSection, data.get("admin", {}), f"{where_file}: [admin]", base)
+    if server.audit_log is not None:
+        if not server.audit_log:
+            raise ConfigError(f"{where_file}: [server] audit_log: expected a path or '-', got ''")
+        if server.audit_log != "-":
+            server.audit_log = str((base / server.audit_log).resolve())
     if webdav.macos_files not in ("allow", "hide", "refuse"):
         raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
                           f"got {webdav.macos_files!r}")
@@ -328,14 +344,15 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if webdav.max_header_size < 1024:
         raise ConfigError(f"{where_file}: [webdav] max_header_size: must be at least 1024, "
                           f"got {webdav.max_header_size}")
-    if bool(webdav.tls_cert) != bool(webdav.tls_key):
-        raise ConfigError(f"{where_file}: [webdav] tls_key: tls_cert and tls_key go together")
     for name, section in (("webdav", webdav), ("sftp", sftp)):
         _check_proxy_protocol(section, f"{where_file}: [{name}]")
-    for key in ("tls_cert", "tls_key"):
-        value = getattr(webdav, key)
-        if value is not None and not os.access(value, os.R_OK):
-            raise ConfigError(f"{where_file}: [webdav] {key}: cannot read '{value}'")
+    for name, section in (("webdav", webdav), ("admin", admin)):
+        if bool(section.tls_cert) != bool(section.tls_key):
+            raise ConfigError(f"{where_file}: [{name}] tls_key: tls_cert and tls_key go together")
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(section, key)
+            if value is not None and not os.access(value, os.R_OK):
+                raise ConfigError(f"{where_file}: [{name}] {key}: cannot read '{value}'")
     backends = {}
     raw_backends = data.get("backends", {})
     if not isinstance(raw_backends, dict) or not raw_backends:
@@ -360,7 +377,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         if type_name == "s3" and built.spool_dir is None:
             built = dataclasses.replace(built, spool_dir=server.state_dir / "s3-spool")
         backends[name] = BackendSection(name, type_name, built)
-    return Config(path, server, webdav, sftp, defender, backends, store)
+    return Config(path, server, webdav, sftp, defender, backends, store, admin)
 
 
 def _check_proxy_protocol(section: WebDAVSection | SFTPSection, where: str) -> None:
@@ -391,7 +408,7 @@ def check_listeners(config: Config) -> None:
     Raises:
         ConfigError: naming the key of the listener that cannot bind.
     """
-    for section_name in ("webdav", "sftp"):
+    for section_name in ("webdav", "sftp", "admin"):
         section = getattr(config, section_name)
         if not section.enabled or section.listen.port == 0:
             continue

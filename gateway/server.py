@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
 import secrets
 import signal
 import socket
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Protocol
 
+from .audit import ReopeningFileHandler, setup_audit_log
 from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
@@ -21,13 +23,16 @@ from .permissions import ALL
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
+from .storage.instrumented import InstrumentedBackend
 from .users import Location, User, UserStore, hash_password
 from .vfs import Limits, QuotaTracker, UserFS, ensure_location
 
 log = logging.getLogger(__name__)
 
-# Front-end name -> module exposing create_server(gateway) -> FrontEnd.
-FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp"}
+# Front-end name -> module exposing create_server(gateway) -> FrontEnd. Started
+# in this order and stopped in reverse: the admin listener (health checks)
+# comes up last and goes first.
+FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp", "admin": "gateway.admin"}
 # How often the watcher looks for changed users (one stat of the users file):
 # a revoked user's sessions end within this plus the time to close them.
 USERS_POLL_SECONDS = 0.5
@@ -61,7 +66,9 @@ class Gateway:
         self.backends: dict[str, Backend] = {}
         for name, section in config.backends.items():
             try:
-                self.backends[name] = create_backend(section.type, section.options)
+                # Timed for the metrics in one place, whatever the backend.
+                self.backends[name] = InstrumentedBackend(name, create_backend(section.type,
+                                                                               section.options))
             except GatewayError as exc:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
             except OSError as exc:
@@ -142,6 +149,10 @@ class Gateway:
                       client=client, open_uploads=self._open_uploads, limits=self.limits,
                       session=session)
 
+    def readiness_probes(self) -> dict[str, Callable[[], None]]:
+        """What must answer for the gateway to be ready: each returns, or raises with the reason."""
+        return {f"backend '{name}'": backend.check for name, backend in self.backends.items()}
+
     # -- life cycle -----------------------------------------------------------
 
     def ensure_first_user(self, out=sys.stdout) -> None:
@@ -215,40 +226,41 @@ class Gateway:
             backend.close()
 
 
-def setup_logging(config: Config) -> None:
+def setup_logging(config: Config) -> logging.Handler | None:
+    """The main log on stderr, and the audit log where the config says; returns the audit handler."""
     level = getattr(logging, config.server.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.server.audit_log:
-        handler = logging.FileHandler(config.server.audit_log)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        audit = logging.getLogger("gateway.audit")
-        audit.addHandler(handler)
-        audit.propagate = False
+    try:
+        return setup_audit_log(config.server.audit_log)
+    except OSError as exc:
+        raise ConfigError(f"{config.path}: [server] audit_log: cannot open "
+                          f"'{config.server.audit_log}': {exc.strerror or exc}") from None
 
 
 def serve(config: Config) -> int:
-    """Run until SIGINT or SIGTERM; returns the exit status."""
-    setup_logging(config)
+    """Run until SIGINT or SIGTERM; SIGHUP reopens the audit log. Returns the exit status."""
+    audit_handler = setup_logging(config)
     if config.server.workers > 1:
         from .supervisor import Supervisor
-        return Supervisor(config).run()
+        return Supervisor(config, audit_handler).run()
     gateway = Gateway(config)
     gateway.ensure_first_user()
-    return run_gateway(gateway)
+    return run_gateway(gateway, audit_handler)
 
 
-def run_gateway(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> int:
+def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
+                on_ready: Callable[[], None] | None = None) -> int:
     """Start `gateway` and serve until SIGINT or SIGTERM, then stop it; returns the exit status.
 
-    Without `on_ready` the listeners and "gateway ready" are printed; a worker
-    process passes its own (the supervisor prints them once for all).
+    SIGHUP reopens the audit log. Without `on_ready` the listeners and "gateway
+    ready" are printed; a worker process passes its own (the supervisor prints
+    them once for all).
     """
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    # SIGHUP asks for a reload (the supervisor forwards it to every worker);
-    # its default action would end the process.
-    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP received"))
+    # Handlers only queue the signal; the main thread acts on it outside the
+    # handler, where taking the logging locks cannot deadlock.
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: signals.put(signum))
     gateway.start()
     if on_ready is not None:
         on_ready()
@@ -260,8 +272,18 @@ def run_gateway(gateway: Gateway, on_ready: Callable[[], None] | None = None) ->
                 print(f"  {notice}", flush=True)
         print("gateway ready", flush=True)
     try:
-        stop.wait()
+        while (signum := signals.get()) == signal.SIGHUP:
+            reopen_audit_log(audit_handler)
     finally:
         log.info("shutting down")
         gateway.stop()
     return 0
+
+
+def reopen_audit_log(audit_handler: logging.Handler | None) -> None:
+    """SIGHUP: reopen the audit log file (logrotate moved it), if there is one."""
+    if isinstance(audit_handler, ReopeningFileHandler):
+        audit_handler.reopen()
+        log.info("SIGHUP: reopened the audit log %s", audit_handler.baseFilename)
+    else:
+        log.info("SIGHUP: no audit log file to reopen")

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NoReturn
 
+from . import metrics
 from .config import Config, ConfigError, Listen
-from .server import FRONTENDS, Gateway, run_gateway
+from .server import FRONTENDS, Gateway, reopen_audit_log, run_gateway
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ STABLE_SECONDS = 10.0
 RESTART_DELAY_FIRST = 0.5
 RESTART_DELAY_MAX = 30.0
 # After SIGTERM, workers finish their requests and abort the uploads left;
-# one still running after this long is killed.
-DRAIN_SECONDS = 120.0
+# one still running after this long is killed (before the systemd unit's
+# TimeoutStopSec of 60 s kills everything).
+DRAIN_SECONDS = 50.0
 # The signals the parent handles.
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
@@ -104,8 +106,9 @@ def describe_exit(status: int) -> str:
 class Supervisor:
     """The parent process of `workers` > 1: forks, watches and signals the workers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, audit_handler: logging.Handler | None = None) -> None:
         self.config = config
+        self.audit_handler = audit_handler
         self.workers = [Worker(i) for i in range(config.server.workers)]
         self.listeners: dict[str, socket.socket] = {}
         self._pending: list[int] = []          # signals received, handled by the loop
@@ -204,6 +207,8 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop(signum)
             elif signum == signal.SIGHUP:
+                # The workers inherited the audit log file; the parent lets go of a rotated one too.
+                reopen_audit_log(self.audit_handler)
                 log.info("SIGHUP: passing it on to the workers")
                 self._signal_workers(signal.SIGHUP)
 
@@ -239,6 +244,7 @@ class Supervisor:
                 continue
             worker.pid = 0
             self._ready.discard(worker.index)
+            metrics.forget_process(pid)
             how = describe_exit(status)
             if self._stopping:
                 log.info("worker %d (pid %d) %s", worker.index, pid, how)
@@ -306,8 +312,8 @@ class Supervisor:
             gateway = Gateway(self.config)
             gateway.listeners = MappingProxyType(self.listeners)
             gateway.sweep_at_start = worker.index == 0 and worker.runs == 1
-            status = run_gateway(gateway, on_ready=lambda: os.write(self._ready_w,
-                                                                   f"{worker.index}\n".encode()))
+            status = run_gateway(gateway, self.audit_handler,
+                                 on_ready=lambda: os.write(self._ready_w, f"{worker.index}\n".encode()))
         except ConfigError as exc:
             print(f"gateway: {exc}", file=sys.stderr)
             status = 2

@@ -6,9 +6,9 @@ Derived operations (copy tree, remove tree, moves across backends) live here.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import io
-import logging
 import threading
 import time
 import weakref
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from . import paths
+from . import audit, metrics, paths
 from .errors import (AlreadyExists, GatewayError, InvalidPath, IsADirectory, NotADirectory,
                      NotFound, PermissionDenied, QuotaExceeded)
 from .permissions import Perm, Policy
@@ -24,7 +24,19 @@ from .sessions import Session
 from .storage.base import Backend, Entry, Upload, Usage
 from .users import Location, User
 
-audit_log = logging.getLogger("gateway.audit")
+# When the client's operation running in this thread started: audit lines
+# give their duration from it. Operations UserFS runs inside another (truncate
+# opens an upload) leave it as the outer one set it.
+_op_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("gateway_op_started",
+                                                                            default=None)
+
+# UserFS methods whose failures are audited and counted like their successes,
+# and the op name they have in the audit log. Reads and listings are not
+# audited either way: clients probe for files all the time.
+AUDITED_OPS = {"open_read": "download", "open_write": "upload", "make_dir": "mkdir",
+               "remove_file": "delete", "remove_dir": "rmdir", "remove_tree": "delete",
+               "rename": "rename", "copy_file": "copy", "copy_tree": "copy",
+               "set_mtime": "set_times", "truncate": "truncate"}
 
 
 def _virtual_errors(method: Callable) -> Callable:
@@ -37,6 +49,33 @@ def _virtual_errors(method: Callable) -> Callable:
         except GatewayError as exc:
             hints = [a for a in args if isinstance(a, str)] or [getattr(self, "path", "/")]
             raise fs._public_error(exc, hints) from None
+    return wrapper
+
+
+def _shown(path: str | bytes) -> str:
+    """A path as the audit log shows it: normalized if it can be, else as the client sent it."""
+    try:
+        return paths.normalize(path)
+    except GatewayError:
+        return path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path
+
+
+def _audited(method: Callable, op: str) -> Callable:
+    """Time the operation for its audit line, and audit it when it fails."""
+    @functools.wraps(method)
+    def wrapper(self: "UserFS", *args, **kwargs):
+        if _op_started.get() is not None:
+            return method(self, *args, **kwargs)
+        token = _op_started.set(time.monotonic())
+        try:
+            return method(self, *args, **kwargs)
+        except GatewayError as exc:
+            target = args[1] if len(args) > 1 and op in ("rename", "copy") else kwargs.get("dst", "")
+            self._audit(op, _shown(args[0] if args else kwargs.get("path", kwargs.get("src", ""))),
+                        audit.result_of(exc), target=_shown(target) if target else "")
+            raise
+        finally:
+            _op_started.reset(token)
     return wrapper
 
 
@@ -119,6 +158,18 @@ class GuardedUpload(Upload):
         self._pos = offset
         self._high = inner.size
         self._started = time.monotonic()
+        self._written = 0
+        self._settled = False
+        metrics.UPLOADS_IN_FLIGHT.labels(fs.protocol).inc()
+
+    def _settle(self, result: str) -> None:
+        """Audit and count the upload once, however it ends."""
+        if self._settled:
+            return
+        self._settled = True
+        metrics.UPLOADS_IN_FLIGHT.labels(self._fs.protocol).dec()
+        self._fs._audit("upload", self.path, result, self._written,
+                        duration=time.monotonic() - self._started, direction="in")
 
     def _check(self, start: int, end: int) -> None:
         """Refuse a write from `start` to `end` that leaves too big a gap or passes the quota.
@@ -146,6 +197,7 @@ class GuardedUpload(Upload):
         self._check(self._pos, self._pos + len(data))
         self._inner.write(data)
         self._pos += len(data)
+        self._written += len(data)
 
     @_virtual_errors
     def write_at(self, offset: int, data: bytes) -> None:
@@ -153,6 +205,7 @@ class GuardedUpload(Upload):
         self._check(offset, offset + len(data))
         self._inner.write_at(offset, data)
         self._pos = offset + len(data)
+        self._written += len(data)
 
     @_virtual_errors
     def read_at(self, offset: int, length: int) -> bytes:
@@ -184,17 +237,83 @@ class GuardedUpload(Upload):
             self._fs._check_live()
             entry = self._inner.commit()
         except GatewayError as exc:
-            self._fs._audit("upload", self.path, type(exc).__name__)
+            self._settle(audit.result_of(exc))
             raise
         if track:
             self._fs._quota.apply(entry.size - (replaced or 0), 0 if replaced is not None else 1)
-        self._fs._audit("upload", self.path, "ok", entry.size)
+        self._settle("ok")
         return entry
 
     def abort(self) -> None:
         if not self._inner.closed:
             self._inner.abort()
-            self._fs._audit("upload", self.path, "aborted", self._high)
+        self._settle("aborted")
+
+
+class _MeteredReader(io.BufferedIOBase):
+    """A download stream that audits and counts the download when it is closed."""
+
+    def __init__(self, fs: "UserFS", vpath: str, inner: BinaryIO) -> None:
+        super().__init__()
+        self._fs = fs
+        self._path = vpath
+        self._inner = inner
+        self._started = time.monotonic()
+        self._sent = 0
+        self._result = "ok"
+
+    def _count(self, data: bytes) -> bytes:
+        self._sent += len(data)
+        return data
+
+    def _failed(self, exc: BaseException) -> None:
+        self._result = audit.result_of(exc)
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return self._count(self._inner.read(size))
+        except GatewayError as exc:
+            self._failed(exc)
+            raise
+
+    def read1(self, size: int = -1) -> bytes:
+        reader = getattr(self._inner, "read1", self._inner.read)
+        try:
+            return self._count(reader(size))
+        except GatewayError as exc:
+            self._failed(exc)
+            raise
+
+    def readinto(self, buffer) -> int:
+        try:
+            n = self._inner.readinto(buffer)
+        except GatewayError as exc:
+            self._failed(exc)
+            raise
+        self._sent += n or 0
+        return n
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._inner.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._inner.close()
+        finally:
+            super().close()
+            self._fs._audit("download", self._path, self._result, self._sent,
+                            duration=time.monotonic() - self._started, direction="out")
 
 
 class _LiveReader(io.BufferedIOBase):
@@ -384,11 +503,17 @@ class UserFS:
         if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
             raise PermissionDenied(vpath, f"cannot {op} '{vpath}': it is the home or holds a mount")
 
-    def _audit(self, op: str, path: str, result: str, size: int | None = None, target: str = "") -> None:
-        if audit_log.isEnabledFor(logging.INFO):
-            audit_log.info("user=%s proto=%s ip=%s op=%s path=%r%s bytes=%s result=%s",
-                           self.user.name, self.protocol, self.client, op, path,
-                           f" to={target!r}" if target else "", "-" if size is None else size, result)
+    def _audit(self, op: str, path: str, result: str, size: int | None = None, target: str = "", *,
+               duration: float | None = None, direction: str = "") -> None:
+        """The one audit point: every file operation's line and metrics come through here."""
+        if duration is None:
+            started = _op_started.get()
+            duration = None if started is None else time.monotonic() - started
+        # The session registry (gateway.sessions) gives a UserFS its session where there is one.
+        session = getattr(getattr(self, "session", None), "id", "")
+        audit.record_operation(user=self.user.name, protocol=self.protocol, ip=self.client,
+                               session=session, op=op, path=path, result=result, size=size,
+                               duration=duration, target=target, direction=direction)
 
     def _stat_target(self, vpath: str) -> Entry:
         target = self._resolve(vpath)
@@ -478,8 +603,9 @@ class UserFS:
         self._policy.require(Perm.DOWNLOAD, vpath)
         target = self._resolve(vpath)
         stream = target.backend.open_read(target.path, offset, length)
-        self._audit("download", vpath, "ok")
-        return _LiveReader(stream, self) if self.session is not None else stream
+        if self.session is not None:
+            stream = _LiveReader(stream, self)
+        return _MeteredReader(self, vpath, stream)
 
     def usage(self) -> Usage:
         """Space for quota reporting (statvfs, RFC 4331): the quota if set, else the storage's."""
@@ -818,6 +944,8 @@ class UserFS:
 for _name in UserFS.READ_METHODS + UserFS.WRITE_METHODS:
     if _name != "normalize":
         setattr(UserFS, _name, _virtual_errors(getattr(UserFS, _name)))
+    if _name in AUDITED_OPS:
+        setattr(UserFS, _name, _audited(getattr(UserFS, _name), AUDITED_OPS[_name]))
 
 
 def ensure_location(backend: Backend, path: str) -> None:

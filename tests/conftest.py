@@ -39,6 +39,10 @@ class RunningGateway:
     def sftp_port(self) -> int:
         return self.ports["sftp"]
 
+    @property
+    def admin_port(self) -> int:
+        return self.ports["admin"]
+
     def add_user(self, name: str, password: str | None = PASSWORD, *, keys: tuple[str, ...] = (),
                  home: str | None = None, perms: dict[str, list[str]] | None = None,
                  mounts: dict[str, tuple[str, list[str]]] | None = None,
@@ -67,7 +71,7 @@ def wait_for(condition, what: str, limit: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def write_config(tmp_path: Path, *, webdav: bool = True, sftp: bool = True,
+def write_config(tmp_path: Path, *, webdav: bool = True, sftp: bool = True, admin: bool = False,
                  backends: dict | None = None, extra: dict | None = None) -> Path:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -75,6 +79,7 @@ def write_config(tmp_path: Path, *, webdav: bool = True, sftp: bool = True,
         "server": {"state_dir": "state", "users_file": "users.toml", "log_level": "warning"},
         "webdav": {"enabled": webdav, "listen": "127.0.0.1:0"},
         "sftp": {"enabled": sftp, "listen": "127.0.0.1:0"},
+        "admin": {"enabled": admin, "listen": "127.0.0.1:0"},
         "backends": {"local": {"type": "local", "root": "data"}, **(backends or {})},
     }
     for section, values in (extra or {}).items():
@@ -89,9 +94,11 @@ def make_gateway(tmp_path):
     """Factory: start a real gateway (front-ends as asked) and stop it after the test."""
     started: list[Gateway] = []
 
-    def factory(*, webdav: bool = False, sftp: bool = False, backends: dict | None = None,
-                extra: dict | None = None, start: bool = True) -> RunningGateway:
-        path = write_config(tmp_path, webdav=webdav, sftp=sftp, backends=backends, extra=extra)
+    def factory(*, webdav: bool = False, sftp: bool = False, admin: bool = False,
+                backends: dict | None = None, extra: dict | None = None,
+                start: bool = True) -> RunningGateway:
+        path = write_config(tmp_path, webdav=webdav, sftp=sftp, admin=admin, backends=backends,
+                            extra=extra)
         gateway = Gateway(load_config(path))
         running = RunningGateway(gateway, path, tmp_path / "data")
         if start:

@@ -1,6 +1,7 @@
 """Authentication and the defender shared by both protocols."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -122,6 +123,9 @@ def test_userfs_writes_one_audit_line_per_operation(tmp_path, caplog):
         with fs.open_write("/a.txt") as up:
             up.write(b"12345")
         fs.rename("/a.txt", "/b.txt")
-    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.audit"]
-    assert lines[0] == "user=alice proto=sftp ip=10.1.2.3 op=upload path='/a.txt' bytes=5 result=ok"
-    assert "op=rename path='/a.txt' to='/b.txt'" in lines[1]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.audit"]
+    assert len(lines) == 2
+    assert {k: v for k, v in lines[0].items() if k not in ("time", "duration_ms")} == {
+        "user": "alice", "protocol": "sftp", "ip": "10.1.2.3", "session": "", "op": "upload",
+        "path": "/a.txt", "bytes": 5, "result": "ok"}
+    assert (lines[1]["op"], lines[1]["path"], lines[1]["to"]) == ("rename", "/a.txt", "/b.txt")

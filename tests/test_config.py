@@ -29,6 +29,9 @@ listen = "127.0.0.1:0"
 [sftp]
 listen = "127.0.0.1:0"
 
+[admin]
+listen = "127.0.0.1:0"
+
 [backends.local]
 type = "local"
 root = "data"
@@ -79,6 +82,11 @@ BROKEN = {
         "[webdav] trusted_proxies[0]: '10.0.0.1/8'"),
     "proxy protocol without trusted proxies": (
         GOOD.replace('[sftp]\n', '[sftp]\nproxy_protocol = true\n'), "[sftp] trusted_proxies"),
+    "bad admin listen": (GOOD.replace('[admin]\nlisten = "127.0.0.1:0"', '[admin]\nlisten = "8090"'),
+                         "[admin] listen"),
+    "admin cert without key": (GOOD.replace('[admin]\n', '[admin]\ntls_cert = "cert.pem"\n'),
+                               "[admin] tls_key"),
+    "empty audit log": (GOOD.replace('[server]\n', '[server]\naudit_log = ""\n'), "[server] audit_log"),
 }
 
 
@@ -89,6 +97,14 @@ def test_proxy_protocol_is_off_by_default_and_takes_addresses_and_networks(tmp_p
     config = load_config(write(tmp_path, text))
     assert config.sftp.proxy_protocol and config.sftp.trusted_proxies == ["10.0.0.5", "fd00::/8"]
     assert not config.webdav.proxy_protocol
+
+
+def test_audit_log_is_relative_to_the_config_file_or_dash(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace('[server]\n', '[server]\naudit_log = "logs/a.jsonl"\n')))
+    assert config.server.audit_log == str(tmp_path.resolve() / "logs" / "a.jsonl")
+    config = load_config(write(tmp_path, GOOD.replace('[server]\n', '[server]\naudit_log = "-"\n')))
+    assert config.server.audit_log == "-"
+    assert config.admin.enabled and config.admin.listen.port == 0
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

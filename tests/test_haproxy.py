@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import logging
 import ssl
 import subprocess
@@ -112,8 +113,9 @@ def ssh_from(source: str, port: int, user: str = "alice",
         transport.close()
 
 
-def audit_lines(caplog, op: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "gateway.audit" and f"op={op}" in r.getMessage()]
+def audit_lines(caplog, op: str) -> list[dict]:
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.audit"]
+    return [record for record in records if record["op"] == op]
 
 
 @needs_haproxy
@@ -121,7 +123,7 @@ def test_webdav_upload_through_haproxy_is_audited_with_the_client_address(proxie
     with caplog.at_level(logging.INFO, logger="gateway.audit"):
         assert dav_request(proxied.webdav_port, "PUT", "/via-haproxy.txt", body=b"hello") == 201
     (line,) = audit_lines(caplog, "upload")
-    assert "ip=127.0.0.2" in line
+    assert line["ip"] == "127.0.0.2"
     assert (proxied.gateway.data / "alice" / "via-haproxy.txt").read_bytes() == b"hello"
 
 
@@ -143,7 +145,7 @@ def test_https_passes_through_haproxy_and_the_gateway_reads_the_header_before_tl
             conn.close()
         assert (node.data / "alice" / "tls.txt").read_bytes() == b"tls end to end"
     (line,) = audit_lines(caplog, "upload")
-    assert "ip=127.0.0.2" in line
+    assert line["ip"] == "127.0.0.2"
 
 
 @needs_haproxy
@@ -181,7 +183,7 @@ def test_sftp_session_through_haproxy_names_the_client_address(proxied, caplog):
                 handle.write(b"through haproxy")
             assert [login.ip for login in sftp_frontend._connections] == [CLIENT_IP]
     (line,) = audit_lines(caplog, "upload")
-    assert "proto=sftp" in line and "ip=127.0.0.2" in line
+    assert line["protocol"] == "sftp" and line["ip"] == "127.0.0.2"
     assert (proxied.gateway.data / "alice" / "paramiko.txt").read_bytes() == b"through haproxy"
 
 
@@ -200,7 +202,7 @@ def test_openssh_sftp_through_haproxy_uploads_and_is_audited_with_the_client_add
     assert result.returncode == 0, result.stderr
     assert (proxied.gateway.data / "alice" / "openssh.txt").read_text() == "uploaded with OpenSSH sftp\n"
     (line,) = audit_lines(caplog, "upload")
-    assert "ip=127.0.0.2" in line
+    assert line["ip"] == "127.0.0.2"
 
 
 @needs_haproxy

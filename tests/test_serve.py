@@ -21,6 +21,7 @@ def config(tmp_path: Path, webdav: bool = False, sftp: bool = False) -> Path:
         "server": {"state_dir": "state", "users_file": "users.toml"},
         "webdav": {"enabled": webdav, "listen": "127.0.0.1:0"},
         "sftp": {"enabled": sftp, "listen": "127.0.0.1:0"},
+        "admin": {"enabled": False},
         "backends": {"local": {"type": "local", "root": "data"}},
     }))
     return path

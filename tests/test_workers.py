@@ -17,7 +17,7 @@ import sys
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
@@ -33,12 +33,13 @@ PASSWORD = "alice-password"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()}
 
 
-def write_config(tmp_path: Path, workers, log_level: str = "warning") -> Path:
+def write_config(tmp_path: Path, workers, log_level: str = "warning", **server) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(tomli_w.dumps({
-        "server": {"state_dir": "state", "workers": workers, "log_level": log_level},
+        "server": {"state_dir": "state", "workers": workers, "log_level": log_level, **server},
         "webdav": {"listen": "127.0.0.1:0"},
         "sftp": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0"},
         "backends": {"local": {"type": "local", "root": "data"}},
     }))
     return path
@@ -51,6 +52,7 @@ class Served:
     log: Path
     ports: dict[str, int]
     home: Path
+    opened: dict[str, list[int]] = field(default_factory=dict)
 
     def workers(self) -> set[int]:
         """The parent's live child processes (a killed one is gone once the parent reaped it)."""
@@ -92,8 +94,9 @@ def _socket_inodes(pid: int) -> set[int]:
 
 
 @contextmanager
-def serving(tmp_path: Path, host_key_dir: Path, workers=2, log_level: str = "warning") -> Iterator[Served]:
-    path = write_config(tmp_path, workers, log_level)
+def serving(tmp_path: Path, host_key_dir: Path, workers=2, log_level: str = "warning",
+            **server) -> Iterator[Served]:
+    path = write_config(tmp_path, workers, log_level, **server)
     copy_host_keys(host_key_dir, tmp_path / "state")
     subprocess.run([sys.executable, "-m", "gateway", "user", "add", "alice", "--password-stdin",
                     "--config", str(path)], input=f"{PASSWORD}\n", text=True, check=True, cwd=REPO,
@@ -143,7 +146,10 @@ def _sftp_login(port: int) -> paramiko.Transport:
 
 
 def _owners_until_all(served: Served, connect, name: str, limit: int) -> set[int]:
-    """Open connections until every worker holds one (or `limit` are open); the owners seen."""
+    """Open connections until every worker holds one (or `limit` are open); the owners seen.
+
+    Appends how many it opened to `served.opened[name]`.
+    """
     expected = served.workers()
     owners: set[int] = set()
     opened = []
@@ -156,6 +162,7 @@ def _owners_until_all(served: Served, connect, name: str, limit: int) -> set[int
     finally:
         for conn in opened:
             conn.close()
+        served.opened.setdefault(name, []).append(len(opened))
     return owners
 
 
@@ -171,6 +178,14 @@ def test_two_workers_share_the_webdav_and_sftp_listeners(tmp_path, host_key_dir)
         assert webdav == workers
         sftp = _owners_until_all(served, lambda i: _sftp_login(served.ports["sftp"]), "sftp", 60)
         assert sftp == workers
+        # The admin listener is shared too, and /metrics adds up every worker.
+        admin = http.client.HTTPConnection("127.0.0.1", served.ports["admin"], timeout=60)
+        admin.request("GET", "/metrics")
+        text = admin.getresponse().read().decode()
+        admin.close()
+        counted = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('gateway_connections_total{protocol="webdav"}')]
+        assert counted == [sum(served.opened["webdav"])]
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
     assert len(list((tmp_path / "data" / "alice").glob("f*.bin"))) >= 2
@@ -247,16 +262,20 @@ def test_sigterm_drains_workers_and_an_sftp_upload_in_flight_keeps_the_old_versi
     assert "Traceback" not in served.log.read_text()
 
 
-def test_sighup_leaves_workers_sessions_and_connections_up(tmp_path, host_key_dir):
-    with serving(tmp_path, host_key_dir, log_level="info") as served:
+def test_sighup_reopens_the_audit_log_everywhere_and_leaves_sessions_and_connections_up(
+        tmp_path, host_key_dir):
+    audit = tmp_path / "audit.jsonl"
+    with serving(tmp_path, host_key_dir, log_level="info", audit_log="audit.jsonl") as served:
         workers = served.workers()
         transport = _sftp_login(served.ports["sftp"])
         dav = _put(served.ports["webdav"], "before.bin")
         try:
             sftp = paramiko.SFTPClient.from_transport(transport)
+            audit.rename(tmp_path / "audit.jsonl.1")   # as logrotate does
             served.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: served.log.read_text().count("SIGHUP received") == 2,
-                     "both workers to get SIGHUP")
+            # The parent and both workers.
+            wait_for(lambda: served.log.read_text().count("SIGHUP: reopened the audit log") == 3,
+                     "every process to reopen the audit log")
             assert served.proc.poll() is None and served.workers() == workers
             assert "before.bin" in sftp.listdir("/")
             dav.request("PUT", "/after.bin", body=b"y" * 4096, headers=AUTH)
@@ -268,6 +287,8 @@ def test_sighup_leaves_workers_sessions_and_connections_up(tmp_path, host_key_di
             transport.close()
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
+    assert "before.bin" in (tmp_path / "audit.jsonl.1").read_text()
+    assert "after.bin" in audit.read_text() and "before.bin" not in audit.read_text()
 
 
 def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly():

@@ -23,6 +23,7 @@ from typing import Any
 
 import paramiko
 
+from .. import metrics
 from ..config import SFTPSection
 from ..proxy_protocol import ProxyProtocol
 from .handler import GatewaySFTPServer, UserFSInterface
@@ -124,6 +125,11 @@ class _Transport(paramiko.Transport):
             self.packetizer.complete_handshake()
             self._frontend._connection_ended(self._login)
 
+    def _auth_trigger(self) -> None:
+        # paramiko's only signal that a login succeeded, whatever the method.
+        super()._auth_trigger()
+        self._login.authenticated()
+
 
 class SFTPFrontEnd:
     """The `sftp` front-end: host keys, listener, connections."""
@@ -220,6 +226,8 @@ class SFTPFrontEnd:
             log.info("sftp connection from %s refused (unauthenticated limit or ban)", ip)
             sock.close()
             return
+        metrics.CONNECTIONS.labels("sftp").inc()
+        metrics.CONNECTIONS_OPEN.labels("sftp").inc()
         try:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -280,6 +288,7 @@ class SFTPFrontEnd:
             if slot == "unauthenticated":
                 self._release_unauthenticated(login.ip)
         login.close_sessions()
+        metrics.CONNECTIONS_OPEN.labels("sftp").dec()
         if slot == "authenticated":
             self.gateway.defender.close_connection(login.ip)
 

@@ -15,6 +15,7 @@ import paramiko
 from paramiko import (AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
                       OPEN_SUCCEEDED, InteractiveQuery)
 
+from ..audit import record_login
 from ..sessions import Session
 from ..users import User
 from ..vfs import UserFS
@@ -45,6 +46,7 @@ class LoginServer(paramiko.ServerInterface):
         # ending it closes the whole connection (no new channels either).
         self._sessions: dict[str, Session] = {}
         self._interactive_user = ""
+        self._method = ""     # the last authentication method tried
         self._lock = threading.Lock()
 
     # -- bookkeeping ----------------------------------------------------------
@@ -101,17 +103,20 @@ class LoginServer(paramiko.ServerInterface):
         return AUTH_FAILED
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return self._accept(self.frontend.gateway.auth.check_password(username, password, self.ip),
-                            username)
+        self._method = "password"
+        return self._accept(self.frontend.gateway.auth.check_password(
+            username, password, self.ip, protocol="sftp", method="password"), username)
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         # paramiko asks once without a signature and verifies the signature
         # itself before it counts the connection as authenticated.
         line = f"{key.get_name()} {key.get_base64()}"
+        self._method = "publickey"
         return self._accept(self.frontend.gateway.auth.check_key(username, line, self.ip), username)
 
     def check_auth_interactive(self, username: str, submethods: str):
         self.touch()
+        self._method = "keyboard-interactive"
         self._interactive_user = username
         return InteractiveQuery("", "", ("Password: ", False))
 
@@ -119,9 +124,20 @@ class LoginServer(paramiko.ServerInterface):
         username = self._interactive_user
         if len(responses) != 1:
             self.frontend.gateway.auth.record_failure(username, self.ip)
+            record_login(user=username, protocol="sftp", ip=self.ip, method="keyboard-interactive",
+                         ok=False)
             return AUTH_FAILED
-        return self._accept(self.frontend.gateway.auth.check_password(username, responses[0], self.ip),
-                            username)
+        return self._accept(self.frontend.gateway.auth.check_password(
+            username, responses[0], self.ip, protocol="sftp", method="keyboard-interactive"), username)
+
+    def authenticated(self) -> None:
+        """The connection has logged in: audit a key login (passwords are audited as checked).
+
+        A key is only known good once paramiko has verified its signature,
+        after check_auth_publickey; unlisted keys are not failed logins.
+        """
+        if self._method == "publickey":
+            record_login(user=self.username, protocol="sftp", ip=self.ip, method="publickey", ok=True)
 
     def enable_auth_gssapi(self) -> bool:
         return False

@@ -494,6 +494,22 @@ class LocalBackend(Backend):
         vfs = os.statvfs(self._root_fd)
         return vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize
 
+    def check(self) -> None:
+        """The root path must still lead to the directory opened at start.
+
+        Every operation goes through the descriptor opened at start, which
+        keeps working on a root that was removed, replaced or unmounted
+        underneath: compare it with what the path shows now.
+        """
+        try:
+            now = os.stat(self.root)
+        except OSError as exc:
+            raise BackendUnavailable("/", f"root '{self.root}' cannot be reached: {exc.strerror}") from None
+        opened = os.fstat(self._root_fd)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise BackendUnavailable("/", f"root '{self.root}' is no longer the directory opened at "
+                                          "start (removed, replaced or unmounted); restart the gateway")
+
     def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         """Delete temp files left by a crash; returns how many were removed."""
         # Not os.fwalk: it recurses (RecursionError past ~1,000 nested folders)

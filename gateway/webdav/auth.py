@@ -37,7 +37,8 @@ class GatewayDomainController(BaseDomainController):
         return True
 
     def basic_auth_user(self, realm: str, user_name: str, password: str, environ: dict) -> bool:
-        user = self._auth.check_password(user_name, password, environ.get("REMOTE_ADDR", ""))
+        user = self._auth.check_password(user_name, password, environ.get("REMOTE_ADDR", ""),
+                                         protocol="webdav", method="basic", count_cached=False)
         if user is None:
             return False
         environ["gateway.user"] = user

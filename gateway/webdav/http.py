@@ -26,6 +26,9 @@ from cheroot import connections
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 
+from .. import metrics
+from ..shared_listener import SharedListenerServer
+
 log = logging.getLogger(__name__)
 
 _CONTINUE_SUFFIX = b" 100 Continue\r\n\r\n"
@@ -78,6 +81,8 @@ class DeferredContinueRequest(cheroot_server.HTTPRequest):
 
 
 class DeferredContinueConnection(cheroot_server.HTTPConnection):
+    """A client connection, counted in the metrics from accept to close."""
+
     RequestHandlerClass = DeferredContinueRequest
 
     # Set by HeaderGate: the address counted for this connection, the header
@@ -86,6 +91,12 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
     header_buffer: bytearray | None = None
     header_deadline = 0.0
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._counted = True
+        metrics.CONNECTIONS.labels("webdav").inc()
+        metrics.CONNECTIONS_OPEN.labels("webdav").inc()
+
     def close(self) -> None:
         try:
             super().close()
@@ -93,6 +104,10 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
             ip, self.client_ip = self.client_ip, None
             if ip is not None:
                 self.server.release_connection(ip)
+            # cheroot may close a connection more than once.
+            if getattr(self, "_counted", False):
+                self._counted = False
+                metrics.CONNECTIONS_OPEN.labels("webdav").dec()
 
 
 class _RequestBody:
@@ -288,7 +303,7 @@ class HeaderGate(connections.ConnectionManager):
         return limit is None or self._num_connections - waiting < limit
 
 
-class GatewayHTTPServer(wsgi.Server):
+class GatewayHTTPServer(SharedListenerServer):
     """cheroot's WSGI server with HeaderGate as its connection manager."""
 
     ConnectionClass = DeferredContinueConnection
@@ -309,43 +324,10 @@ class GatewayHTTPServer(wsgi.Server):
     def release_connection(self, ip: str) -> None:
         self._release(ip)
 
-    def bind(self, family, type, proto=0):
-        """Create and bind the listening socket, or take the one the supervisor bound for every worker."""
-        if self.shared_socket is None:
-            return super().bind(family, type, proto)
-        sock = self.shared_socket
-        if self.nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # As cheroot's own bind does: accepted sockets inherit it. Without it a
-            # response written in two parts (201 headers, then body) waits for the
-            # client's delayed ACK: 40 ms per request.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_adapter is not None:
-            sock = self.ssl_adapter.bind(sock)
-        self.socket = sock
-        self.bind_addr = self.resolve_real_bind_addr(sock)
-        return sock
-
     def prepare(self) -> None:
         super().prepare()
-        if self.shared_socket is not None:
-            # Every worker's selector wakes up for a new connection and one wins
-            # it: the others must get EAGAIN at once (cheroot then moves on), not
-            # wait in accept() while their own connections' requests queue up.
-            self.socket.settimeout(0)
         stock, self._connections = self._connections, HeaderGate(self)
         stock._selector.close()
-
-    def stop(self) -> None:
-        if self.shared_socket is not None and self.ready:
-            # cheroot's stop() wakes its accept() with a connection to its own
-            # port, which another worker would accept. Stop the selector loop
-            # (it wakes up by its own timeout) and close our copy of the
-            # listening socket first, so cheroot finds no socket to touch.
-            self._connections.stop()
-            sock, self.socket = self.socket, None
-            if sock is not None:
-                sock.close()
-        super().stop()
 
     def process_conn(self, conn) -> None:
         if self._connections.headers_complete(conn):

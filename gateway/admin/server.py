@@ -1,0 +1,100 @@
+"""The admin front-end: /healthz, /readyz and /metrics on their own listener.
+
+It runs beside the WebDAV and SFTP front-ends (`[admin]`, loopback by
+default) so a load balancer and Prometheus never need a user's credentials.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+from .. import metrics
+from ..shared_listener import SharedListenerServer
+from .health import Readiness
+from .router import Request, Response, Router, json_response
+
+if TYPE_CHECKING:
+    from ..server import Gateway
+
+log = logging.getLogger(__name__)
+
+# Health checks and scrapes are small and short; a few threads serve them.
+_THREADS = 4
+_MAX_HEADER_BYTES = 64 * 1024
+
+
+class AdminServer:
+    """FrontEnd for the admin listener: `start()` binds and serves in a thread, `stop()` joins it."""
+
+    name = "admin"
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.section = gateway.config.admin
+        self.address: tuple[str, int] = (self.section.listen.host, self.section.listen.port)
+        self.readiness = Readiness()
+        for name, probe in gateway.readiness_probes().items():
+            self.readiness.add(name, probe)
+        self._server: wsgi.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def build_app(self) -> Router:
+        router = Router()
+        router.add("/healthz", "GET", self.healthz)
+        router.add("/readyz", "GET", self.readyz)
+        router.add("/metrics", "GET", self.metrics)
+        return router
+
+    # -- handlers ---------------------------------------------------------------
+
+    def healthz(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    def readyz(self, request: Request) -> Response:
+        reasons = self.readiness.reasons()
+        if reasons:
+            return json_response(503, {"status": "not ready", "reasons": reasons})
+        return json_response(200, {"status": "ready"})
+
+    def metrics(self, request: Request) -> Response:
+        body, content_type = metrics.exposition(metrics.registry())
+        return Response(200, body, content_type)
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        section = self.section
+        if section.tls_cert is None and not section.listen.is_loopback:
+            log.warning("the admin listener on %s has no TLS; set [admin] tls_cert and tls_key "
+                        "or keep it on a loopback address", section.listen)
+        server = SharedListenerServer((section.listen.host, section.listen.port), self.build_app(),
+                                      numthreads=_THREADS, timeout=10, server_name="gateway-admin",
+                                      shutdown_timeout=5)
+        # In a worker process: the listener the supervisor bound for all of them.
+        server.shared_socket = self.gateway.listeners.get(self.name)
+        server.max_request_header_size = _MAX_HEADER_BYTES
+        if section.tls_cert is not None:
+            server.ssl_adapter = BuiltinSSLAdapter(str(section.tls_cert), str(section.tls_key))
+        server.prepare()
+        self._server = server
+        self.address = server.bind_addr[:2]
+        self._thread = threading.Thread(target=server.serve, name="admin-serve", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.readiness.join(self.readiness.timeout)
+
+
+def create_server(gateway: "Gateway") -> AdminServer:
+    """The front-end contract: build, do not bind yet."""
+    return AdminServer(gateway)
