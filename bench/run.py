@@ -74,7 +74,7 @@ def start_gateway(work: Path, key_pub: Path, settings: list[str]) -> Server:
     server = Server("gateway", root / USER)
     server.sftp_port, server.http_port = free_port(), free_port()
     config = {
-        "server": {"state_dir": "gw-state", "users_file": "gw-users.toml", "log_level": "warning"},
+        "server": {"state_dir": "gw-state", "log_level": "warning"},
         "webdav": {"listen": f"127.0.0.1:{server.http_port}"},
         "sftp": {"listen": f"127.0.0.1:{server.sftp_port}"},
         "admin": {"listen": "127.0.0.1:0"},

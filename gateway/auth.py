@@ -6,25 +6,35 @@ repeated failures down: a user is never locked out, a key login is never
 refused, and an address with no recent failures is never slowed down because
 other addresses failed for that user.
 
+Failures and bans live in the state store, so they are shared by every
+worker and node: failures spread over two nodes ban the address on both. The
+ban check runs on every WebDAV request and SSH accept, so it reads a cache of
+the bans in force, reloaded whenever the store's change feed reports a change
+(every ban bumps it). Connection counts stay per process.
+
 argon2 is deliberately slow and costs 64 MiB per verification, so verified
 passwords are cached (the expiry slides while they are used), one credential
 is verified once however many requests bring it at the same time, and only
-`max_concurrent_verifications` run at once.
+`max_concurrent_verifications` run at once (per process).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 
 from . import metrics
 from .audit import record_login
 from .config import DefenderSection
-from .users import User, UserStore, hash_password, verify_password
+from .store import Store, StoreUnavailable, UserCache
+from .users import User, hash_password, verify_password
+
+log = logging.getLogger(__name__)
 
 # A verified credential stays cached this long after its last use; a password
 # change, a disabled or removed user drops it at once (Authenticator.forget).
@@ -32,66 +42,82 @@ _CACHE_SECONDS = 60.0
 # A password check waits at most this long for a verification slot, then is
 # refused unverified: a flood must not queue without end.
 _VERIFY_WAIT_SECONDS = 30.0
-# Past this many tracked keys, expired failure records are swept.
+# Past this many cached credentials, expired ones are swept.
 _MAX_TRACKED = 10_000
 
 
-class Defender:
-    """Failed-login counting, bans of addresses, per-user slow-down and connection limits."""
+def _user_key(user: str) -> str:
+    # Failure keys: the bare address (the key a ban and an unban use), or "user:NAME".
+    return f"user:{user}"
 
-    def __init__(self, config: DefenderSection) -> None:
+
+class Defender:
+    """Failed-login counting and bans of addresses (in the store), per-user slow-down and
+    connection limits (per process)."""
+
+    def __init__(self, config: DefenderSection, store: Store) -> None:
         self.config = config
-        self._failures: dict[str, deque[float]] = {}   # "ip:..." / "user:..." -> failure times
-        self._pending: dict[str, int] = defaultdict(int)   # ip -> verifications in flight
-        self._banned_until: dict[str, float] = {}
+        self.store = store
+        self._pending: dict[str, int] = defaultdict(int)   # ip -> verifications in flight here
+        self._bans: dict[str, float] = {}                  # ip -> until (time.time()), from the store
         self._connections: dict[str, int] = defaultdict(int)
         self._total_connections = 0
         self._lock = threading.Lock()
 
+    def load_bans(self) -> None:
+        """Re-read the bans in force from the store (the change feed calls this).
+
+        Raises:
+            StoreUnavailable: the store cannot be reached (the cached bans stay).
+        """
+        bans = {ban.key: ban.until for ban in self.store.list_bans()}
+        with self._lock:
+            self._bans = bans
+
     def _exempt(self, ip: str) -> bool:
         return not self.config.enabled or ip in self.config.exempt
 
-    def _recent(self, key: str, now: float) -> int:
-        """Failures under `key` within the window (caller holds the lock)."""
-        times = self._failures.get(key)
-        if times is None:
-            return 0
-        while times and times[0] < now - self.config.window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-        return len(times)
-
-    def _banned(self, ip: str, now: float) -> bool:
-        until = self._banned_until.get(ip)
-        if until is None:
-            return False
-        if until > now:
-            return True
-        del self._banned_until[ip]
-        return False
-
     def is_banned(self, ip: str) -> bool:
-        """The address is banned. Only addresses are banned, never user names."""
+        """The address is banned. Only addresses are banned, never user names. No store query."""
         if self._exempt(ip):
             return False
         with self._lock:
-            return self._banned(ip, time.monotonic())
+            until = self._bans.get(ip)
+            return until is not None and until > time.time()
+
+    def _recent(self, key: str) -> int:
+        """Failures under `key` within the window, on every node."""
+        return self.store.count_failures(key, self.config.window)
 
     def begin_attempt(self, ip: str) -> bool:
         """Count a password verification from `ip` as a failure before it runs.
 
         False: refuse it without verifying, because the address is banned or
-        its recent failures plus the verifications it has in flight reach the
-        ban limit (if those fail, the address is banned anyway). `end_attempt`
-        refunds the count on success.
+        its recent failures plus the verifications it has in flight here reach
+        the ban limit (if those fail, the address is banned anyway), or the
+        store cannot be reached to count them. `end_attempt` refunds the count
+        on success.
         """
         if self._exempt(ip):
             return True
+        if self.is_banned(ip):
+            return False
+        try:
+            # A ban another node just set may not have reached the cache yet
+            # (it clears the failures it counted): ask the store too.
+            until = self.store.banned_until(ip)
+            if until is not None:
+                with self._lock:
+                    self._bans[ip] = until
+                return False
+            recent = self._recent(ip)
+        except StoreUnavailable as exc:
+            # Security decision: without the shared count, guesses would go
+            # unbounded; refuse password checks until the store is back.
+            log.warning("%s; password check from %s refused", exc, ip)
+            return False
         with self._lock:
-            now = time.monotonic()
-            if self._banned(ip, now) or \
-                    self._recent(f"ip:{ip}", now) + self._pending[ip] >= self.config.max_failures:
+            if recent + self._pending[ip] >= self.config.max_failures:
                 return False
             self._pending[ip] += 1
             return True
@@ -108,22 +134,28 @@ class Defender:
             self.record_failure(ip, user)
 
     def record_failure(self, ip: str, user: str | None) -> None:
+        """Count a failed login in the store; ban the address once it reaches the limit."""
         if self._exempt(ip):
             return
-        now = time.monotonic()
-        with self._lock:
-            if len(self._failures) > _MAX_TRACKED:
-                for key in list(self._failures):
-                    self._recent(key, now)
-            times = self._failures.setdefault(f"ip:{ip}", deque())
-            times.append(now)
-            self._recent(f"ip:{ip}", now)
-            if len(times) >= self.config.max_failures:
-                self._banned_until[ip] = now + self.config.ban_time
+        try:
+            count = self.store.record_failure(ip, self.config.window)
+            if count >= self.config.max_failures:
+                until = time.time() + self.config.ban_time
+                self.store.ban(ip, until)
+                self.store.clear_failures(ip)
+                with self._lock:
+                    self._bans[ip] = until
                 metrics.BANS.inc()
-                times.clear()
+                log.warning("address %s banned for %d s after %d failed logins", ip,
+                            self.config.ban_time, count)
             if user:
-                self._failures.setdefault(f"user:{user}", deque()).append(now)
+                self.store.record_failure(_user_key(user), self.config.window)
+        except StoreUnavailable as exc:
+            log.warning("%s; failed login from %s not counted", exc, ip)
+
+    def purge(self) -> None:
+        """Drop failures older than the window, of every key (run now and then)."""
+        self.store.purge_failures(self.config.window)
 
     def delay_for(self, ip: str, user: str) -> float:
         """Seconds a password attempt for `user` from `ip` waits before it is verified.
@@ -135,11 +167,12 @@ class Defender:
         """
         if self._exempt(ip) or not self.config.failure_delay:
             return 0.0
-        with self._lock:
-            now = time.monotonic()
-            if not self._recent(f"ip:{ip}", now):
+        try:
+            if not self._recent(ip):
                 return 0.0
-            failures = self._recent(f"user:{user}", now)
+            failures = self._recent(_user_key(user))
+        except StoreUnavailable:
+            return 0.0     # begin_attempt refuses the check anyway
         if not failures:
             return 0.0
         return min(self.config.failure_delay_max,
@@ -149,7 +182,8 @@ class Defender:
         """Count a new connection; False when a limit or (with `check_ban`) a ban refuses it.
 
         WebDAV counts its connections without the ban check, so that a banned
-        client still gets a readable 403 on its request.
+        client still gets a readable 403 on its request. The limits are per
+        process (each worker and node counts its own).
         """
         if check_ban and self.is_banned(ip):
             return False
@@ -180,12 +214,12 @@ class _Flight:
 
 
 class Authenticator:
-    """Checks credentials against the users file, through the defender."""
+    """Checks credentials against the users, through the defender."""
 
     # The cache's clock; tests move it instead of waiting.
     clock: Callable[[], float] = staticmethod(time.monotonic)
 
-    def __init__(self, users: UserStore, defender: Defender) -> None:
+    def __init__(self, users: UserCache, defender: Defender) -> None:
         self.users = users
         self.defender = defender
         self._cache: dict[str, tuple[str, float]] = {}    # digest -> (user name, expires)

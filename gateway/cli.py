@@ -17,9 +17,9 @@ from . import paths
 from .config import Config, ConfigError, check_listeners, load_config
 from .errors import GatewayError, InvalidPath
 from .permissions import ALL, parse_perms
-from .store import Store, StoreError, open_store
-from .users import (Location, Mount, User, UserStore, UsersFileError, _user_to_toml, hash_password,
-                    parse_public_key)
+from .store import Store, StoreError, UserCache, open_store
+from .users import (Location, Mount, User, UsersFileError, _user_to_toml, hash_password, parse_public_key,
+                    read_users_file, unknown_backend)
 
 
 # Where prometheus_client's multiprocess mode keeps each process's values (gateway.metrics).
@@ -44,10 +44,6 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def _store(config: Config) -> UserStore:
-    return UserStore(config.server.users_file, backends=config.backends.keys())
-
-
 @contextlib.contextmanager
 def _state_store(config: Config) -> Iterator[Store]:
     store = open_store(config.store.url, config.server.state_dir)
@@ -55,6 +51,13 @@ def _state_store(config: Config) -> Iterator[Store]:
         yield store
     finally:
         store.close()
+
+
+@contextlib.contextmanager
+def _users(config: Config) -> Iterator[UserCache]:
+    """The users in the store, checked against this config's backends (as the gateway does)."""
+    with _state_store(config) as store:
+        yield UserCache(store, backends=config.backends.keys())
 
 
 def _parse_perm_rules(rules: list[str]) -> dict:
@@ -109,34 +112,38 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
     perms.update(_parse_perm_rules(args.perm))
     user = User(args.name, password_hash, tuple(keys), home, tuple(mounts), perms,
                 args.quota_bytes, args.quota_files, False)
-    _store(config).add(user)
+    with _users(config) as users:
+        users.add(user)
     print(f"added user '{args.name}' (home {home})")
     return 0
 
 
 def cmd_user_passwd(args: argparse.Namespace, config: Config) -> int:
-    store = _store(config)
-    if store.get(args.name) is None:
-        raise CommandError(f"no user '{args.name}'")
-    store.update(args.name, password_hash=hash_password(_read_password(args)))
+    with _users(config) as users:
+        if users.store.get_user(args.name) is None:
+            raise CommandError(f"no user '{args.name}'")
+        users.update(args.name, password_hash=hash_password(_read_password(args)))
     print(f"password changed for '{args.name}'")
     return 0
 
 
 def cmd_user_remove(args: argparse.Namespace, config: Config) -> int:
-    _store(config).remove(args.name)
+    with _users(config) as users:
+        users.remove(args.name)
     print(f"removed user '{args.name}' (their files are kept)")
     return 0
 
 
 def cmd_user_enable(args: argparse.Namespace, config: Config, disabled: bool) -> int:
-    _store(config).update(args.name, disabled=disabled)
+    with _users(config) as users:
+        users.update(args.name, disabled=disabled)
     print(f"{'disabled' if disabled else 'enabled'} user '{args.name}'")
     return 0
 
 
 def cmd_user_list(args: argparse.Namespace, config: Config) -> int:
-    users = _store(config).all()
+    with _state_store(config) as store:
+        users = store.list_users()
     if not users:
         print("no users")
     for user in users:
@@ -158,8 +165,8 @@ def cmd_user_import(args: argparse.Namespace, config: Config) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CommandError(f"{path}: no such file")
-    # The users file's own parser: the same validation, and errors that name the key.
-    users = UserStore(path, backends=config.backends.keys()).load()
+    # The same validation as every user change, and errors that name the key.
+    users = read_users_file(path, backends=config.backends.keys())
     with _state_store(config) as store:
         added, replaced = store.import_users(users.values())
     print(f"imported {len(users)} user(s) from {path}: {added} added, {replaced} replaced")
@@ -224,7 +231,12 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
-    users = _store(config).load()
+    with _state_store(config) as store:
+        users = store.list_users()
+    for user in users:
+        missing = unknown_backend(user, set(config.backends))
+        if missing:
+            raise ConfigError(f"{config.path}: store {store.url}: {missing}")
     check_listeners(config)
     listeners = [f"{n} {getattr(config, n).listen}" for n in ("webdav", "sftp", "admin")
                  if getattr(config, n).enabled]
@@ -257,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="path to gateway.toml (default: config/gateway.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the gateway").set_defaults(func=cmd_serve)
-    sub.add_parser("check", parents=[common], help="validate the config and users file").set_defaults(
+    sub.add_parser("check", parents=[common], help="validate the config, the store and its users").set_defaults(
         func=cmd_check)
     user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
     add = user.add_parser("add", parents=[common], help="add a user")

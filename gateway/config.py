@@ -50,7 +50,8 @@ class Listen:
 @dataclass
 class ServerSection:
     state_dir: Path = Path("var")
-    users_file: Path = Path("users.toml")
+    # Retired: users live in the store. Still parsed, only to say how to move them there.
+    users_file: Path | None = None
     log_level: str = "info"
     # Audit lines (JSON, one per file operation and login) go to this file, relative
     # to the config file, or to stdout with "-"; unset: to the main log.
@@ -72,6 +73,9 @@ class ServerSection:
 
     def __post_init__(self) -> None:
         self.workers = _parse_workers(self.workers)
+        if self.users_file is not None:
+            raise ConfigError(f"users_file: users live in the state store now: remove this key and run "
+                              f"'gateway user import {self.users_file}'")
         if self.max_hole_bytes < 0:
             raise ConfigError(f"max_hole_bytes: must be 0 or more, got {self.max_hole_bytes}")
         if self.max_depth < 1:

@@ -19,12 +19,14 @@ from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
 from .errors import GatewayError
+from .follower import StoreFollower
 from .permissions import ALL
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
 from .storage.instrumented import InstrumentedBackend
-from .users import Location, User, UserStore, hash_password
+from .store import Conflict, UserCache, open_store
+from .users import Location, User, hash_password
 from .vfs import Limits, QuotaTracker, UserFS, ensure_location
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,6 @@ log = logging.getLogger(__name__)
 # in this order and stopped in reverse: the admin listener (health checks)
 # comes up last and goes first.
 FRONTENDS = {"webdav": "gateway.webdav", "sftp": "gateway.sftp", "admin": "gateway.admin"}
-# How often the watcher looks for changed users (one stat of the users file):
-# a revoked user's sessions end within this plus the time to close them.
-USERS_POLL_SECONDS = 0.5
 
 
 class FrontEnd(Protocol):
@@ -73,16 +72,16 @@ class Gateway:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
             except OSError as exc:
                 raise ConfigError(f"{config.path}: [backends.{name}]: {exc}") from None
-        self.users = UserStore(config.server.users_file, backends=self.backends.keys())
-        self.defender = Defender(config.defender)
+        self.store = open_store(config.store.url, self.state_dir)
+        self.users = UserCache(self.store, backends=self.backends.keys())
+        self.defender = Defender(config.defender, self.store)
         self.auth = Authenticator(self.users, self.defender)
         # Sized in start(), once the open-file limit has been raised.
         self.handles = HandleBudget(config.server.max_open_files or 1 << 30,
                                     config.sftp.max_handles_per_user)
         self.sessions = SessionRegistry()
         self.users.subscribe(self._users_changed)
-        self._watch_stop = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._follower = StoreFollower(self.store, self.users, self.defender, self.sessions)
         self.frontends: list[FrontEnd] = []
         self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
         self._ready: set[tuple[str, str]] = set()
@@ -91,6 +90,11 @@ class Gateway:
         self._stopping = threading.Event()
         self._sweepers: list[threading.Thread] = []
         self.limits = Limits(config.server.max_hole_bytes, config.server.max_depth)
+
+    @property
+    def node(self) -> str:
+        """This process's name in the store's sessions table (set by start(); a restart is a new node)."""
+        return self._follower.node
 
     # -- sessions -------------------------------------------------------------
 
@@ -127,13 +131,6 @@ class Gateway:
                 log.info("user %r was disabled, removed or got new credentials: %d session(s) ended",
                          name, ended)
 
-    def _watch_users(self) -> None:
-        while not self._watch_stop.wait(USERS_POLL_SECONDS):
-            try:
-                self.users.refresh()
-            except Exception:
-                log.exception("checking the users for changes failed")
-
     def open_fs(self, user: User, protocol: str, client: str = "",
                 session: Session | None = None) -> UserFS:
         """A file system for one session of `user`; creates the home and mount targets on first use.
@@ -156,19 +153,26 @@ class Gateway:
     # -- life cycle -----------------------------------------------------------
 
     def ensure_first_user(self, out=sys.stdout) -> None:
-        """On a first run with no users, create one and print its password once."""
-        if self.users.all() or self.users.path.exists():
+        """On a first run (a store never changed, with no users), create one and print its password once.
+
+        Every process and node may try at once: the first insert wins and only
+        its process prints the password.
+        """
+        if self.store.change_counter() or self.store.list_users():
             return
         backend = next(iter(self.backends))
         password = secrets.token_urlsafe(15)
         user = User("admin", hash_password(password), home=Location(backend, "/admin"),
                     permissions={"/": ALL})
-        self.users.add(user)
+        try:
+            self.store.add_user(user)
+        except Conflict:
+            return
         print(f"Created user 'admin' with password: {password}\n"
               f"(shown once; change it with 'gateway user passwd admin')", file=out, flush=True)
 
     def start(self) -> None:
-        self.users.load()
+        self._follower.start()
         limit = raise_open_file_limit()
         total = self.config.server.max_open_files
         if not total:
@@ -178,9 +182,6 @@ class Gateway:
         self.handles.total = total
         log.info("open file limit %d; SFTP handles: %d in total, %d per user", limit, total,
                  self.handles.per_user)
-        self._watch_stop.clear()
-        self._watcher = threading.Thread(target=self._watch_users, name="users-watch", daemon=True)
-        self._watcher.start()
         for backend in self.backends.values() if self.sweep_at_start else ():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)
@@ -203,10 +204,7 @@ class Gateway:
             log.info("%s listening on %s:%d", name, host, port)
 
     def stop(self) -> None:
-        self._watch_stop.set()
-        if self._watcher is not None:
-            self._watcher.join()
-            self._watcher = None
+        self._follower.stop()
         for frontend in reversed(self.frontends):
             try:
                 frontend.stop()
@@ -224,6 +222,7 @@ class Gateway:
             thread.join(timeout=30)
         for backend in self.backends.values():
             backend.close()
+        self.store.close()
 
 
 def setup_logging(config: Config) -> logging.Handler | None:

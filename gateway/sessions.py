@@ -77,10 +77,11 @@ class SessionRegistry:
         session.end()
         return True
 
-    def revoke_user(self, name: str) -> int:
-        """Cut every session of `name`; returns how many there were."""
+    def revoke_user(self, name: str, before: float | None = None) -> int:
+        """Cut every session of `name` (with `before`, those started until then); returns how many."""
         with self._lock:
-            doomed = [s for s in self._sessions.values() if s.user == name]
+            doomed = [s for s in self._sessions.values()
+                      if s.user == name and (before is None or s.started <= before)]
             for session in doomed:
                 del self._sessions[session.id]
         for session in doomed:

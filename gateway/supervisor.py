@@ -159,7 +159,7 @@ class Supervisor:
             if self.config.sftp.enabled:
                 from .sftp.hostkey import describe, load_host_keys
                 notices["sftp"] = [f"host key {describe(key)}"
-                                   for key in load_host_keys(gateway.state_dir)]
+                                   for key in load_host_keys(gateway.state_dir, gateway.store)]
         finally:
             # Connections opened here must not be shared with the workers.
             gateway.stop()

@@ -1,25 +1,16 @@
-"""Users: the User record, the TOML users file, and password hashing.
+"""Users: the User record, its TOML form (`gateway user import/export`), and password hashing.
 
-Passwords are stored only as argon2id hashes. The file is rewritten
-atomically (temp file, fsync, os.replace) with mode 0600, under an exclusive
-lock so two concurrent `gateway user add` runs lose no user.
+Users live in the state store (gateway/store); the TOML form is how they are
+imported, exported and validated. Passwords are stored only as argon2id hashes.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import logging
-import os
-import tempfile
-import threading
-import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import argon2
-import tomli_w
 from cryptography.hazmat.primitives import serialization
 
 from . import paths
@@ -216,170 +207,45 @@ def validate_name(name: str) -> str:
     return name
 
 
-# What tells a changed users file: a rewrite (os.replace) gives a new inode even
-# when the size and a coarse mtime stay the same, as after a password change.
-_Signature = tuple[int, int, int]
+def read_users_file(path: Path, backends: Iterable[str] | None = None) -> dict[str, User]:
+    """Parse a users TOML file (`gateway user import`, or `user export`'s output): name -> User.
 
-
-class UserStore:
-    """The users file: read on demand, reloaded when it changes on disk.
-
-    `subscribe` lets the server see every change (to end the sessions of a
-    disabled user); callbacks run after each reload, in the thread that reloaded.
+    Raises:
+        UsersFileError: the file cannot be read or is invalid (the message names the key),
+            or a user names a backend not in `backends`.
     """
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsersFileError(f"{where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsersFileError(f"{where}: not UTF-8: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsersFileError(f"{where}: not valid TOML: {exc}") from None
+    for key in data:
+        if key != "users":
+            raise UsersFileError(f"{where}: {key}: unknown key (expected [users.NAME] tables)")
+    known = set(backends) if backends is not None else None
+    users = {}
+    for name, table in data.get("users", {}).items():
+        validate_name(name)
+        user = _user_from_toml(name, table, where)
+        if known is not None:
+            missing = unknown_backend(user, known)
+            if missing:
+                raise UsersFileError(f"{where}: {missing}")
+        users[name] = user
+    return users
 
-    def __init__(self, path: Path, backends: Iterable[str] | None = None) -> None:
-        self.path = Path(path)
-        self._backends = set(backends) if backends is not None else None
-        self._users: dict[str, User] = {}
-        self._signature: _Signature | None = None
-        self._checked_at = 0.0
-        self._lock = threading.Lock()
-        # One reload at a time, so subscribers see each change once and in order.
-        # Reentrant: a subscriber may read users again.
-        self._reload_lock = threading.RLock()
-        self._subscribers: list[Callable[[dict[str, User], dict[str, User]], None]] = []
 
-    def subscribe(self, callback: Callable[[dict[str, User], dict[str, User]], None]) -> None:
-        """Call `callback(old, new)` (name -> User) after every reload."""
-        self._subscribers.append(callback)
-
-    # -- reading --------------------------------------------------------------
-
-    def _parse(self, text: str) -> dict[str, User]:
-        where = str(self.path)
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UsersFileError(f"{where}: not valid TOML: {exc}") from None
-        for key in data:
-            if key != "users":
-                raise UsersFileError(f"{where}: {key}: unknown key (expected [users.NAME] tables)")
-        users = {}
-        for name, table in data.get("users", {}).items():
-            validate_name(name)
-            user = _user_from_toml(name, table, where)
-            if self._backends is not None:
-                for label, loc in [("home", user.home)] + [
-                        (f"mounts.\"{m.path}\"", m.target) for m in user.mounts]:
-                    if loc.backend not in self._backends:
-                        raise UsersFileError(f"{where}: [users.{name}] {label}: backend "
-                                             f"'{loc.backend}' is not defined in the config")
-            users[name] = user
-        return users
-
-    def _stat(self) -> _Signature | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _read_file(self) -> tuple[dict[str, User], _Signature | None]:
-        signature = self._stat()
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}, None
-        return self._parse(text), signature
-
-    def load(self) -> dict[str, User]:
-        """(Re)read the file now. Raises UsersFileError when it is invalid."""
-        with self._reload_lock:
-            users, signature = self._read_file()
-            with self._lock:
-                old = self._users
-                self._users, self._signature = users, signature
-                self._checked_at = time.monotonic()
-            for callback in list(self._subscribers):
-                try:
-                    callback(old, users)
-                except Exception:
-                    logging.getLogger(__name__).exception("a users subscriber failed")
-        return users
-
-    def refresh(self) -> None:
-        """Reload now if the file changed on disk (one stat when it did not)."""
-        with self._reload_lock:
-            self._checked_at = time.monotonic()
-            signature = self._stat()
-            if signature == self._signature:
-                return
-            try:
-                self.load()
-            except UsersFileError:
-                # A broken edit must not lock everyone out: keep serving the
-                # last good version and say so in the log.
-                logging.getLogger(__name__).exception("users file invalid; keeping the previous version")
-                self._signature = signature
-
-    def _refresh(self) -> None:
-        if time.monotonic() - self._checked_at >= 1.0:
-            self.refresh()
-
-    def get(self, name: str) -> User | None:
-        self._refresh()
-        return self._users.get(name)
-
-    def all(self) -> list[User]:
-        self._refresh()
-        return sorted(self._users.values(), key=lambda u: u.name)
-
-    # -- writing --------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _write(self, users: dict[str, User]) -> None:
-        data = {"users": {name: _user_to_toml(users[name]) for name in sorted(users)}}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                tomli_w.dump(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def modify(self, change: Callable[[dict[str, User]], None]) -> None:
-        """Apply `change` to a fresh copy of all users and write it back atomically."""
-        with self._locked():
-            users, _ = self._read_file()
-            change(users)
-            self._write(users)
-        self.load()
-
-    def add(self, user: User) -> None:
-        validate_name(user.name)
-
-        def change(users: dict[str, User]) -> None:
-            if user.name in users:
-                raise UsersFileError(f"user '{user.name}' already exists")
-            users[user.name] = user
-        self.modify(change)
-
-    def update(self, name: str, **changes) -> None:
-        def change(users: dict[str, User]) -> None:
-            if name not in users:
-                raise UsersFileError(f"no user '{name}'")
-            users[name] = replace(users[name], **changes)
-        self.modify(change)
-
-    def remove(self, name: str) -> None:
-        def change(users: dict[str, User]) -> None:
-            if name not in users:
-                raise UsersFileError(f"no user '{name}'")
-            del users[name]
-        self.modify(change)
+def unknown_backend(user: User, backends: set[str]) -> str | None:
+    """Say which location of `user` names a backend not in `backends` ("[users.x] home: ..."), or None."""
+    for label, location in [("home", user.home)] + [(f"mounts.\"{m.path}\"", m.target)
+                                                    for m in user.mounts]:
+        if location.backend not in backends:
+            return (f"[users.{user.name}] {label}: backend '{location.backend}' "
+                    "is not defined in the config")
+    return None

@@ -89,7 +89,7 @@ def test_operations_failures_and_logins_are_json_lines(tmp_path, host_key_dir, a
 def write_serve_config(tmp_path: Path, audit_log: str) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(tomli_w.dumps({
-        "server": {"state_dir": "state", "users_file": "users.toml", "audit_log": audit_log,
+        "server": {"state_dir": "state", "audit_log": audit_log,
                    "log_level": "warning"},
         "webdav": {"listen": "127.0.0.1:0"},
         "sftp": {"enabled": False},

@@ -8,7 +8,8 @@ import pytest
 
 from gateway.auth import Authenticator, Defender
 from gateway.config import DefenderSection
-from gateway.users import User, UserStore, hash_password
+from gateway.store import UserCache, open_store
+from gateway.users import User, hash_password
 
 PW = "the right password"
 
@@ -25,12 +26,20 @@ OTHER_KEY = _public_key()
 
 
 @pytest.fixture
-def auth(tmp_path):
-    store = UserStore(tmp_path / "users.toml")
-    store.add(User("alice", hash_password(PW), keys=(KEY + " alice@x",)))
-    store.add(User("mallory", hash_password(PW), disabled=True))
-    return Authenticator(store, Defender(DefenderSection(max_failures=3, window=60, ban_time=60,
-                                                          failure_delay=0.0)))
+def store(tmp_path):
+    """The default embedded store, in this test's tmp dir."""
+    store = open_store("sqlite:///gateway.db", tmp_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def auth(store):
+    users = UserCache(store)
+    users.add(User("alice", hash_password(PW), keys=(KEY + " alice@x",)))
+    users.add(User("mallory", hash_password(PW), disabled=True))
+    return Authenticator(users, Defender(DefenderSection(max_failures=3, window=60, ban_time=60,
+                                                         failure_delay=0.0), store))
 
 
 def test_right_password_is_accepted_and_wrong_one_refused(auth):
@@ -65,8 +74,8 @@ def test_failures_from_many_addresses_never_lock_the_user_out(auth):
     assert auth.check_key("alice", KEY, "10.0.1.0") is not None
 
 
-def test_repeated_failures_for_a_user_slow_down_only_addresses_that_failed():
-    defender = Defender(DefenderSection(max_failures=100, failure_delay=1.0, failure_delay_max=8.0))
+def test_repeated_failures_for_a_user_slow_down_only_addresses_that_failed(store):
+    defender = Defender(DefenderSection(max_failures=100, failure_delay=1.0, failure_delay_max=8.0), store)
     delays = []
     for _ in range(6):
         defender.record_failure("10.0.0.1", "alice")
@@ -76,8 +85,8 @@ def test_repeated_failures_for_a_user_slow_down_only_addresses_that_failed():
     assert defender.delay_for("10.0.0.1", "bob") == 0.0       # nor does another user
 
 
-def test_an_attempt_counts_as_a_failure_before_it_is_verified_and_a_success_refunds_it():
-    defender = Defender(DefenderSection(max_failures=3))
+def test_an_attempt_counts_as_a_failure_before_it_is_verified_and_a_success_refunds_it(store):
+    defender = Defender(DefenderSection(max_failures=3), store)
     assert all(defender.begin_attempt("10.0.0.1") for _ in range(3))
     assert not defender.begin_attempt("10.0.0.1")     # three in flight would ban if they fail
     assert defender.begin_attempt("10.0.0.2")         # another address is not affected
@@ -88,10 +97,10 @@ def test_an_attempt_counts_as_a_failure_before_it_is_verified_and_a_success_refu
     assert defender.is_banned("10.0.0.1") and not defender.is_banned("10.0.0.2")
 
 
-def test_exempt_ip_is_never_banned(tmp_path):
-    store = UserStore(tmp_path / "users.toml")
-    store.add(User("alice", hash_password(PW)))
-    auth = Authenticator(store, Defender(DefenderSection(max_failures=2, exempt=["127.0.0.1"])))
+def test_exempt_ip_is_never_banned(store):
+    users = UserCache(store)
+    users.add(User("alice", hash_password(PW)))
+    auth = Authenticator(users, Defender(DefenderSection(max_failures=2, exempt=["127.0.0.1"]), store))
     for _ in range(5):
         auth.check_password("alice", "wrong", "127.0.0.1")
     assert auth.check_password("alice", PW, "127.0.0.1") is not None
@@ -103,8 +112,8 @@ def test_key_must_match_type_and_blob(auth):
     assert auth.check_key("mallory", KEY, "10.0.0.1") is None
 
 
-def test_connection_limits_per_ip_and_in_total():
-    defender = Defender(DefenderSection(max_connections=3, max_connections_per_ip=2))
+def test_connection_limits_per_ip_and_in_total(store):
+    defender = Defender(DefenderSection(max_connections=3, max_connections_per_ip=2), store)
     assert defender.open_connection("a") and defender.open_connection("a")
     assert not defender.open_connection("a")
     assert defender.open_connection("b")
@@ -129,3 +138,25 @@ def test_userfs_writes_one_audit_line_per_operation(tmp_path, caplog):
         "user": "alice", "protocol": "sftp", "ip": "10.1.2.3", "session": "", "op": "upload",
         "path": "/a.txt", "bytes": 5, "result": "ok"}
     assert (lines[1]["op"], lines[1]["path"], lines[1]["to"]) == ("rename", "/a.txt", "/b.txt")
+def test_failures_counted_by_two_processes_ban_the_address_for_both(store, tmp_path):
+    other = open_store("sqlite:///gateway.db", tmp_path)   # as another worker holds it
+    try:
+        section = DefenderSection(max_failures=4)
+        here, there = Defender(section, store), Defender(section, other)
+        for defender in (here, there, here):
+            defender.record_failure("10.0.0.7", "alice")
+        assert not here.is_banned("10.0.0.7") and not there.is_banned("10.0.0.7")
+        there.record_failure("10.0.0.7", "alice")
+        assert there.is_banned("10.0.0.7")
+        # Before the change feed reloads its ban cache, `here` refuses to verify anyway.
+        assert not here.begin_attempt("10.0.0.7")
+        here.load_bans()
+        assert here.is_banned("10.0.0.7") and not here.is_banned("10.0.0.8")
+        # Lifting the ban in the store (the admin API's DELETE /bans) reaches both.
+        assert other.unban("10.0.0.7")
+        here.load_bans()
+        there.load_bans()
+        assert not here.is_banned("10.0.0.7") and not there.is_banned("10.0.0.7")
+        assert here.begin_attempt("10.0.0.7")
+    finally:
+        other.close()

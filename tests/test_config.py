@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config
+from gateway.store import open_store
+from gateway.users import Location, User
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,7 +23,6 @@ def run_gateway(*args: str, cwd: Path | None = None, stdin: str | None = None) -
 GOOD = """
 [server]
 state_dir = "state"
-users_file = "users.toml"
 
 [webdav]
 listen = "127.0.0.1:0"
@@ -138,10 +139,25 @@ def test_port_in_use_is_reported(tmp_path):
 
 def test_user_pointing_at_undefined_backend_is_reported(tmp_path):
     path = write(tmp_path, GOOD)
-    (tmp_path / "users.toml").write_text('[users.bob]\nhome = "archive:/bob"\n')
+    # Added while the config had an `archive` backend, which it no longer has.
+    store = open_store("sqlite:///gateway.db", tmp_path / "state")
+    try:
+        store.add_user(User("bob", home=Location("archive", "/bob")))
+    finally:
+        store.close()
     result = run_gateway("check", "--config", str(path))
     assert result.returncode == 2
     assert "[users.bob] home" in result.stderr and "'archive'" in result.stderr
+
+
+def test_a_config_that_still_names_a_users_file_says_to_import_it(tmp_path):
+    path = write(tmp_path, GOOD.replace('state_dir = "state"\n', 'state_dir = "state"\nusers_file = "users.toml"\n'))
+    for command in (["check"], ["serve"], ["user", "list"]):
+        result = run_gateway(*command, "--config", str(path))
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "[server] users_file" in result.stderr
+        assert f"gateway user import {tmp_path / 'users.toml'}" in result.stderr
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):

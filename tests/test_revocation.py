@@ -1,12 +1,13 @@
 """Revocation: disabling, removing or re-keying a user ends that user's sessions on both protocols.
 
 The changes are made the way an operator makes them, by the real CLI in
-another process (or, for keys, by another writer of the users file); the
-gateway notices through its users watcher.
+another process (or, for keys, by another writer of the store); the gateway
+notices through the store's change feed.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import select
 import socket
@@ -18,7 +19,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from gateway.users import UserStore
+from gateway.config import load_config
+from gateway.store import Store, UserCache, open_store
 from tests.conftest import PASSWORD, RunningGateway, wait_for
 from tests.sftp.helpers import start_gateway
 
@@ -41,13 +43,25 @@ def both(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
         running.gateway.stop()
 
 
+@contextlib.contextmanager
+def another_store(running: RunningGateway) -> Iterator[Store]:
+    """The gateway's store opened again, as another process (the CLI, the admin API) holds it."""
+    config = load_config(running.config_path)
+    store = open_store(config.store.url, config.server.state_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def change_alice(running: RunningGateway, change: str) -> None:
     """Change alice as an operator would: the CLI in its own process, or another writer for keys."""
     if change == "keys":
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(running.config_path.parent / "other_key")], check=True)
         line = (running.config_path.parent / "other_key.pub").read_text().strip()
-        UserStore(running.config_path.parent / "users.toml").update("alice", keys=(line,))
+        with another_store(running) as store:
+            UserCache(store).update("alice", keys=(line,))
         return
     args = {"disable": ["disable", "alice"], "remove": ["remove", "alice"],
             "passwd": ["passwd", "alice", "--password-stdin"]}[change]
@@ -212,3 +226,51 @@ def test_a_disabled_user_loses_a_webdav_download_in_flight(both):
     finally:
         sock.close()
     assert received < size
+
+
+def test_live_sessions_are_in_the_store_and_one_is_ended_by_id_from_another_process(both):
+    with socket.create_connection(("127.0.0.1", both.sftp_port)) as sock:
+        transport = paramiko.Transport(sock)
+        try:
+            transport.connect(username="bob", password=PASSWORD)
+            with another_store(both) as store:
+                wait_for(lambda: store.list_sessions(user="bob"), "bob's session to reach the store")
+                (row,) = store.list_sessions()
+                assert (row.user, row.protocol, row.ip, row.node) == ("bob", "sftp", "127.0.0.1",
+                                                                      both.gateway.node)
+                store.revoke(session_id=row.id)       # what the admin API's DELETE /sessions/{id} does
+                wait_for(lambda: not transport.is_active(), "bob's connection to be closed")
+                wait_for(lambda: not store.list_sessions(), "bob's session to leave the store")
+        finally:
+            transport.close()
+    # Only that session: bob logs in again at once.
+    with socket.create_connection(("127.0.0.1", both.sftp_port)) as sock:
+        transport = paramiko.Transport(sock)
+        try:
+            transport.connect(username="bob", password=PASSWORD)
+            assert transport.is_authenticated()
+        finally:
+            transport.close()
+
+
+def test_a_quick_disable_and_enable_still_ends_the_users_sessions(both):
+    transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
+    try:
+        transport.connect(username="alice", password=PASSWORD)
+        wait_for(lambda: alice_sessions(both), "alice's session to be registered")
+        # Both changes may land within one poll of the change counter: the
+        # revocation record still reaches the gateway.
+        with another_store(both) as store:
+            users = UserCache(store)
+            users.update("alice", disabled=True)
+            users.update("alice", disabled=False)
+        wait_for(lambda: not transport.is_active(), "alice's SSH connection to be closed")
+    finally:
+        transport.close()
+    with socket.create_connection(("127.0.0.1", both.sftp_port)) as sock:
+        again = paramiko.Transport(sock)
+        try:
+            again.connect(username="alice", password=PASSWORD)
+            assert again.is_authenticated()
+        finally:
+            again.close()

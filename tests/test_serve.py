@@ -6,11 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 import tomli_w
+
+from gateway.store import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def config(tmp_path: Path, webdav: bool = False, sftp: bool = False) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(tomli_w.dumps({
-        "server": {"state_dir": "state", "users_file": "users.toml"},
+        "server": {"state_dir": "state"},
         "webdav": {"enabled": webdav, "listen": "127.0.0.1:0"},
         "sftp": {"enabled": sftp, "listen": "127.0.0.1:0"},
         "admin": {"enabled": False},
@@ -53,8 +54,13 @@ def test_first_run_creates_a_user_once_and_signals_stop_cleanly(tmp_path, sig):
         lines = wait_for_line(proc, "Created user 'admin' with password: ")
         password = lines[-1].rsplit(": ", 1)[1].strip()
         assert len(password) >= 16
-        stored = tomllib.loads((tmp_path / "users.toml").read_text())["users"]["admin"]
-        assert stored["password"].startswith("$argon2id$") and password not in str(stored)
+        store = open_store("sqlite:///gateway.db", tmp_path / "state")
+        try:
+            (stored,) = store.list_users()
+        finally:
+            store.close()
+        assert stored.name == "admin"
+        assert stored.password_hash.startswith("$argon2id$") and password not in str(stored)
         wait_for_line(proc, "gateway ready")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
@@ -71,6 +77,32 @@ def test_first_run_creates_a_user_once_and_signals_stop_cleanly(tmp_path, sig):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "password" not in "".join(lines) + out
+
+
+def test_processes_starting_at_once_on_an_empty_store_print_one_password(tmp_path):
+    path = config(tmp_path)
+    procs = [start(path) for _ in range(3)]
+    printed = []
+    try:
+        for proc in procs:
+            printed += wait_for_line(proc, "gateway ready", timeout=120)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            printed += out.splitlines()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert len([line for line in printed if "Created user 'admin' with password" in line]) == 1, printed
+    store = open_store("sqlite:///gateway.db", tmp_path / "state")
+    try:
+        assert [user.name for user in store.list_users()] == ["admin"]
+    finally:
+        store.close()
 
 
 def _listening_ports(lines: list[str]) -> dict[str, int]:

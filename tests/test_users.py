@@ -1,17 +1,20 @@
-"""Users file and `gateway user ...`: hashed passwords, key validation, atomic and locked rewrites."""
+"""`gateway user ...` against the state store: hashed passwords, key validation, concurrent
+writers, and the users TOML form used by import/export."""
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import stat
 import subprocess
-import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.users import (Location, User, UserStore, UsersFileError, hash_password,
-                           parse_public_key, verify_password)
+from gateway.permissions import parse_perms
+from gateway.store import Store, UserCache, open_store
+from gateway.users import (Location, User, UsersFileError, hash_password, parse_public_key,
+                           read_users_file, verify_password)
 from tests.test_config import GOOD, run_gateway, write
 
 
@@ -27,33 +30,42 @@ def ssh_key(tmp_path_factory) -> Path:
     return key.with_suffix(".pub")
 
 
-def users_toml(config_path: Path) -> dict:
-    return tomllib.loads((config_path.parent / "users.toml").read_text())["users"]
+@pytest.fixture
+def store(tmp_path) -> Iterator[Store]:
+    """The store the config's CLI commands use (the default SQLite file in its state dir)."""
+    store = open_store("sqlite:///gateway.db", tmp_path / "state")
+    yield store
+    store.close()
 
 
-def test_user_add_stores_only_an_argon2id_hash(config_path):
+def stored(store: Store) -> dict[str, User]:
+    return {user.name: user for user in store.list_users()}
+
+
+def test_user_add_stores_only_an_argon2id_hash(config_path, store):
     result = run_gateway("user", "add", "alice", "--password-stdin", "--config", str(config_path),
                          stdin="s3cret-password\n")
     assert result.returncode == 0, result.stderr
-    text = (config_path.parent / "users.toml").read_text()
-    assert "s3cret-password" not in text
-    stored = users_toml(config_path)["alice"]
-    assert stored["password"].startswith("$argon2id$")
-    assert verify_password(stored["password"], "s3cret-password")
-    assert stored["home"] == "local:/alice"
+    for name in os.listdir(config_path.parent / "state"):
+        assert b"s3cret-password" not in (config_path.parent / "state" / name).read_bytes()
+    alice = stored(store)["alice"]
+    assert alice.password_hash.startswith("$argon2id$")
+    assert verify_password(alice.password_hash, "s3cret-password")
+    assert str(alice.home) == "local:/alice"
 
 
-def test_users_file_is_mode_0600(config_path):
+def test_the_store_file_is_mode_0600(config_path):
     run_gateway("user", "add", "alice", "--password-stdin", "--config", str(config_path),
                 stdin="s3cret-password\n")
-    mode = stat.S_IMODE(os.stat(config_path.parent / "users.toml").st_mode)
+    mode = stat.S_IMODE(os.stat(config_path.parent / "state" / "gateway.db").st_mode)
     assert mode == 0o600
 
 
 def test_password_is_never_accepted_on_the_command_line(config_path):
     result = run_gateway("user", "add", "alice", "--password", "x", "--config", str(config_path))
     assert result.returncode != 0
-    assert not (config_path.parent / "users.toml").exists()
+    assert "unrecognized arguments" in result.stderr
+    assert not (config_path.parent / "state" / "gateway.db").exists()
 
 
 def test_user_add_without_terminal_or_stdin_flag_refuses(config_path):
@@ -62,15 +74,15 @@ def test_user_add_without_terminal_or_stdin_flag_refuses(config_path):
     assert "--password-stdin" in result.stderr
 
 
-def test_user_add_with_key_validates_and_stores_it(config_path, ssh_key):
+def test_user_add_with_key_validates_and_stores_it(config_path, ssh_key, store):
     result = run_gateway("user", "add", "bob", "--key", str(ssh_key), "--home", "local:/homes/bob",
                          "--perm", "/docs=list,download", "--config", str(config_path))
     assert result.returncode == 0, result.stderr
-    bob = users_toml(config_path)["bob"]
-    assert bob["keys"] == [ssh_key.read_text().strip()]
-    assert "password" not in bob
-    assert bob["home"] == "local:/homes/bob"
-    assert bob["permissions"]["/docs"] == ["download", "list"]
+    bob = stored(store)["bob"]
+    assert bob.keys == (ssh_key.read_text().strip(),)
+    assert bob.password_hash is None
+    assert str(bob.home) == "local:/homes/bob"
+    assert bob.permissions["/docs"] == parse_perms(["download", "list"])
 
 
 def test_user_add_rejects_a_broken_key(config_path, tmp_path):
@@ -90,11 +102,11 @@ def test_user_add_rejects_unknown_permission_and_backend(config_path):
     assert r2.returncode == 2 and "'nas'" in r2.stderr
 
 
-def test_passwd_list_disable_remove(config_path):
+def test_passwd_list_disable_remove(config_path, store):
     cfg = ["--config", str(config_path)]
     assert run_gateway("user", "add", "carol", "--password-stdin", *cfg, stdin="first-password\n").returncode == 0
     assert run_gateway("user", "passwd", "carol", "--password-stdin", *cfg, stdin="second-password\n").returncode == 0
-    assert verify_password(users_toml(config_path)["carol"]["password"], "second-password")
+    assert verify_password(stored(store)["carol"].password_hash, "second-password")
     assert run_gateway("user", "disable", "carol", *cfg).returncode == 0
     listing = run_gateway("user", "list", *cfg)
     assert "carol" in listing.stdout and "DISABLED" in listing.stdout
@@ -104,36 +116,46 @@ def test_passwd_list_disable_remove(config_path):
     assert again.returncode == 2 and "no user 'carol'" in again.stderr
 
 
-def test_concurrent_adds_lose_no_user(tmp_path):
-    store_path = tmp_path / "users.toml"
+def test_concurrent_adds_lose_no_user(tmp_path, store):
     hashed = hash_password("concurrent-pw")
 
     def add(i: int) -> None:
-        # A fresh store per call, as separate `gateway user add` processes would have.
-        UserStore(store_path).add(User(f"user{i}", hashed, home=Location("local", f"/user{i}")))
+        # A store of its own per call, as separate `gateway user add` processes would have.
+        own = open_store("sqlite:///gateway.db", tmp_path / "state")
+        try:
+            UserCache(own).add(User(f"user{i}", hashed, home=Location("local", f"/user{i}")))
+        finally:
+            own.close()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(add, range(40)))
-    assert sorted(UserStore(store_path).load()) == sorted(f"user{i}" for i in range(40))
+    assert sorted(stored(store)) == sorted(f"user{i}" for i in range(40))
 
 
-def test_concurrent_cli_processes_lose_no_user(config_path):
+def test_concurrent_cli_processes_lose_no_user(config_path, store):
     procs = [subprocess.Popen(
         [os.sys.executable, "-m", "gateway", "user", "add", f"p{i}", "--password-stdin",
          "--config", str(config_path)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent, text=True)
         for i in range(6)]
     for p in procs:
-        p.communicate("a-long-password\n", timeout=60)
-        assert p.returncode == 0
-    assert sorted(users_toml(config_path)) == sorted(f"p{i}" for i in range(6))
+        _, err = p.communicate("a-long-password\n", timeout=120)
+        assert p.returncode == 0, err
+    assert sorted(stored(store)) == sorted(f"p{i}" for i in range(6))
 
 
-def test_duplicate_user_is_refused(tmp_path):
-    store = UserStore(tmp_path / "users.toml")
-    store.add(User("dup"))
+def test_duplicate_user_is_refused(store):
+    users = UserCache(store)
+    users.add(User("dup"))
     with pytest.raises(UsersFileError, match="already exists"):
-        store.add(User("dup"))
+        users.add(User("dup"))
+
+
+def test_a_user_on_a_backend_the_config_lacks_is_refused_naming_it(config_path):
+    result = run_gateway("user", "add", "bob", "--password-stdin", "--home", "nas:/bob",
+                         "--config", str(config_path), stdin="s3cret-password\n")
+    assert result.returncode == 2
+    assert result.stderr == f"gateway: --home: backend 'nas' is not defined in {config_path}\n"
 
 
 @pytest.mark.parametrize("text,key", [
@@ -148,28 +170,46 @@ def test_invalid_users_file_names_the_key(tmp_path, text, key):
     path = tmp_path / "users.toml"
     path.write_text(text)
     with pytest.raises(UsersFileError) as info:
-        UserStore(path).load()
+        read_users_file(path)
     assert f"[users.x] {key}" in str(info.value)
 
 
-def test_store_reloads_after_the_file_changes(tmp_path):
-    path = tmp_path / "users.toml"
-    reader = UserStore(path)
+def test_a_reader_sees_a_user_another_process_added(store, tmp_path):
+    reader = UserCache(store)
     assert reader.get("late") is None
-    UserStore(path).add(User("late"))
-    reader._checked_at = 0  # skip the one-second re-check interval
+    writer = open_store("sqlite:///gateway.db", tmp_path / "state")
+    try:
+        UserCache(writer).add(User("late"))
+    finally:
+        writer.close()
+    reader.refresh()
     assert reader.get("late") is not None
 
 
-def test_subscribers_see_each_change_another_writer_makes_once(tmp_path):
-    store = UserStore(tmp_path / "users.toml")
-    store.add(User("alice", hash_password("pw-123456")))
+def test_subscribers_see_each_change_another_writer_makes_once(store, tmp_path):
+    users = UserCache(store)
+    users.add(User("alice", hash_password("pw-123456")))
     seen = []
-    store.subscribe(lambda old, new: seen.append((old["alice"].disabled, new["alice"].disabled)))
-    UserStore(tmp_path / "users.toml").update("alice", disabled=True)
-    store.refresh()
-    store.refresh()
+    users.subscribe(lambda old, new: seen.append((old["alice"].disabled, new["alice"].disabled)))
+    writer = open_store("sqlite:///gateway.db", tmp_path / "state")
+    try:
+        UserCache(writer).update("alice", disabled=True)
+    finally:
+        writer.close()
+    users.refresh()
+    users.refresh()
     assert seen == [(False, True)]
+
+
+def test_a_revoking_change_also_writes_a_revocation_for_every_node(store):
+    users = UserCache(store)
+    users.add(User("alice", hash_password("pw-123456")))
+    users.update("alice", quota_bytes=10)          # not a revoking change
+    assert store.revocations_after(0) == []
+    users.update("alice", disabled=True)
+    users.update("alice", disabled=False)
+    users.remove("alice")
+    assert [r.user for r in store.revocations_after(0)] == ["alice", "alice"]
 
 
 def test_parse_public_key_normalizes_whitespace(ssh_key):

@@ -1,11 +1,16 @@
-"""SSH host keys: ed25519 and RSA 3072, generated once into the state dir and reused.
+"""SSH host keys: ed25519 and RSA 3072, generated once and reused.
 
-Clients pin a server by its host key, so the keys must survive restarts; they
-are written with mode 0600 and never regenerated while a file exists.
+Clients pin a server by its host key, so the keys must survive restarts, and
+every node behind one address must show the same keys. With a shared store
+(PostgreSQL) the keys live in the store: the first node stores them (its key
+files in the state dir if it has any, so pinned keys survive the move to
+several nodes) and every other node reads them. Otherwise they are files in
+the state dir, written with mode 0600 and never regenerated while one exists.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -13,6 +18,8 @@ from pathlib import Path
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +48,24 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
             os.unlink(tmp)
 
 
-def load_host_keys(state_dir: Path) -> list[paramiko.PKey]:
+def _new_pem(generate) -> bytes:
+    return generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+
+
+def load_host_keys(state_dir: Path, store: Store | None = None) -> list[paramiko.PKey]:
     """Return the host keys (ed25519 first), generating any that are missing.
+
+    With a shared `store`, the keys come from it (see the module docstring).
 
     Raises:
         OSError: the state dir cannot be written or a key file cannot be read.
         paramiko.SSHException: a key file exists but is not a valid private key.
+        StoreUnavailable: the shared store cannot be reached.
     """
+    if store is not None and store.shared:
+        return [_shared_key(state_dir / name, key_class, generate, store)
+                for name, key_class, generate in _KEYS]
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = []
     for name, key_class, generate in _KEYS:
@@ -64,6 +82,19 @@ def load_host_keys(state_dir: Path) -> list[paramiko.PKey]:
             log.info("generated SSH host key %s", path)
         keys.append(key_class.from_private_key_file(str(path)))
     return keys
+
+
+def _shared_key(path: Path, key_class: type[paramiko.PKey], generate, store: Store) -> paramiko.PKey:
+    def first() -> str:
+        # This node's existing key, if any, becomes every node's key.
+        if path.exists():
+            log.info("storing SSH host key %s in the shared store", path)
+            return path.read_text()
+        log.info("generated SSH host key %s in the shared store", path.name)
+        return _new_pem(generate).decode()
+
+    pem = store.get_or_create_host_key(path.name, first)
+    return key_class.from_private_key(io.StringIO(pem))
 
 
 def describe(key: paramiko.PKey) -> str:

@@ -158,7 +158,7 @@ class SFTPFrontEnd:
         Raises:
             OSError: the listen address cannot be bound or the state dir written.
         """
-        self._host_keys = load_host_keys(self.gateway.state_dir)
+        self._host_keys = load_host_keys(self.gateway.state_dir, self.gateway.store)
         self.notices = [f"host key {describe(key)}" for key in self._host_keys]
         for line in self.notices:
             log.info("sftp %s", line)

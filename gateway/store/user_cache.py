@@ -1,8 +1,10 @@
 """The store's users as the gateway reads them: in memory, refreshed by the change feed.
 
-UserCache offers users.UserStore's methods (get, all, add, update, remove,
-load, subscribe), so a process swaps the users file for the store with few
-changes, and reads cost no query.
+UserCache offers get, all, add, update, remove, load, refresh and
+subscribe(callback(old, new)); reads cost no query. A change that revokes a
+user's credentials (remove, disable, new password or keys) also writes a
+revocation, so every process ends that user's sessions even when it only
+sees the final state of several quick changes (disable, then enable).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from ..users import User, UsersFileError
+from ..sessions import revokes
+from ..users import User, UsersFileError, unknown_backend
 from .errors import Conflict, Missing, StoreUnavailable
 from .store import Store
 
@@ -36,6 +39,10 @@ class UserCache:
         self._subscribers: list[Subscriber] = []
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Set by follow(): the owner runs the change feed and calls changed().
+        self._followed = False
+        # One reload at a time, so subscribers see each change once and in order.
+        self._reload_lock = threading.RLock()
 
     def start(self) -> None:
         """Load the users and keep them fresh from a watcher thread until close()."""
@@ -45,6 +52,15 @@ class UserCache:
                                          kwargs={"since": self._counter}, name="store-user-watch",
                                          daemon=True)
         self._watcher.start()
+
+    def follow(self) -> None:
+        """The owner runs a change-feed watch and calls `changed()` from it: reads stop polling."""
+        self._followed = True
+
+    def changed(self, counter: int) -> None:
+        """The change feed reports `counter`: reload unless that is what was read last."""
+        if counter != self._counter:
+            self.load()
 
     def close(self) -> None:
         """Stop the watcher thread (the store itself stays open)."""
@@ -65,29 +81,46 @@ class UserCache:
         Raises:
             StoreUnavailable: the store cannot be reached.
         """
-        counter = self.store.change_counter()
-        users = {user.name: user for user in self.store.list_users()}
-        with self._lock:
-            old, self._users = self._users, users
-            self._counter, self._checked_at = counter, time.monotonic()
-        if old != users:
-            for callback in list(self._subscribers):
-                try:
-                    callback(old, users)
-                except Exception:
-                    log.exception("user change subscriber failed")
+        with self._reload_lock:
+            # The counter first: a change landing between the two reads is seen again next time.
+            counter = self.store.change_counter()
+            users = {}
+            for user in self.store.list_users():
+                missing = unknown_backend(user, self._backends) if self._backends is not None else None
+                if missing:
+                    # Another node's config may define it; here the user cannot log in.
+                    log.warning("user '%s' left out: %s", user.name, missing)
+                    continue
+                users[user.name] = user
+            with self._lock:
+                old, self._users = self._users, users
+                self._counter, self._checked_at = counter, time.monotonic()
+            if old != users:
+                for callback in list(self._subscribers):
+                    try:
+                        callback(old, users)
+                    except Exception:
+                        log.exception("user change subscriber failed")
         return users
 
-    def _refresh(self) -> None:
-        if self._watcher is not None and self._counter is not None:
-            return
-        now = time.monotonic()
-        if self._counter is not None and now - self._checked_at < 1.0:
-            return
-        self._checked_at = now
-        try:
+    def refresh(self) -> None:
+        """Reload now if the store changed since the last read (one query when it did not).
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        with self._reload_lock:
+            self._checked_at = time.monotonic()
             if self._counter is None or self.store.change_counter() != self._counter:
                 self.load()
+
+    def _refresh(self) -> None:
+        if (self._watcher is not None or self._followed) and self._counter is not None:
+            return
+        if self._counter is not None and time.monotonic() - self._checked_at < 1.0:
+            return
+        try:
+            self.refresh()
         except StoreUnavailable as exc:
             # Keep serving the last users read: an outage must not lock everyone out.
             log.warning("%s; using the users read before", exc)
@@ -103,13 +136,9 @@ class UserCache:
     # -- writing (through to the store) ----------------------------------------
 
     def _check_backends(self, user: User) -> None:
-        if self._backends is None:
-            return
-        for label, location in [("home", user.home)] + [(f"mounts.\"{m.path}\"", m.target)
-                                                        for m in user.mounts]:
-            if location.backend not in self._backends:
-                raise UsersFileError(f"[users.{user.name}] {label}: backend '{location.backend}' "
-                                     "is not defined in the config")
+        missing = unknown_backend(user, self._backends) if self._backends is not None else None
+        if missing:
+            raise UsersFileError(missing)
 
     def add(self, user: User) -> None:
         """Add a user.
@@ -135,9 +164,11 @@ class UserCache:
             if current is None:
                 raise Missing(f"no user '{name}'")
             self._check_backends(replace(current, **changes))
-            self.store.update_user(name, **changes)
+            new = self.store.update_user(name, **changes)
         except Missing as exc:
             raise UsersFileError(str(exc)) from None
+        if revokes(current, new):
+            self.store.revoke(user=name)
         self.load()
 
     def remove(self, name: str) -> None:
@@ -150,4 +181,5 @@ class UserCache:
             self.store.remove_user(name)
         except Missing as exc:
             raise UsersFileError(str(exc)) from None
+        self.store.revoke(user=name)
         self.load()

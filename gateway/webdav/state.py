@@ -18,6 +18,8 @@ from urllib.parse import unquote
 
 from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 
+# Seconds to wait for other processes opening the same file.
+_OPEN_TIMEOUT = 30
 # wsgidav's own limits: one week by default, a month at most.
 LOCK_TIMEOUT_DEFAULT = 604800
 LOCK_TIMEOUT_MAX = 4 * 604800
@@ -40,6 +42,24 @@ CREATE TABLE IF NOT EXISTS properties (
 """
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting for other processes that switch the same new file at once.
+
+    Worker processes open the file together on a first run. Two connections
+    that both hold a read lock and both want the write lock are a deadlock
+    SQLite breaks by failing one at once, without the busy timeout: retry.
+    """
+    deadline = time.monotonic() + _OPEN_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class _Database:
     """One SQLite connection shared by the lock store and the property store."""
 
@@ -54,7 +74,7 @@ class _Database:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                        timeout=30)
-                conn.execute("PRAGMA journal_mode=WAL")
+                _use_wal(conn)
                 # WAL with NORMAL survives a crash of the process intact; only a power
                 # loss can take back the last commits (a lock or a property just set).
                 conn.execute("PRAGMA synchronous=NORMAL")
