@@ -185,6 +185,8 @@ class StoreSection:
     url: str = "sqlite:///gateway.db"
     # Seconds without a heartbeat after which a node's uploads in flight are aborted by the others.
     node_timeout: int = 60
+    # Seconds between two sweeps for uploads of dead nodes (each node sweeps; jittered by 20%).
+    sweep_interval: int = 30
 
 
 @dataclass
@@ -325,6 +327,9 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
             raise ConfigError(f"{where_file}: [server] audit_log: expected a path or '-', got ''")
         if server.audit_log != "-":
             server.audit_log = str((base / server.audit_log).resolve())
+    if store.sweep_interval < 1:
+        raise ConfigError(f"{where_file}: [store] sweep_interval: must be at least 1 second, "
+                          f"got {store.sweep_interval}")
     if webdav.macos_files not in ("allow", "hide", "refuse"):
         raise ConfigError(f"{where_file}: [webdav] macos_files: expected 'allow', 'hide' or 'refuse', "
                           f"got {webdav.macos_files!r}")

@@ -12,13 +12,11 @@ Sessions shorter than that (most WebDAV requests) never cost a write.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import threading
 import time
 
 from .auth import Defender
+from .node import node_id
 from .sessions import SessionRegistry
 from .store import Conflict, Store, UserCache
 from .store import Session as SessionRow
@@ -29,11 +27,6 @@ log = logging.getLogger(__name__)
 SYNC_SECONDS = 1.0
 # How often failures older than the defender's window are deleted for every address.
 PURGE_SECONDS = 60.0
-
-
-def node_id() -> str:
-    """This process's name in the store: host, pid and a random suffix (a restart is a new node)."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class StoreFollower:

@@ -20,12 +20,14 @@ from .budget import HandleBudget, derive_total, raise_open_file_limit
 from .config import Config, ConfigError
 from .errors import GatewayError
 from .follower import StoreFollower
+from .node import node_id
 from .permissions import ALL
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
 from .storage.instrumented import InstrumentedBackend
 from .store import Conflict, UserCache, open_store
+from .uploads import InFlightUploads, NodeKeeper
 from .users import Location, User, hash_password
 from .vfs import Limits, QuotaTracker, UserFS, ensure_location
 
@@ -75,6 +77,9 @@ class Gateway:
         self.store = open_store(config.store.url, self.state_dir)
         self.users = UserCache(self.store, backends=self.backends.keys())
         self.defender = Defender(config.defender, self.store)
+        self.uploads = InFlightUploads(self.store, self.node, self.backends)
+        self.keeper = NodeKeeper(self.store, self.node, self.backends, node_timeout=config.store.node_timeout,
+                                 sweep_interval=config.store.sweep_interval)
         self.auth = Authenticator(self.users, self.defender)
         # Sized in start(), once the open-file limit has been raised.
         self.handles = HandleBudget(config.server.max_open_files or 1 << 30,
@@ -93,8 +98,8 @@ class Gateway:
 
     @property
     def node(self) -> str:
-        """This process's name in the store's sessions table (set by start(); a restart is a new node)."""
-        return self._follower.node
+        """This process's name in the store (gateway.node: one per process, a forked worker gets its own)."""
+        return node_id()
 
     # -- sessions -------------------------------------------------------------
 
@@ -105,7 +110,7 @@ class Gateway:
             if known is None or known[0] != limits:
                 home = self.backends[user.home.backend]
                 tracker = QuotaTracker(user.quota_bytes, user.quota_files,
-                                       lambda: home.usage(user.home.path))
+                                       lambda: home.usage(user.home.path), store=self.store, user=user.name)
                 self._quotas[user.name] = (limits, tracker)
                 return tracker
             return known[1]
@@ -144,11 +149,14 @@ class Gateway:
                 self._ready.add(key)
         return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
                       client=client, open_uploads=self._open_uploads, limits=self.limits,
-                      session=session)
+                      session=session, uploads=self.uploads)
 
     def readiness_probes(self) -> dict[str, Callable[[], None]]:
         """What must answer for the gateway to be ready: each returns, or raises with the reason."""
-        return {f"backend '{name}'": backend.check for name, backend in self.backends.items()}
+        probes = {f"backend '{name}'": backend.check for name, backend in self.backends.items()}
+        # The store holds users, bans and locks: without it no login can be checked.
+        probes["store"] = self.store.change_counter
+        return probes
 
     # -- life cycle -----------------------------------------------------------
 
@@ -182,6 +190,7 @@ class Gateway:
         self.handles.total = total
         log.info("open file limit %d; SFTP handles: %d in total, %d per user", limit, total,
                  self.handles.per_user)
+        self.keeper.start()
         for backend in self.backends.values() if self.sweep_at_start else ():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)
@@ -215,6 +224,7 @@ class Gateway:
         for upload in list(self._open_uploads):
             if not upload.closed:
                 upload.abort()
+        self.keeper.stop()
         # A sweep still walking a large tree stops at its next folder; the
         # backends it uses must outlive it.
         self._stopping.set()
@@ -271,7 +281,7 @@ def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
                 print(f"  {notice}", flush=True)
         print("gateway ready", flush=True)
     try:
-        while (signum := signals.get()) == signal.SIGHUP:
+        while signals.get() == signal.SIGHUP:
             reopen_audit_log(audit_handler)
     finally:
         log.info("shutting down")

@@ -6,9 +6,12 @@ Derived operations (copy tree, remove tree, moves across backends) live here.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import io
+import logging
+import math
 import threading
 import time
 import weakref
@@ -17,12 +20,17 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from . import audit, metrics, paths
-from .errors import (AlreadyExists, GatewayError, InvalidPath, IsADirectory, NotADirectory,
-                     NotFound, PermissionDenied, QuotaExceeded)
+from .errors import (AlreadyExists, BackendUnavailable, GatewayError, InvalidPath, IsADirectory,
+                     NotADirectory, NotFound, PermissionDenied, QuotaExceeded)
 from .permissions import Perm, Policy
 from .sessions import Session
 from .storage.base import Backend, Entry, Upload, Usage
+from .store import Missing, Store, StoreError
+from .store import Usage as StoredUsage
+from .uploads import InFlightUploads
 from .users import Location, User
+
+log = logging.getLogger(__name__)
 
 # When the client's operation running in this thread started: audit lines
 # give their duration from it. Operations UserFS runs inside another (truncate
@@ -82,49 +90,127 @@ def _audited(method: Callable, op: str) -> Callable:
 class QuotaTracker:
     """Bytes and files used in one user's home, shared by all of that user's sessions.
 
-    The first use scans the home once; after that the gateway's own operations
-    keep the numbers current.
+    With a store, the store's numbers are the truth, shared by every worker
+    and node: the first count of the home (a scan) is stored once, and every
+    change is added to it atomically. A check reads the store; within one
+    upload, a check may use a number read up to CACHE_SECONDS before, so
+    uploads running at once on other processes can overshoot the limit by
+    what they write in that time, never by more than what is in flight.
+
+    Without a store (or for a user the store does not know), the numbers
+    live in this object: the first use scans the home once, and the
+    gateway's own operations keep them current.
     """
 
-    def __init__(self, limit_bytes: int, limit_files: int, scan: Callable[[], Usage]) -> None:
+    CACHE_SECONDS = 1.0
+
+    def __init__(self, limit_bytes: int, limit_files: int, scan: Callable[[], Usage], *,
+                 store: "Store | None" = None, user: str = "") -> None:
         self.limit_bytes = limit_bytes
         self.limit_files = limit_files
         self._scan = scan
+        self._store = store
+        self._user = user
         self._lock = threading.Lock()
-        self._used: list[int] | None = None
+        self._used: list[int] | None = None          # in-process numbers (no store)
+        self._cached: tuple[int, int] | None = None   # the store's numbers, as last read
+        self._cached_at = -math.inf
 
-    def _ensure(self) -> list[int]:
+    def _stored(self, fresh: bool) -> tuple[int, int] | None:
+        """The store's numbers (scanning and storing them first if none are stored).
+
+        None when this tracker counts in process: no store, or a user it does not know.
+        """
+        if self._store is None or self._used is not None:
+            return None
+        if not fresh and self._cached is not None and time.monotonic() - self._cached_at < self.CACHE_SECONDS:
+            return self._cached
+        try:
+            stored = self._store.get_usage(self._user)
+            if stored is None:
+                scanned = self._scan()
+                stored = self._store.init_usage(self._user, StoredUsage(scanned.used_bytes, scanned.used_files))
+        except Missing:
+            scanned = self._scan()
+            self._used = [scanned.used_bytes, scanned.used_files]
+            return None
+        except StoreError as exc:
+            raise BackendUnavailable("/", f"quota usage of '{self._user}' cannot be read: {exc}") from None
+        self._remember(stored)
+        return self._cached
+
+    def _remember(self, stored: "StoredUsage") -> None:
+        self._cached = (stored.bytes, stored.files)
+        self._cached_at = time.monotonic()
+
+    def _ensure(self, fresh: bool = True) -> tuple[int, int]:
+        stored = self._stored(fresh)
+        if stored is not None:
+            return stored
         if self._used is None:
             usage = self._scan()
             self._used = [usage.used_bytes, usage.used_files]
-        return self._used
+        return self._used[0], self._used[1]
 
     @property
     def counting(self) -> bool:
         """True once the numbers are known (scanned): before that, nothing needs counting."""
-        return self._used is not None
+        if self._used is not None or self._cached is not None:
+            return True
+        if self._store is None:
+            return False
+        try:
+            stored = self._store.get_usage(self._user)
+        except StoreError:
+            return False
+        if stored is not None:
+            with self._lock:
+                self._remember(stored)
+        return stored is not None
 
     def used(self) -> tuple[int, int]:
         with self._lock:
-            used = self._ensure()
-            return used[0], used[1]
+            return self._ensure()
 
-    def check(self, path: str, add_bytes: int = 0, add_files: int = 0) -> None:
-        """Raise QuotaExceeded if adding this much would pass a limit."""
+    def check(self, path: str, add_bytes: int = 0, add_files: int = 0, *, fresh: bool = True) -> None:
+        """Raise QuotaExceeded if adding this much would pass a limit.
+
+        `fresh=False` allows the store's numbers as read up to CACHE_SECONDS ago.
+        """
         if not (self.limit_bytes or self.limit_files):
             return
         with self._lock:
-            used = self._ensure()
+            used = self._ensure(fresh)
+            if not fresh and self._over(used, add_bytes, add_files):
+                used = self._ensure(True)   # refuse only on current numbers
             if self.limit_bytes and add_bytes > 0 and used[0] + add_bytes > self.limit_bytes:
                 raise QuotaExceeded(path, f"quota of {self.limit_bytes} bytes exceeded writing '{path}'")
             if self.limit_files and add_files > 0 and used[1] + add_files > self.limit_files:
                 raise QuotaExceeded(path, f"quota of {self.limit_files} files exceeded creating '{path}'")
 
+    def _over(self, used: tuple[int, int], add_bytes: int, add_files: int) -> bool:
+        return bool((self.limit_bytes and add_bytes > 0 and used[0] + add_bytes > self.limit_bytes)
+                    or (self.limit_files and add_files > 0 and used[1] + add_files > self.limit_files))
+
     def apply(self, delta_bytes: int, delta_files: int) -> None:
+        if not self.counting:
+            return
         with self._lock:
             if self._used is not None:
                 self._used[0] = max(0, self._used[0] + delta_bytes)
                 self._used[1] = max(0, self._used[1] + delta_files)
+                return
+            try:
+                stored = self._store.add_usage(self._user, delta_bytes, delta_files)
+                if stored.bytes < 0 or stored.files < 0:
+                    # More was removed than was counted (the scan raced a change): back to zero.
+                    stored = self._store.add_usage(self._user, -min(0, stored.bytes), -min(0, stored.files))
+            except StoreError as exc:
+                # The change is done in storage; only the count misses it.
+                log.warning("quota usage of '%s' not updated by (%d bytes, %d files): %s",
+                            self._user, delta_bytes, delta_files, exc)
+                return
+            self._remember(stored)
 
 
 @dataclass(frozen=True)
@@ -149,7 +235,7 @@ class GuardedUpload(Upload):
     """Wraps a backend upload: enforces the quota while writing, counts and audits on commit."""
 
     def __init__(self, fs: "UserFS", vpath: str, inner: Upload, old_size: int | None,
-                 track: bool, offset: int) -> None:
+                 track: bool, offset: int, record: str | None = None) -> None:
         self.path = vpath
         self._fs = fs
         self._inner = inner
@@ -160,6 +246,8 @@ class GuardedUpload(Upload):
         self._started = time.monotonic()
         self._written = 0
         self._settled = False
+        self._record = record          # this upload in the store's uploads in flight
+        self._checked = False          # the quota was checked on current numbers once
         metrics.UPLOADS_IN_FLIGHT.labels(fs.protocol).inc()
 
     def _settle(self, result: str) -> None:
@@ -188,7 +276,8 @@ class GuardedUpload(Upload):
         if self._track and end > self._high:
             # Growth of this file over its previous version; other uploads in
             # flight are not reserved, so concurrent uploads can overshoot a little.
-            self._fs._quota.check(self.path, end - (self._old_size or 0))
+            self._fs._quota.check(self.path, end - (self._old_size or 0), fresh=not self._checked)
+            self._checked = True
         self._high = max(self._high, end)
 
     @_virtual_errors
@@ -239,6 +328,8 @@ class GuardedUpload(Upload):
         except GatewayError as exc:
             self._settle(audit.result_of(exc))
             raise
+        finally:
+            self._forget()
         if track:
             self._fs._quota.apply(entry.size - (replaced or 0), 0 if replaced is not None else 1)
         self._settle("ok")
@@ -248,6 +339,20 @@ class GuardedUpload(Upload):
         if not self._inner.closed:
             self._inner.abort()
         self._settle("aborted")
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the store's record once the backend upload has ended (committed or aborted)."""
+        if self._record is not None and self._inner.closed:
+            record, self._record = self._record, None
+            self._fs._uploads.forget(record)
+
+    def __del__(self) -> None:
+        # Dropped without commit or abort (a handler that crashed): the record
+        # must not outlive the backend upload, which aborts itself when dropped.
+        if getattr(self, "_record", None) is not None:
+            with contextlib.suppress(Exception):
+                self.abort()
 
 
 class _MeteredReader(io.BufferedIOBase):
@@ -374,8 +479,10 @@ class UserFS:
     def __init__(self, user: User, backends: Mapping[str, Backend], *,
                  quota: QuotaTracker | None = None, protocol: str = "", client: str = "",
                  open_uploads: "weakref.WeakSet[Upload] | None" = None,
-                 limits: Limits = Limits(), session: Session | None = None) -> None:
+                 limits: Limits = Limits(), session: Session | None = None,
+                 uploads: InFlightUploads | None = None) -> None:
         self.user = user
+        self._uploads = uploads
         self.limits = limits
         self.session = session
         self._open_uploads = open_uploads
@@ -636,8 +743,9 @@ class UserFS:
         if target.in_home and existing is None:
             self._quota.check(vpath, 0, 1)
         inner = target.backend.open_write(target.path, offset=offset, truncate=truncate)
+        record = self._uploads.register(target.backend, target.path, inner) if self._uploads else None
         upload = GuardedUpload(self, vpath, inner, existing.size if existing else None,
-                               target.in_home, offset)
+                               target.in_home, offset, record)
         if self._open_uploads is not None:
             # The server aborts whatever is still open when it shuts down.
             self._open_uploads.add(upload)

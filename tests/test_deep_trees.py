@@ -12,7 +12,6 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-import paramiko
 import pytest
 
 from gateway.config import load_config

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import NotFound, PermissionDenied
+from gateway.errors import InvalidPath, NotFound, PermissionDenied
 from gateway.storage.base import TEMP_PREFIX
 from gateway.storage.local import LocalBackend, LocalConfig
 from gateway.users import Location, User
@@ -148,3 +148,20 @@ def test_a_listing_dropped_unread_leaks_no_descriptor(env):
     import gc
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_abort_stale_upload_removes_only_temp_files(tmp_path):
+    # The upload id comes from the shared store: a forged one must not delete user data.
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "keep.txt").write_bytes(b"data")
+    (tmp_path / "outside").write_bytes(b"data")
+    backend = LocalBackend(LocalConfig(str(root)))
+    try:
+        for forged in ("keep.txt", f"{TEMP_PREFIX}x/../../outside", "../outside"):
+            with pytest.raises(InvalidPath):
+                backend.abort_stale_upload("/keep.txt", forged)
+        assert (root / "keep.txt").read_bytes() == b"data"
+        assert (tmp_path / "outside").exists()
+    finally:
+        backend.close()

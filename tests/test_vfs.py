@@ -12,7 +12,9 @@ from gateway.errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADi
 from gateway.permissions import ALL, READ_ONLY, Perm, parse_perms
 from gateway.storage.memory import MemoryBackend
 from gateway.users import Location, Mount, User
-from gateway.vfs import Limits, UserFS
+from gateway.store import Store, open_store
+from gateway.store import Usage as StoredUsage
+from gateway.vfs import Limits, QuotaTracker, UserFS
 
 GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 
@@ -336,6 +338,45 @@ def test_quota_bytes_refuses_the_write_that_would_pass_it():
     assert not fs.exists("/b")
     assert fs.usage().used_bytes == 60
     assert fs.usage().free_bytes == 40
+
+
+def test_quota_usage_in_the_store_is_shared_by_the_trackers_of_two_processes(tmp_path):
+    user = User("q", home=Location("mem", "/"), quota_bytes=1000)
+    backend = MemoryBackend()
+    store, other = open_store("sqlite:///gateway.db", tmp_path), open_store("sqlite:///gateway.db", tmp_path)
+    try:
+        store.add_user(user)
+
+        def process(on: Store) -> UserFS:
+            tracker = QuotaTracker(1000, 0, lambda: backend.usage("/"), store=on, user="q")
+            return UserFS(user, {"mem": backend}, quota=tracker)
+
+        one, two = process(store), process(other)
+        put(two, "/a", b"a" * 400)   # each counts the home before the other's upload
+        put(one, "/b", b"b" * 400)
+        with pytest.raises(QuotaExceeded):
+            put(two, "/c", b"c" * 400)
+        one.remove_file("/a")
+        put(two, "/c", b"c" * 400)
+        assert store.get_usage("q") == StoredUsage(800, 2)
+        assert one.usage().free_bytes == two.usage().free_bytes == 200
+    finally:
+        store.close()
+        other.close()
+
+
+def test_quota_of_a_user_the_store_does_not_know_is_counted_in_process(tmp_path):
+    store = open_store("sqlite:///gateway.db", tmp_path)
+    try:
+        backend = MemoryBackend()
+        tracker = QuotaTracker(100, 0, lambda: backend.usage("/"), store=store, user="q")
+        fs = UserFS(User("q", home=Location("mem", "/"), quota_bytes=100), {"mem": backend}, quota=tracker)
+        put(fs, "/a", b"x" * 60)
+        with pytest.raises(QuotaExceeded):
+            put(fs, "/b", b"x" * 60)
+        assert fs.usage().used_bytes == 60 and store.get_usage("q") is None
+    finally:
+        store.close()
 
 
 def test_quota_counts_overwrites_as_the_difference():

@@ -14,7 +14,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -352,29 +351,3 @@ def test_webdav_on_a_shared_socket_accepts_connections_without_nagle_delay():
         server.stop()
 
 
-
-def test_workers_opening_a_new_webdav_state_file_at_once_all_succeed(tmp_path):
-    # On a first run every worker creates the same file and switches it to WAL
-    # at the same moment; SQLite fails one of two such openers without waiting.
-    # Connections in threads take the same file locks as in processes.
-    from gateway.webdav.state import open_state
-
-    failures = []
-
-    def opener(path: Path, barrier: threading.Barrier) -> None:
-        barrier.wait()
-        try:
-            locks, _props = open_state(path)
-            locks.close()
-        except Exception as exc:
-            failures.append(repr(exc))
-
-    for round_ in range(20):
-        path = tmp_path / f"round-{round_}" / "webdav.sqlite"
-        barrier = threading.Barrier(6)
-        openers = [threading.Thread(target=opener, args=(path, barrier)) for _ in range(6)]
-        for thread in openers:
-            thread.start()
-        for thread in openers:
-            thread.join()
-    assert failures == []

@@ -62,7 +62,10 @@ class _Transport(paramiko.Transport):
         self.banner_timeout = self.handshake_timeout = config.login_timeout
 
     def _auth_trigger(self) -> None:
+        # paramiko's only signal that a login succeeded, whatever the method
+        # (private: re-check on a paramiko upgrade).
         super()._auth_trigger()
+        self._login.authenticated()
         if not self._frontend._logged_in(self._login):
             log.info("sftp login of %r from %s refused: connection limit", self.get_username(),
                      self._login.ip)
@@ -124,11 +127,6 @@ class _Transport(paramiko.Transport):
             # running for its full timeout; a flood of garbage would pile them up.
             self.packetizer.complete_handshake()
             self._frontend._connection_ended(self._login)
-
-    def _auth_trigger(self) -> None:
-        # paramiko's only signal that a login succeeded, whatever the method.
-        super()._auth_trigger()
-        self._login.authenticated()
 
 
 class SFTPFrontEnd:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -82,6 +82,18 @@ class Upload(abc.ABC):
     """
 
     path: str
+    # Set by whoever records uploads in flight: called with `backend_id` when
+    # the upload gets one after it was opened (S3 starts its multipart upload
+    # with the first full part).
+    on_backend_id: Callable[[str], None] | None = None
+
+    @property
+    def backend_id(self) -> str | None:
+        """What this upload keeps in storage until it ends, named so that
+        `Backend.abort_stale_upload` can remove it if this process dies: a
+        temp file's name, a multipart upload's id. None while there is nothing.
+        """
+        return None
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
@@ -266,6 +278,20 @@ class Backend(abc.ABC):
         Returns how many leftovers were removed. Stops early once `stop` is set.
         """
         return 0
+
+    def abort_stale_upload(self, path: str, upload_id: str) -> None:
+        """Remove what an upload of `path` left in storage when its process died.
+
+        `upload_id` is that upload's `backend_id`. The previous version of
+        `path` stays untouched, and the upload can no longer be committed.
+        Nothing happens when it is gone already (committed, aborted, or
+        removed by another node). The default suits backends whose uploads
+        live only in the process.
+
+        Raises:
+            InvalidPath: `upload_id` cannot be one of this backend's uploads.
+            BackendUnavailable: the storage cannot be reached (try again later).
+        """
 
     def capacity(self) -> tuple[int, int] | None:
         """(total bytes, free bytes) of the storage, or None where it has no limit."""

@@ -60,6 +60,20 @@ class InstrumentedUpload(Upload):
     def closed(self) -> bool:
         return self._inner.closed
 
+    # The base class defines these, so __getattr__ would never forward them:
+    # the store's record of a multipart upload needs the real upload's id.
+    @property
+    def backend_id(self) -> str | None:
+        return self._inner.backend_id
+
+    @property
+    def on_backend_id(self):
+        return self._inner.on_backend_id
+
+    @on_backend_id.setter
+    def on_backend_id(self, hook) -> None:
+        self._inner.on_backend_id = hook
+
     def commit(self) -> Entry:
         with _Timer(self._name, "commit"):
             return self._inner.commit()
@@ -164,6 +178,10 @@ class InstrumentedBackend(Backend):
 
     def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         return self.inner.sweep_temp_files(stop)
+
+    def abort_stale_upload(self, path: str, upload_id: str) -> None:
+        with self._timed("abort_stale_upload"):
+            self.inner.abort_stale_upload(path, upload_id)
 
     def close(self) -> None:
         self.inner.close()

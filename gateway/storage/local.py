@@ -245,6 +245,10 @@ class LocalUpload(Upload):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def backend_id(self) -> str | None:
+        return None if self._closed else self._tmp
+
     def commit(self) -> Entry:
         with self._lock:
             if self._closed:
@@ -509,6 +513,24 @@ class LocalBackend(Backend):
         if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
             raise BackendUnavailable("/", f"root '{self.root}' is no longer the directory opened at "
                                           "start (removed, replaced or unmounted); restart the gateway")
+
+    def abort_stale_upload(self, path: str, upload_id: str) -> None:
+        # Security: the id comes from the store; only a temp file beside `path`
+        # may be removed, never a name that could be user data or elsewhere.
+        if not upload_id.startswith(TEMP_PREFIX) or "/" in upload_id or "\0" in upload_id:
+            raise InvalidPath(path, f"'{upload_id}' is not an upload of this storage")
+        try:
+            fd = self._open_dir(paths.split(path)[0])
+        except (NotFound, NotADirectory):
+            return
+        try:
+            os.unlink(upload_id, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise convert_os_error(exc, path) from None
+        finally:
+            os.close(fd)
 
     def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         """Delete temp files left by a crash; returns how many were removed."""

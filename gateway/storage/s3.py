@@ -598,6 +598,15 @@ class S3Backend(Backend):
     def check(self) -> None:
         self.call("list_objects_v2", "/", Prefix=self.prefix, MaxKeys=1)
 
+    def abort_stale_upload(self, path: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key(path), UploadId=upload_id)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchUpload":
+                raise self.convert_error(exc, path) from None
+        except BotoCoreError as exc:
+            raise self.convert_error(exc, path) from None
+
     def sweep_temp_files(self, stop: threading.Event | None = None) -> int:
         """Abort multipart uploads under the prefix older than abandoned_upload_age.
 
@@ -795,6 +804,8 @@ class S3Upload(Upload):
         if self._upload_id is None:
             self._upload_id = self._b.call("create_multipart_upload", self.path, Key=self._key,
                                            **self._b.put_args)["UploadId"]
+            if self.on_backend_id is not None:
+                self.on_backend_id(self._upload_id)
         error = self._failed_part()
         if error is not None:
             raise error
@@ -908,6 +919,10 @@ class S3Upload(Upload):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def backend_id(self) -> str | None:
+        return self._upload_id
 
     # -- spooling -------------------------------------------------------------
 

@@ -450,6 +450,17 @@ class Store:
                                 .order_by(t.c.root, t.c.token)).all()
         return [_row_lock(row) for row in rows]
 
+    def locks_at(self, locations: Iterable[str]) -> list[Lock]:
+        """Unexpired locks whose root is one of `locations` (a path and its ancestors in one query)."""
+        t = schema.locks
+        locations = list(locations)
+        if not locations:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.root.in_(locations), t.c.expire >= time.time())
+                                .order_by(t.c.root, t.c.token)).all()
+        return [_row_lock(row) for row in rows]
+
     def purge_expired_locks(self) -> int:
         """Remove expired locks; return how many."""
         with self._write() as conn:
@@ -601,6 +612,25 @@ class Store:
         except sa.exc.IntegrityError:
             raise Missing(f"no user '{user}'") from None
 
+    def init_usage(self, user: str, usage: Usage) -> Usage:
+        """Record `usage` for `user` unless usage is recorded already; return what is recorded.
+
+        For the first count of a user's storage: when two processes count at
+        once, the first one's numbers stay and the deltas added since are kept.
+
+        Raises:
+            Missing: no such user.
+        """
+        q = schema.quota_usage
+        insert = self._insert(q).values(user=user, bytes=usage.bytes, files=usage.files)
+        try:
+            with self._write() as conn:
+                conn.execute(insert.on_conflict_do_nothing(index_elements=["user"]))
+                row = conn.execute(sa.select(q.c.bytes, q.c.files).where(q.c.user == user)).one()
+        except sa.exc.IntegrityError:
+            raise Missing(f"no user '{user}'") from None
+        return Usage(row.bytes, row.files)
+
     def add_usage(self, user: str, bytes_delta: int, files_delta: int) -> Usage:
         """Add to the usage of `user` atomically (starting from 0) and return the new total.
 
@@ -699,6 +729,11 @@ class Store:
         with self._write() as conn:
             conn.execute(insert.on_conflict_do_update(index_elements=["node"],
                                                       set_={"heartbeat": insert.excluded.heartbeat}))
+
+    def forget_node(self, node: str) -> None:
+        """Remove the heartbeat of a node that stopped cleanly (its uploads are gone already)."""
+        with self._write() as conn:
+            conn.execute(sa.delete(schema.nodes).where(schema.nodes.c.node == node))
 
     def add_upload(self, upload: InFlightUpload) -> None:
         """Record an upload in flight (e.g. an S3 multipart upload) owned by `upload.node`."""

@@ -6,6 +6,7 @@ table (`_STATUS`), following the error table in DESIGN.md.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import fnmatch
 import logging
@@ -618,8 +619,11 @@ class UserFSProvider(DAVProvider):
         if environ.get("HTTP_X_OC_MTIME"):
             start_response = _mtime_acknowledging(environ, start_response)
         self._request.environ = environ
+        storage = getattr(self.lock_manager, "storage", None)
+        scope = storage.request_scope() if hasattr(storage, "request_scope") else contextlib.nullcontext()
         try:
-            return default_handler(environ, start_response)
+            with scope:
+                return default_handler(environ, start_response)
         except DAVError as exc:
             # Lock conflicts name the locks by their keys (storage locations):
             # the client must see its own URLs.

@@ -18,7 +18,7 @@ from .guard import RequestGuard, front_door
 from .http import make_server
 from ..errors import GatewayError
 from .provider import MACOS_PATTERNS, UserFSProvider
-from .state import open_state, rekey_user_urls
+from .state import import_legacy_state, open_state
 
 if TYPE_CHECKING:
     from ..server import Gateway
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "webdav.sqlite"
+# Where earlier versions kept locks and properties; imported into the store once.
+LEGACY_STATE_FILE = "webdav.sqlite"
 MACOS_OPTIONS = ("allow", "hide", "refuse")
 
 
@@ -80,10 +81,12 @@ class WebDAVServer:
     def build_app(self):
         """The WSGI application: wsgidav with our provider, auth, state and checks."""
         section = self.section
-        self._lock_storage, self._prop_manager = open_state(self.gateway.state_dir / STATE_FILE)
-        moved = rekey_user_urls(self._prop_manager, self._storage_key)
-        if moved:
-            log.info("moved %d WebDAV locks and properties from per-user URLs to storage locations", moved)
+        store = self.gateway.store
+        imported = import_legacy_state(self.gateway.state_dir / LEGACY_STATE_FILE, store, self._storage_key)
+        if imported is not None:
+            log.info("imported %d WebDAV locks and properties from %s into the store %s", imported,
+                     self.gateway.state_dir / LEGACY_STATE_FILE, store.url)
+        self._lock_storage, self._prop_manager = open_state(store)
         provider = UserFSProvider(self._open_fs, section.macos_files,
                                   max_properties=section.max_properties,
                                   max_property_bytes=section.max_property_bytes)

@@ -1,323 +1,281 @@
-"""WebDAV locks and dead properties, persisted in one SQLite file in the state dir.
+"""WebDAV locks and dead properties in the gateway's state store.
 
 Both classes speak wsgidav's storage interfaces (LockStorageDict, PropertyManager)
-so wsgidav's LockManager and resources use them unchanged; a restart loses no
-lock and no property. One connection per store, serialized by a mutex: safe
-with cheroot's worker threads, and SQLite's own locking covers other processes.
+so wsgidav's LockManager and resources use them unchanged. The store is shared
+by every worker and node: a lock taken on one node holds on all, and a restart
+loses no lock and no property.
+
+wsgidav names resources by their ref URL; ours is the storage location quoted
+as "/BACKEND/storage/path" (provider.UserFSProvider.ref_url). The store keys the
+same location as "BACKEND:/storage/path", unquoted; the two functions below
+convert between them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import posixpath
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
+from wsgidav.dav_error import HTTP_LOCKED, PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition
 from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 
-# Seconds to wait for other processes opening the same file.
-_OPEN_TIMEOUT = 30
-# wsgidav's own limits: one week by default, a month at most.
+from ..store import Conflict, Lock, LockConflict, Missing, Store
+
+log = logging.getLogger(__name__)
+
+# wsgidav's own limits: one week by default, a month at most. The store needs
+# a finite expiry, so an infinite timeout (-1) gets the longest one.
 LOCK_TIMEOUT_DEFAULT = 604800
 LOCK_TIMEOUT_MAX = 4 * 604800
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS locks (
-    token TEXT PRIMARY KEY,
-    root TEXT NOT NULL,
-    expire REAL NOT NULL,
-    owner BLOB NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS locks_root ON locks(root);
-CREATE TABLE IF NOT EXISTS properties (
-    url TEXT NOT NULL,
-    name TEXT NOT NULL,
-    value BLOB NOT NULL,
-    PRIMARY KEY (url, name)
-);
-"""
+
+def url_to_location(url: str) -> str | None:
+    """The store key of a ref URL: "/local/a%20b/" -> "local:/a b" (None for "/", which names no backend)."""
+    backend, _, rest = url.strip("/").partition("/")
+    if not backend:
+        return None
+    return f"{unquote(backend)}:/{unquote(rest)}"
 
 
-def _use_wal(conn: sqlite3.Connection) -> None:
-    """Switch to WAL, waiting for other processes that switch the same new file at once.
+def location_to_url(location: str) -> str:
+    """The ref URL of a store key: "local:/a b" -> "/local/a%20b" (the inverse of url_to_location)."""
+    backend, _, path = location.partition(":")
+    return "/" + quote(backend, safe="") + (quote(path) if path != "/" else "")
 
-    Worker processes open the file together on a first run. Two connections
-    that both hold a read lock and both want the write lock are a deadlock
-    SQLite breaks by failing one at once, without the busy timeout: retry.
+
+def _clamp(timeout: float | None) -> float:
+    timeout = float(timeout or LOCK_TIMEOUT_DEFAULT)
+    return LOCK_TIMEOUT_MAX if timeout < 0 or timeout > LOCK_TIMEOUT_MAX else timeout
+
+
+def _lock_dict(lock: Lock) -> dict:
+    return {"root": location_to_url(lock.root), "type": "write", "scope": lock.scope,
+            "depth": lock.depth, "owner": lock.owner, "timeout": lock.timeout,
+            "expire": lock.expire, "principal": lock.principal, "token": lock.token}
+
+
+class StoreLockStorage:
+    """wsgidav lock storage (the LockStorageDict interface) over the state store.
+
+    wsgidav's LockManager checks for conflicts before it creates a lock, but
+    only among what this process sees at that moment; the store checks again
+    in the transaction that adds the lock, so two nodes racing for one
+    resource cannot both win (the loser answers 423).
     """
-    deadline = time.monotonic() + _OPEN_TIMEOUT
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
-
-class _Database:
-    """One SQLite connection shared by the lock store and the property store."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mutex = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-
-    def open(self) -> None:
-        with self._mutex:
-            if self._conn is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                       timeout=30)
-                _use_wal(conn)
-                # WAL with NORMAL survives a crash of the process intact; only a power
-                # loss can take back the last commits (a lock or a property just set).
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
-                self._conn = conn
-
-    def close(self) -> None:
-        with self._mutex:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """The connection for one SELECT: atomic on its own, no write lock taken."""
-        with self._mutex:
-            if self._conn is None:
-                raise RuntimeError(f"WebDAV state database {self.path} is closed")
-            yield self._conn
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._mutex:
-            if self._conn is None:
-                raise RuntimeError(f"WebDAV state database {self.path} is closed")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-
-def _below(url: str) -> tuple[str, str]:
-    """Bounds of the keys strictly below `url` for a range query ('/' sorts before '0')."""
-    prefix = url.rstrip("/") + "/"
-    return prefix, prefix[:-1] + "0"
-
-
-class SQLiteLockStorage:
-    """wsgidav lock storage (the LockStorageDict interface) backed by SQLite."""
-
-    def __init__(self, db: _Database) -> None:
-        self._db = db
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        # Per request (thread): the locks on one location and all its ancestors,
+        # read in one query. wsgidav asks for each ancestor in turn, twice per PUT.
+        self._request = threading.local()
 
     def __repr__(self) -> str:
-        return f"SQLiteLockStorage({str(self._db.path)!r})"
+        return f"StoreLockStorage({self._store.url!r})"
 
+    @contextlib.contextmanager
+    def request_scope(self) -> Iterator[None]:
+        """Within one request, answer the lock checks of a path and its ancestors from one read.
+
+        A lock another node takes during the request is seen by the next
+        request: the same window wsgidav leaves between its check and the write.
+        """
+        self._request.memo = {}
+        try:
+            yield
+        finally:
+            self._request.memo = None
+
+    def _forget_memo(self) -> None:
+        if getattr(self._request, "memo", None):
+            self._request.memo = {}
+
+    def _locks_on(self, location: str) -> list[Lock]:
+        memo = getattr(self._request, "memo", None)
+        if memo is None:
+            return self._store.find_locks(location)
+        if location not in memo:
+            backend, _, path = location.partition(":")
+            chain = [path]
+            while chain[-1] != "/":
+                chain.append(posixpath.dirname(chain[-1]))
+            chain = [f"{backend}:{p}" for p in chain if f"{backend}:{p}" not in memo]
+            for key in chain:
+                memo[key] = []
+            for lock in self._store.locks_at(chain):
+                memo[lock.root].append(lock)
+        return memo[location]
+
+    # The store belongs to the gateway, which opens and closes it.
     def open(self) -> None:
-        self._db.open()
+        pass
 
     def close(self) -> None:
-        self._db.close()
+        pass
 
     def cleanup(self) -> None:
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM locks WHERE expire >= 0 AND expire < ?", (time.time(),))
-
-    def clear(self) -> None:
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM locks")
-
-    @staticmethod
-    def _row_to_lock(row: tuple) -> dict:
-        lock = json.loads(row[1])
-        lock["owner"] = bytes(row[0])
-        return lock
+        self._store.purge_expired_locks()
 
     def get(self, token: str) -> dict | None:
-        with self._db.transaction() as conn:
-            row = conn.execute("SELECT owner, data, expire FROM locks WHERE token = ?",
-                               (token,)).fetchone()
-            if row is None:
-                return None
-            if 0 <= row[2] < time.time():
-                conn.execute("DELETE FROM locks WHERE token = ?", (token,))
-                return None
-        return self._row_to_lock(row)
+        lock = self._store.get_lock(token)
+        return None if lock is None else _lock_dict(lock)
 
     def create(self, path: str, lock: dict) -> dict:
+        # wsgidav keeps using the dict it passed: fill it in place.
         root = normalize_lock_root(path)
+        location = url_to_location(root)
+        if location is None:
+            raise DAVError(HTTP_LOCKED, context_info="the root of the server cannot be locked")
         lock["root"] = root
-        timeout = float(lock.get("timeout") or LOCK_TIMEOUT_DEFAULT)
-        if timeout < 0 or timeout > LOCK_TIMEOUT_MAX:
-            timeout = LOCK_TIMEOUT_MAX
-        lock["timeout"] = timeout
-        lock["expire"] = time.time() + timeout
+        lock["timeout"] = _clamp(lock.get("timeout"))
+        lock["expire"] = time.time() + lock["timeout"]
         validate_lock(lock)
         lock["token"] = generate_lock_token()
-        self._store(lock, insert=True)
+        self._forget_memo()
+        try:
+            self._store.add_lock(Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"],
+                                      lock["principal"], lock["timeout"], lock["expire"]))
+        except LockConflict as exc:
+            condition = DAVErrorCondition(PRECONDITION_CODE_LockConflict)
+            for conflicting in exc.roots:
+                condition.add_href(location_to_url(conflicting))
+            raise DAVError(HTTP_LOCKED, err_condition=condition) from None
         return lock
-
-    def _store(self, lock: dict, *, insert: bool) -> None:
-        data = {k: v for k, v in lock.items() if k != "owner"}
-        with self._db.transaction() as conn:
-            if insert:
-                conn.execute("INSERT INTO locks (token, root, expire, owner, data) VALUES (?, ?, ?, ?, ?)",
-                             (lock["token"], lock["root"], lock["expire"], lock["owner"], json.dumps(data)))
-            else:
-                conn.execute("UPDATE locks SET expire = ?, data = ? WHERE token = ?",
-                             (lock["expire"], json.dumps(data), lock["token"]))
 
     def refresh(self, token: str, *, timeout: float) -> dict:
-        lock = self.get(token)
-        if lock is None:
-            raise ValueError(f"lock {token} does not exist")
-        if timeout < 0 or timeout > LOCK_TIMEOUT_MAX:
-            timeout = LOCK_TIMEOUT_MAX
-        lock["timeout"] = timeout
-        lock["expire"] = time.time() + timeout
-        self._store(lock, insert=False)
-        return lock
+        self._forget_memo()
+        try:
+            return _lock_dict(self._store.refresh_lock(token, _clamp(timeout)))
+        except Missing:
+            raise ValueError(f"lock {token} does not exist") from None
 
     def delete(self, token: str) -> bool:
-        with self._db.transaction() as conn:
-            return conn.execute("DELETE FROM locks WHERE token = ?", (token,)).rowcount > 0
+        self._forget_memo()
+        return self._store.remove_lock(token)
 
     def get_lock_list(self, path: str, *, include_root: bool, include_children: bool,
                       token_only: bool) -> list:
-        root = normalize_lock_root(path)
-        clauses, args = [], []
-        if include_root:
-            clauses.append("root = ?")
-            args.append(root)
-        if include_children:
-            low, high = _below(root)
-            clauses.append("(root >= ? AND root < ?)")
-            args += [low, high]
-        with self._db.read() as conn:
-            rows = conn.execute(
-                f"SELECT owner, data FROM locks WHERE ({' OR '.join(clauses)}) "
-                "AND (expire < 0 OR expire >= ?)", (*args, time.time())).fetchall()
-        locks = [self._row_to_lock(row) for row in rows]
-        return [lock["token"] for lock in locks] if token_only else locks
+        location = url_to_location(normalize_lock_root(path))
+        if location is None:
+            # "/" is above every backend: no lock is rooted there. (Only
+            # wsgidav's debug dump asks for the children of "/".)
+            return []
+        if include_root and not include_children:
+            locks = self._locks_on(location)
+        else:
+            locks = self._store.find_locks(location, include_root=include_root,
+                                           include_children=include_children)
+        return [lock.token for lock in locks] if token_only else [_lock_dict(lock) for lock in locks]
 
 
-class SQLitePropertyManager:
-    """wsgidav dead-property manager (the PropertyManager interface) backed by SQLite."""
+class StorePropertyManager:
+    """wsgidav dead-property manager (the PropertyManager interface) over the state store."""
 
-    def __init__(self, db: _Database) -> None:
-        self._db = db
-        db.open()
+    def __init__(self, store: Store) -> None:
+        self._store = store
 
     def __repr__(self) -> str:
-        return f"SQLitePropertyManager({str(self._db.path)!r})"
+        return f"StorePropertyManager({self._store.url!r})"
 
     @staticmethod
     def _key(url: str) -> str:
-        # A collection's ref URL ends with "/" (or not, depending on the caller).
-        return url.rstrip("/") or "/"
+        location = url_to_location(url)
+        if location is None:
+            raise ValueError("the root of the server has no properties")
+        return location
 
     def get_properties(self, norm_url: str, environ: dict | None = None) -> list[str]:
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT name FROM properties WHERE url = ?", (self._key(norm_url),))
-            return [row[0] for row in rows.fetchall()]
+        return self._store.property_names(self._key(norm_url))
 
     def get_property(self, norm_url: str, name: str, environ: dict | None = None) -> bytes | None:
-        with self._db.read() as conn:
-            row = conn.execute("SELECT value FROM properties WHERE url = ? AND name = ?",
-                               (self._key(norm_url), name)).fetchone()
-        return None if row is None else bytes(row[0])
+        return self._store.get_property(self._key(norm_url), name)
 
     def write_property(self, norm_url: str, name: str, property_value: bytes, dry_run: bool = False,
                        environ: dict | None = None) -> None:
-        if dry_run:
-            return
-        with self._db.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO properties (url, name, value) VALUES (?, ?, ?)",
-                         (self._key(norm_url), name, property_value))
+        if not dry_run:
+            self._store.set_property(self._key(norm_url), name, property_value)
 
     def remove_property(self, norm_url: str, name: str, dry_run: bool = False,
                         environ: dict | None = None) -> None:
-        if dry_run:
-            return
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM properties WHERE url = ? AND name = ?", (self._key(norm_url), name))
+        if not dry_run:
+            self._store.remove_property(self._key(norm_url), name)
 
     def remove_properties(self, norm_url: str, environ: dict | None = None, *,
                           recursive: bool = False) -> None:
-        key = self._key(norm_url)
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM properties WHERE url = ?", (key,))
-            if recursive:
-                conn.execute("DELETE FROM properties WHERE url >= ? AND url < ?", _below(key))
+        self._store.remove_properties(self._key(norm_url), recursive=recursive)
 
     def copy_properties(self, src_url: str, dest_url: str, environ: dict | None = None) -> None:
-        src, dest = self._key(src_url), self._key(dest_url)
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM properties WHERE url = ?", (dest,))
-            conn.execute("INSERT INTO properties (url, name, value) "
-                         "SELECT ?, name, value FROM properties WHERE url = ?", (dest, src))
+        self._store.copy_properties(self._key(src_url), self._key(dest_url))
 
     def move_properties(self, src_url: str, dest_url: str, with_children: bool,
                         environ: dict | None = None) -> None:
-        src, dest = self._key(src_url), self._key(dest_url)
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM properties WHERE url = ?", (dest,))
-            conn.execute("UPDATE properties SET url = ? WHERE url = ?", (dest, src))
-            if with_children:
-                low, high = _below(src)
-                conn.execute("DELETE FROM properties WHERE url >= ? AND url < ?", _below(dest))
-                conn.execute("UPDATE properties SET url = ? || substr(url, ?) "
-                             "WHERE url >= ? AND url < ?", (dest.rstrip("/"), len(src.rstrip("/")) + 1,
-                                                            low, high))
+        self._store.move_properties(self._key(src_url), self._key(dest_url), with_children=with_children)
 
 
-def rekey_user_urls(props: SQLitePropertyManager, new_key: Callable[[str, str], str | None]) -> int:
-    """Move the locks and properties of the database behind `props` from the old
-    per-user keys ("/~user/path") to `new_key(user, path)`, the storage-location
-    keys; drop those it cannot place. Returns how many rows were moved.
+def open_state(store: Store) -> tuple[StoreLockStorage, StorePropertyManager]:
+    """The lock storage and property manager over the gateway's store."""
+    return StoreLockStorage(store), StorePropertyManager(store)
+
+
+def import_legacy_state(path: Path, store: Store, new_key: Callable[[str, str], str | None]) -> int | None:
+    """Move the locks and properties of a WebDAV state file of earlier versions into the store.
+
+    That file (webdav.sqlite in the state dir) keyed them by ref URL, and
+    before that by per-user URL ("/~user/path"): `new_key(user, path)` gives
+    the ref URL of such a path, or None when it no longer exists (its rows are
+    dropped). Expired locks are dropped; a lock that conflicts with one in the
+    store already is dropped with a warning. The file is then renamed to
+    "webdav.sqlite.imported" so it is imported once.
+
+    Returns how many rows were imported, or None if there is no such file.
     """
-    db = props._db
+    if not path.exists():
+        return None
 
-    def place(old: str) -> str | None:
-        user, _, rest = unquote(old)[2:].partition("/")
-        return new_key(user, "/" + rest)
+    def place(url: str) -> str | None:
+        if url.startswith("/~"):
+            user, _, rest = unquote(url)[2:].partition("/")
+            url = new_key(user, "/" + rest)
+            if url is None:
+                return None
+        return url_to_location(url)
 
-    moved = 0
-    with db.transaction() as conn:
-        for url, name in conn.execute("SELECT url, name FROM properties WHERE url LIKE '/~%'").fetchall():
-            key = place(url)
-            if key is not None:
-                conn.execute("INSERT OR REPLACE INTO properties (url, name, value) "
-                             "SELECT ?, name, value FROM properties WHERE url = ? AND name = ?",
-                             (key, url, name))
-                moved += 1
-            conn.execute("DELETE FROM properties WHERE url = ? AND name = ?", (url, name))
-        for token, root, data in conn.execute(
-                "SELECT token, root, data FROM locks WHERE root LIKE '/~%'").fetchall():
-            key = place(root)
-            if key is None:
-                conn.execute("DELETE FROM locks WHERE token = ?", (token,))
-                continue
-            lock = json.loads(data)
-            lock["root"] = normalize_lock_root(key)
-            conn.execute("UPDATE locks SET root = ?, data = ? WHERE token = ?",
-                         (lock["root"], json.dumps(lock), token))
-            moved += 1
-    return moved
-
-
-def open_state(path: Path) -> tuple[SQLiteLockStorage, SQLitePropertyManager]:
-    """The lock storage and property manager over one database file."""
-    db = _Database(path)
-    return SQLiteLockStorage(db), SQLitePropertyManager(db)
+    conn = sqlite3.connect(path)
+    try:
+        properties = conn.execute("SELECT url, name, value FROM properties").fetchall()
+        locks = conn.execute("SELECT token, root, expire, owner, data FROM locks").fetchall()
+    finally:
+        conn.close()
+    imported = 0
+    for url, name, value in properties:
+        location = place(url)
+        if location is not None:
+            store.set_property(location, name, bytes(value))
+            imported += 1
+    now = time.time()
+    for token, root, expire, owner, data in locks:
+        location = place(root)
+        if location is None or 0 <= expire < now:
+            continue
+        fields = json.loads(data)
+        if expire < 0:   # an infinite lock of old: the longest finite one now
+            expire = now + LOCK_TIMEOUT_MAX
+        try:
+            store.add_lock(Lock(token, location, bytes(owner), fields["scope"], fields["depth"],
+                                fields.get("principal", ""), _clamp(fields.get("timeout")), expire))
+        except Conflict as exc:   # LockConflict too, or imported before by another process
+            log.warning("WebDAV lock %s on %s was not imported: %s", token, location, exc)
+            continue
+        imported += 1
+    for suffix in ("", "-wal", "-shm"):
+        # Another worker importing the same file at once may have renamed it first.
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}{suffix}", f"{path}.imported{suffix}")
+    return imported

@@ -113,3 +113,21 @@ def test_admin_listen_port_in_use_fails_with_the_key(tmp_path, make_gateway):
     else:
         gateway.stop()
         raise AssertionError("a second admin listener bound a port in use")
+
+
+def test_readyz_answers_503_naming_the_store_when_it_cannot_be_reached(make_gateway, postgres):
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    running = make_gateway(admin=True, extra={"store": {"url": url}})
+    assert admin_request(running.admin_port, "GET", "/readyz").status == 200
+    with postgres.admin() as admin:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (database,))
+    try:
+        answer = admin_request(running.admin_port, "GET", "/readyz")
+        assert answer.status == 503, answer.body
+        assert [r for r in answer.json()["reasons"] if r.startswith("store: ")]
+    finally:
+        with postgres.admin() as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')

@@ -8,9 +8,9 @@ import io
 
 import pytest
 
-from gateway.errors import (AlreadyExists, DirectoryNotEmpty, InvalidPath, IsADirectory,
+from gateway.errors import (AlreadyExists, DirectoryNotEmpty, GatewayError, InvalidPath, IsADirectory,
                             NotADirectory, NotFound, PermissionDenied)
-from gateway.storage.base import Backend
+from gateway.storage.base import TEMP_PREFIX, Backend
 
 MTIME = 1_600_000_000.5
 
@@ -460,3 +460,30 @@ class TestBackendContract:
 
     def test_check_passes_on_a_working_backend(self, backend):
         backend.check()
+
+    # -- uploads left by a process that died ------------------------------------
+
+    def test_abort_stale_upload_removes_a_dead_upload_and_keeps_the_old_version(self, backend):
+        put(backend, "/a.bin", b"old")
+        upload = backend.open_write("/a.bin")
+        announced: list[str] = []
+        upload.on_backend_id = announced.append
+        # Past one S3 part (8 MiB): the multipart upload exists in storage.
+        upload.write(b"x" * (9 * 1024 * 1024))
+        upload_id = upload.backend_id
+        assert announced in ([], [upload_id])
+        if upload_id is not None:
+            # Another node aborts it, twice (two sweepers racing): no error.
+            backend.abort_stale_upload("/a.bin", upload_id)
+            backend.abort_stale_upload("/a.bin", upload_id)
+            with pytest.raises(GatewayError):
+                upload.commit()
+        upload.abort()
+        assert get(backend, "/a.bin") == b"old"
+        assert names(backend, "/") == ["a.bin"]
+
+    def test_abort_stale_upload_of_one_that_is_gone_does_nothing(self, backend):
+        backend.abort_stale_upload("/missing/dir/f", f"{TEMP_PREFIX}0123456789abcdef")
+        put(backend, "/f", b"kept")
+        backend.abort_stale_upload("/f", f"{TEMP_PREFIX}0123456789abcdef")
+        assert get(backend, "/f") == b"kept"

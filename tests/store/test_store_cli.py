@@ -125,12 +125,14 @@ def test_user_import_of_a_missing_file_fails(config_path, tmp_path):
 def test_store_section_defaults_to_sqlite_in_the_state_dir(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert (config.store.url, config.store.node_timeout) == ("sqlite:///gateway.db", 60)
+    assert config.store.sweep_interval == 30
 
 
 @pytest.mark.parametrize("section, key", [
     ('url = "mysql://u:secretpw@h/db"', "url"),
     ('url = 5', "url"),
     ("node_timeout = 0", "node_timeout"),
+    ("sweep_interval = 0", "sweep_interval"),
     ('colour = "blue"', "colour"),
 ])
 def test_bad_store_section_names_the_key(tmp_path, section, key):

@@ -338,6 +338,14 @@ def test_only_one_of_two_racing_exclusive_locks_is_granted(store, open_another):
         assert sorted(pool.map(take, range(2))) == [False, True]
 
 
+def test_locks_at_finds_the_locks_on_several_locations_at_once(store):
+    now = time.time()
+    for token, root in (("t1", "local:/a"), ("t2", "local:/a/b"), ("t3", "local:/other")):
+        store.add_lock(Lock(token, root, b"", "shared", "0", "alice", 60, now + 60))
+    assert [lock.token for lock in store.locks_at(["local:/a/b", "local:/a", "local:/"])] == ["t1", "t2"]
+    assert store.locks_at([]) == []
+
+
 # -- dead properties ---------------------------------------------------------
 
 def test_property_set_get_list_and_remove(store):
@@ -431,6 +439,17 @@ def test_set_usage_replaces_the_count(store):
     assert store.add_usage("alice", -1000, -1) == Usage(0, 2)
 
 
+def test_init_usage_keeps_the_first_count_and_the_deltas_since(store, open_another):
+    store.add_user(make_user())
+    assert store.init_usage("alice", Usage(500, 5)) == Usage(500, 5)
+    store.add_usage("alice", 10, 1)
+    # A second process that counted the storage before the delta landed.
+    assert open_another().init_usage("alice", Usage(500, 5)) == Usage(510, 6)
+    assert store.get_usage("alice") == Usage(510, 6)
+    with pytest.raises(Missing):
+        store.init_usage("ghost", Usage(1, 1))
+
+
 def test_usage_for_an_unknown_user_raises_missing(store):
     with pytest.raises(Missing):
         store.add_usage("ghost", 1, 1)
@@ -474,6 +493,14 @@ def test_uploads_of_a_silent_node_are_stale(store):
     store.remove_upload("u2")
     assert store.stale_uploads(60) == []
     wait_for(lambda: [u.id for u in store.stale_uploads(0.01)] == ["u1"], "the heartbeat to age")
+
+
+def test_a_forgotten_node_has_no_heartbeat_and_its_uploads_are_stale(store):
+    store.heartbeat("gone")
+    store.add_upload(InFlightUpload("u1", "gone", "local", "/a", ".gw-upload-1", time.time()))
+    assert store.stale_uploads(60) == []
+    store.forget_node("gone")
+    assert [u.id for u in store.stale_uploads(60)] == ["u1"]
 
 
 # -- host keys ---------------------------------------------------------------

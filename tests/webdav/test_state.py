@@ -58,7 +58,7 @@ def test_copy_carries_dead_properties_to_the_copy(alice):
     assert b"kept" in alice.propfind("/b.txt", "0").body
 
 
-def test_locks_and_properties_under_the_old_per_user_keys_move_to_storage_locations(make_gateway):
+def test_an_old_state_file_is_imported_into_the_store_once_with_per_user_keys_moved(make_gateway):
     running = make_gateway(webdav=True, start=False)
     running.add_user("alice")
     (running.data / "alice").mkdir()
@@ -74,6 +74,9 @@ def test_locks_and_properties_under_the_old_per_user_keys_move_to_storage_locati
                  (b'<ns0:author xmlns:ns0="urn:test:">Ada</ns0:author>',))
     conn.execute("INSERT INTO properties VALUES ('/~nobody/x', '{urn:test:}author', ?)",
                  (b'<ns0:author xmlns:ns0="urn:test:">gone</ns0:author>',))
+    # Keyed by storage location already (the state file of the release before the store).
+    conn.execute("INSERT INTO properties VALUES ('/local/alice/doc.txt', '{urn:test:}year', ?)",
+                 (b'<ns0:year xmlns:ns0="urn:test:">1843</ns0:year>',))
     lock = {"root": "/~alice/doc.txt", "type": "write", "scope": "exclusive", "depth": "0",
             "timeout": 3600, "expire": time.time() + 3600, "principal": "alice",
             "token": "opaquelocktoken:old-style"}
@@ -87,11 +90,12 @@ def test_locks_and_properties_under_the_old_per_user_keys_move_to_storage_locati
         body = alice.propfind("/doc.txt", "0").body
         assert re.search(rb"<[^>]*author[^>]*>Ada<", body), body
         assert b"opaquelocktoken:old-style" in body
+        assert re.search(rb"<[^>]*year[^>]*>1843<", body), body
         assert alice.put("/doc.txt", b"v2").status == 423
-        check = sqlite3.connect(state / "webdav.sqlite")
-        try:
-            assert check.execute("SELECT count(*) FROM properties WHERE url LIKE '/~%'").fetchone() == (0,)
-        finally:
-            check.close()
+        assert not (state / "webdav.sqlite").exists()
+        assert (state / "webdav.sqlite.imported").exists()
+        store = running.gateway.store
+        assert store.property_names("local:/alice/doc.txt") == ["{urn:test:}author", "{urn:test:}year"]
+        assert [lock.token for lock in store.find_locks("local:/alice/doc.txt")] == ["opaquelocktoken:old-style"]
     finally:
         running.gateway.stop()
