@@ -22,6 +22,10 @@ from .users import (Location, Mount, User, UsersFileError, _user_to_toml, hash_p
                     read_users_file, unknown_backend)
 
 
+# Where prometheus_client's multiprocess mode keeps each process's values (gateway.metrics).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class CommandError(Exception):
     """A usage or input problem the user can fix; printed as one line."""
 
@@ -243,8 +247,20 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    if config.server.workers > 1 and METRICS_DIR_ENV not in os.environ:
+        # Worker processes add up their metrics through files in one directory.
+        # prometheus_client picks its mode when first imported (with .server, below).
+        os.environ[METRICS_DIR_ENV] = str(_fresh_metrics_dir(config.server.state_dir / "metrics"))
     from .server import serve
     return serve(config)
+
+
+def _fresh_metrics_dir(path: Path) -> Path:
+    """An empty directory for the worker processes' metric files: a previous run's would add up."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

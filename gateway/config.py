@@ -67,8 +67,12 @@ class ServerSection:
     # limit (RLIMIT_NOFILE, raised to its hard limit at start) minus a reserve
     # for sockets, listeners and the state store.
     max_open_files: int = 0
+    # Worker processes sharing the listeners: N, or "auto" for one per CPU; 1 runs
+    # in-process. Resolved to a number when the config is read.
+    workers: int | str = 1
 
     def __post_init__(self) -> None:
+        self.workers = _parse_workers(self.workers)
         if self.users_file is not None:
             raise ConfigError(f"users_file: users live in the state store now: remove this key and run "
                               f"'gateway user import {self.users_file}'")
@@ -76,6 +80,19 @@ class ServerSection:
             raise ConfigError(f"max_hole_bytes: must be 0 or more, got {self.max_hole_bytes}")
         if self.max_depth < 1:
             raise ConfigError(f"max_depth: must be at least 1, got {self.max_depth}")
+
+
+MAX_WORKERS = 256
+
+
+def _parse_workers(value: int | str) -> int:
+    """`[server] workers` as a number of processes: N, or "auto" for os.cpu_count()."""
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"workers: expected a whole number from 1 to {MAX_WORKERS} or \"auto\", "
+                          f"got {value!r}")
+    return value
 
 
 @dataclass
@@ -203,6 +220,9 @@ def _convert(value: Any, hint: Any, key: str, where: str, base: Path) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if int in options and str in options and isinstance(value, (int, str)):
+            # A number or a word (workers = 4 | "auto"): the section's own check reads it.
+            return value
         return _convert(value, options[0], key, where, base)
     if origin is list:
         (item,) = typing.get_args(hint)

@@ -6,10 +6,12 @@ import logging
 import queue
 import secrets
 import signal
+import socket
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 from .audit import ReopeningFileHandler, setup_audit_log
@@ -49,6 +51,14 @@ class FrontEnd(Protocol):
 
 class Gateway:
     """Everything a front-end needs: users, authentication and per-session file systems."""
+
+    # Set by the supervisor in a worker process before start(): the listening
+    # sockets the parent bound, by front-end name (a front-end without one binds
+    # its own), and whether this process sweeps the temp files of interrupted
+    # uploads (only the first worker's first run: a later sweep would delete the
+    # temp files of uploads other workers have in flight).
+    listeners: Mapping[str, socket.socket] = MappingProxyType({})
+    sweep_at_start = True
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -181,7 +191,7 @@ class Gateway:
         log.info("open file limit %d; SFTP handles: %d in total, %d per user", limit, total,
                  self.handles.per_user)
         self.keeper.start()
-        for backend in self.backends.values():
+        for backend in self.backends.values() if self.sweep_at_start else ():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
                                       name="sweep-temp", daemon=True)
             thread.start()
@@ -253,26 +263,50 @@ def _next_signal(signals: "queue.SimpleQueue[int]") -> int:
 def serve(config: Config) -> int:
     """Run until SIGINT or SIGTERM; SIGHUP reopens the audit log. Returns the exit status."""
     audit_handler = setup_logging(config)
+    if config.server.workers > 1:
+        from .supervisor import Supervisor
+        return Supervisor(config, audit_handler).run()
+    gateway = Gateway(config)
+    gateway.ensure_first_user()
+    return run_gateway(gateway, audit_handler)
+
+
+def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
+                on_ready: Callable[[], None] | None = None) -> int:
+    """Start `gateway` and serve until SIGINT or SIGTERM, then stop it; returns the exit status.
+
+    SIGHUP reopens the audit log. Without `on_ready` the listeners and "gateway
+    ready" are printed; a worker process passes its own (the supervisor prints
+    them once for all).
+    """
     # Handlers only queue the signal; the main thread acts on it outside the
     # handler, where taking the logging locks cannot deadlock.
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: signals.put(signum))
-    gateway = Gateway(config)
-    gateway.ensure_first_user()
     gateway.start()
-    for frontend in gateway.frontends:
-        host, port = frontend.address
-        print(f"{frontend.name} listening on {host}:{port}", flush=True)
-        for notice in getattr(frontend, "notices", ()):
-            print(f"  {notice}", flush=True)
-    print("gateway ready", flush=True)
+    if on_ready is not None:
+        on_ready()
+    else:
+        for frontend in gateway.frontends:
+            host, port = frontend.address
+            print(f"{frontend.name} listening on {host}:{port}", flush=True)
+            for notice in getattr(frontend, "notices", ()):
+                print(f"  {notice}", flush=True)
+        print("gateway ready", flush=True)
     try:
         while _next_signal(signals) == signal.SIGHUP:
-            if isinstance(audit_handler, ReopeningFileHandler):
-                audit_handler.reopen()
-                log.info("SIGHUP: reopened the audit log %s", audit_handler.baseFilename)
+            reopen_audit_log(audit_handler)
     finally:
         log.info("shutting down")
         gateway.stop()
     return 0
+
+
+def reopen_audit_log(audit_handler: logging.Handler | None) -> None:
+    """SIGHUP: reopen the audit log file (logrotate moved it), if there is one."""
+    if isinstance(audit_handler, ReopeningFileHandler):
+        audit_handler.reopen()
+        log.info("SIGHUP: reopened the audit log %s", audit_handler.baseFilename)
+    else:
+        log.info("SIGHUP: no audit log file to reopen")

@@ -13,6 +13,7 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .. import metrics
+from ..shared_listener import SharedListenerServer
 from .health import Readiness
 from .router import Request, Response, Router, json_response
 
@@ -70,9 +71,11 @@ class AdminServer:
         if section.tls_cert is None and not section.listen.is_loopback:
             log.warning("the admin listener on %s has no TLS; set [admin] tls_cert and tls_key "
                         "or keep it on a loopback address", section.listen)
-        server = wsgi.Server((section.listen.host, section.listen.port), self.build_app(),
-                             numthreads=_THREADS, timeout=10, server_name="gateway-admin",
-                             shutdown_timeout=5)
+        server = SharedListenerServer((section.listen.host, section.listen.port), self.build_app(),
+                                      numthreads=_THREADS, timeout=10, server_name="gateway-admin",
+                                      shutdown_timeout=5)
+        # In a worker process: the listener the supervisor bound for all of them.
+        server.shared_socket = self.gateway.listeners.get(self.name)
         server.max_request_header_size = _MAX_HEADER_BYTES
         if section.tls_cert is not None:
             server.ssl_adapter = BuiltinSSLAdapter(str(section.tls_cert), str(section.tls_key))

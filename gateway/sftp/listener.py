@@ -163,10 +163,14 @@ class SFTPFrontEnd:
         if self.config.allow_ssh_rsa_sha1 and "ssh-rsa" not in paramiko.RSAKey.HASHES:
             log.warning("[sftp] allow_ssh_rsa_sha1: paramiko %s has no ssh-rsa (SHA-1) signatures; "
                         "clients must use rsa-sha2-256/512", paramiko.__version__)
-        host, port = self.config.listen.host, self.config.listen.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, backlog=128)
-        # accept() wakes up now and then to notice stop().
+        # Worker processes share the listening socket the supervisor bound.
+        self._sock = self.gateway.listeners.get(self.name)
+        if self._sock is None:
+            host, port = self.config.listen.host, self.config.listen.port
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, port), family=family, backlog=128)
+        # accept() wakes up now and then to notice stop(). On a shared socket
+        # another worker may win a connection: accept() then waits on quietly.
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
         self._stopping.clear()

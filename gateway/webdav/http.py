@@ -27,6 +27,7 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 
 from .. import metrics
+from ..shared_listener import SharedListenerServer
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +303,16 @@ class HeaderGate(connections.ConnectionManager):
         return limit is None or self._num_connections - waiting < limit
 
 
-class GatewayHTTPServer(wsgi.Server):
+class GatewayHTTPServer(SharedListenerServer):
     """cheroot's WSGI server with HeaderGate as its connection manager."""
 
     ConnectionClass = DeferredContinueConnection
 
     def __init__(self, *args, admit: Callable[[str], bool], release: Callable[[str], None],
-                 header_timeout: int, max_header_size: int, **kwargs) -> None:
+                 header_timeout: int, max_header_size: int,
+                 shared_socket: socket.socket | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.shared_socket = shared_socket
         self._admit = admit
         self._release = release
         self.header_timeout = header_timeout
@@ -333,15 +336,18 @@ class GatewayHTTPServer(wsgi.Server):
 
 def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, header_timeout: int,
                 max_header_size: int, admit: Callable[[str], bool] = lambda ip: True,
-                release: Callable[[str], None] = lambda ip: None) -> wsgi.Server:
+                release: Callable[[str], None] = lambda ip: None,
+                sock: socket.socket | None = None) -> wsgi.Server:
     """A cheroot WSGI server with the refinements above.
 
     `admit(ip)` decides at accept whether a connection may open (and counts
     it); `release(ip)` is called once when an admitted connection closes.
+    With `sock` (a bound, listening socket that other worker processes share)
+    the server accepts on it instead of binding `bind`.
     """
     server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout, server_name="gateway",
                                request_queue_size=64, shutdown_timeout=5, admit=admit,
                                release=release, header_timeout=header_timeout,
-                               max_header_size=max_header_size)
+                               max_header_size=max_header_size, shared_socket=sock)
     server.gateway = GuardedGateway
     return server

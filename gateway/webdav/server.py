@@ -136,7 +136,8 @@ class WebDAVServer:
                              header_timeout=section.header_timeout,
                              max_header_size=section.max_header_size,
                              admit=lambda ip: defender.open_connection(ip, check_ban=False),
-                             release=defender.close_connection)
+                             release=defender.close_connection,
+                             sock=self.gateway.listeners.get(self.name))
         server.keep_alive_conn_limit = keep_alive_limit(section.threads,
                                                         self.gateway.config.defender.max_connections)
         if section.tls_cert is not None:

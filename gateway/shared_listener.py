@@ -1,0 +1,53 @@
+"""cheroot on a listening socket that the supervisor bound once and every worker process shares."""
+from __future__ import annotations
+
+import socket
+
+from cheroot import wsgi
+
+
+class SharedListenerServer(wsgi.Server):
+    """cheroot's WSGI server; with `shared_socket` set it accepts there instead of binding.
+
+    Every worker process accepts on the same socket, so each must take a
+    connection another worker won (EAGAIN) in its stride, and must not wake
+    its own accept() by connecting to the port as cheroot's stop() does.
+    """
+
+    shared_socket: socket.socket | None = None
+
+    def bind(self, family, type, proto=0):
+        """Create and bind the listening socket, or take the shared one."""
+        if self.shared_socket is None:
+            return super().bind(family, type, proto)
+        sock = self.shared_socket
+        if self.nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # As cheroot's own bind does: accepted sockets inherit it. Without it a
+            # response written in two parts (201 headers, then body) waits for the
+            # client's delayed ACK: 40 ms per request.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_adapter is not None:
+            sock = self.ssl_adapter.bind(sock)
+        self.socket = sock
+        self.bind_addr = self.resolve_real_bind_addr(sock)
+        return sock
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.shared_socket is not None:
+            # Every worker's selector wakes up for a new connection and one wins
+            # it: the others must get EAGAIN at once (cheroot then moves on), not
+            # wait in accept() while their own connections' requests queue up.
+            self.socket.settimeout(0)
+
+    def stop(self) -> None:
+        if self.shared_socket is not None and self.ready:
+            # cheroot's stop() wakes its accept() with a connection to its own
+            # port, which another worker would accept. Stop the selector loop
+            # (it wakes up by its own timeout) and close our copy of the
+            # listening socket first, so cheroot finds no socket to touch.
+            self._connections.stop()
+            sock, self.socket = self.socket, None
+            if sock is not None:
+                sock.close()
+        super().stop()
