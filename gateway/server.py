@@ -79,7 +79,7 @@ class Gateway:
         self.defender = Defender(config.defender, self.store)
         self.uploads = InFlightUploads(self.store, self.node, self.backends)
         self.keeper = NodeKeeper(self.store, self.node, self.backends, node_timeout=config.store.node_timeout,
-                                 sweep_interval=config.store.sweep_interval)
+                                 sweep_interval=config.store.sweep_interval, uploads=self.uploads)
         self.auth = Authenticator(self.users, self.defender)
         # Sized in start(), once the open-file limit has been raised.
         self.handles = HandleBudget(config.server.max_open_files or 1 << 30,

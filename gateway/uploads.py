@@ -1,7 +1,8 @@
 """Uploads in flight, recorded in the store under this node, and the node's heartbeat.
 
-Every node records each upload it has open (the backend, the storage path
-and the backend's id for it: a local temp file, an S3 multipart upload) and
+Every node records each upload it has open that a crash would leave behind
+for long (the backend, the storage path and the backend's id for it: a local
+temp file, an S3 multipart upload; see RECORD_AFTER for which and when) and
 beats its heartbeat every few seconds. Every node also sweeps: an upload
 whose node has been silent for `[store] node_timeout` belongs to a node that
 died, so its leftovers are removed from the backend (the previous version of
@@ -15,6 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from .errors import GatewayError, InvalidPath
 from .storage.base import Backend, Upload
@@ -24,12 +26,51 @@ log = logging.getLogger(__name__)
 
 
 def heartbeat_interval(node_timeout: float) -> float:
-    """Seconds between heartbeats: several per node_timeout, so one late beat is no death."""
-    return max(0.2, min(5.0, node_timeout / 4))
+    """Seconds between heartbeats: several per node_timeout, so one late beat is no death.
+
+    At most RECORD_AFTER too: uploads are recorded on the beat.
+    """
+    return max(0.2, min(RECORD_AFTER, node_timeout / 4))
+
+
+# When an upload is written to the store. Most uploads are small files that
+# end within milliseconds: writing a record and deleting it again cost two
+# store transactions per file, about half of a small PUT's store time, to
+# guard against a crash in those milliseconds. What such a crash leaves costs
+# little and is swept anyway: a local temp file is removed by the start-up
+# sweep of any node on that storage (and a restarted node sweeps its own).
+# So an upload whose storage holds something from the start (a local temp
+# file) is recorded only once it has run RECORD_AFTER seconds (by the
+# keeper, on its next beat) or has written RECORD_BYTES, whichever comes
+# first: a node that dies leaves at most a few seconds' or RECORD_BYTES'
+# worth of temp file unrecorded. An upload that gets its backend id later
+# (S3 starts its multipart upload at the first full part) is recorded at that
+# moment: a multipart upload is billed and invisible until aborted, and that
+# moment comes with a part upload of several MiB, beside which one store
+# write is noise. An upload without a backend id (an S3 upload still in
+# memory or in an unlinked spool file) leaves nothing behind and is never
+# recorded.
+RECORD_AFTER = 2.0
+RECORD_BYTES = 8 * 1024 * 1024
+
+
+class _Entry:
+    """One upload of this node: its record, and whether the store has it."""
+
+    __slots__ = ("record", "born", "stored", "ended", "lock")
+
+    def __init__(self, record: InFlightUpload) -> None:
+        self.record = record
+        self.born = time.monotonic()
+        self.stored = False
+        self.ended = False
+        # Held across this record's store writes, so that an upload ending
+        # meanwhile removes the record after it is written, never before.
+        self.lock = threading.Lock()
 
 
 class InFlightUploads:
-    """This node's uploads as recorded in the store.
+    """This node's uploads, recorded in the store once they may leave something behind.
 
     The store being unreachable never fails an upload: the record is only
     what lets another node clean up after a crash (and S3's own sweep of
@@ -40,29 +81,69 @@ class InFlightUploads:
         self._store = store
         self.node = node
         self._names = {id(backend): name for name, backend in backends.items()}
+        self._entries: dict[str, _Entry] = {}
 
     def register(self, backend: Backend, path: str, upload: Upload) -> str | None:
-        """Record `upload` of `path`; returns the record's id for `forget`."""
+        """Track `upload` of `path` (recorded in the store later, see RECORD_AFTER); returns its id for `forget`."""
         name = self._names.get(id(backend))
         if name is None:
             return None
-        record = InFlightUpload(secrets.token_hex(12), self.node, name, path, upload.backend_id or "",
-                                time.time())
+        entry = _Entry(InFlightUpload(secrets.token_hex(12), self.node, name, path, upload.backend_id or "",
+                                      time.time()))
+        record_id = entry.record.id
+        self._entries[record_id] = entry
 
         def backend_id_known(backend_id: str) -> None:
-            # The multipart upload started after open: record its id in place of the empty one.
-            self._write(record.id, InFlightUpload(record.id, record.node, record.backend, record.path,
-                                                  backend_id, record.started))
+            # The backend started something that outlives a crash (an S3 multipart upload): record it now.
+            self._record(entry, backend_id)
 
         upload.on_backend_id = backend_id_known
-        self._write(None, record)
-        return record.id
+        return record_id
+
+    def grown(self, record_id: str, size: int) -> None:
+        """The upload has `size` bytes of content: record it if that passes RECORD_BYTES."""
+        if size >= RECORD_BYTES:
+            entry = self._entries.get(record_id)
+            if entry is not None and not entry.stored:
+                self._record(entry)
+
+    def record_due(self, age: float | None = None) -> int:
+        """Record the uploads running for `age` seconds (default RECORD_AFTER); returns how many.
+
+        Called by the NodeKeeper on every beat.
+        """
+        age = RECORD_AFTER if age is None else age
+        now = time.monotonic()
+        recorded = 0
+        for entry in list(self._entries.values()):
+            if not entry.stored and entry.record.upload_id and now - entry.born >= age:
+                self._record(entry)
+                recorded += entry.stored
+        return recorded
 
     def forget(self, record_id: str) -> None:
-        """Drop the record of an upload that was committed or aborted."""
-        self._write(record_id, None)
+        """The upload was committed or aborted: drop its record if the store has it."""
+        entry = self._entries.pop(record_id, None)
+        if entry is None:
+            return
+        with entry.lock:
+            entry.ended = True
+            if entry.stored:
+                self._write(record_id, None)
 
-    def _write(self, remove: str | None, add: InFlightUpload | None) -> None:
+    def _record(self, entry: _Entry, backend_id: str | None = None) -> None:
+        with entry.lock:
+            if entry.ended:
+                return
+            old = entry.record.id if entry.stored else None
+            if backend_id is not None:
+                # The multipart upload started after open: record its id in place of the empty one.
+                entry.record = replace(entry.record, upload_id=backend_id)
+            elif entry.stored or not entry.record.upload_id:
+                return
+            entry.stored = self._write(old, entry.record) or entry.stored
+
+    def _write(self, remove: str | None, add: InFlightUpload | None) -> bool:
         try:
             if remove is not None:
                 self._store.remove_upload(remove)
@@ -70,14 +151,17 @@ class InFlightUploads:
                 self._store.add_upload(add)
         except StoreError as exc:
             log.warning("could not record an upload in flight in the store: %s", exc)
+            return False
+        return True
 
 
 class NodeKeeper:
-    """One thread: this node's heartbeat, and the sweep of dead nodes' uploads."""
+    """One thread: this node's heartbeat, the recording of its long uploads, and the sweep of dead nodes' uploads."""
 
     def __init__(self, store: Store, node: str, backends: Mapping[str, Backend], *,
-                 node_timeout: float, sweep_interval: float) -> None:
+                 node_timeout: float, sweep_interval: float, uploads: InFlightUploads | None = None) -> None:
         self._store = store
+        self._uploads = uploads
         self.node = node
         self._backends = backends
         self.node_timeout = node_timeout
@@ -112,6 +196,8 @@ class NodeKeeper:
             try:
                 if now >= next_beat:
                     self._store.heartbeat(self.node)
+                    if self._uploads is not None:
+                        self._uploads.record_due()
                     next_beat = now + beat
                 if now >= next_sweep:
                     self.sweep()

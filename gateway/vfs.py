@@ -115,6 +115,7 @@ class QuotaTracker:
         self._used: list[int] | None = None          # in-process numbers (no store)
         self._cached: tuple[int, int] | None = None   # the store's numbers, as last read
         self._cached_at = -math.inf
+        self._uncounted_at = -math.inf               # when the store last had no numbers
 
     def _stored(self, fresh: bool) -> tuple[int, int] | None:
         """The store's numbers (scanning and storing them first if none are stored).
@@ -154,19 +155,32 @@ class QuotaTracker:
 
     @property
     def counting(self) -> bool:
-        """True once the numbers are known (scanned): before that, nothing needs counting."""
+        """True once the numbers are known (scanned): before that, nothing needs counting.
+
+        Asked at every upload's end. For a user without limits the numbers
+        only serve display (df, quota properties), and a "not counted yet"
+        is trusted for CACHE_SECONDS: another process that counts the home
+        meanwhile misses this process's changes of that second, as its scan
+        may miss the changes made while it runs. A user with limits is
+        counted before any write (check() counts), so this never reads for them.
+        """
         if self._used is not None or self._cached is not None:
             return True
         if self._store is None:
+            return False
+        if not (self.limit_bytes or self.limit_files) and \
+                time.monotonic() - self._uncounted_at < self.CACHE_SECONDS:
             return False
         try:
             stored = self._store.get_usage(self._user)
         except StoreError:
             return False
-        if stored is not None:
-            with self._lock:
-                self._remember(stored)
-        return stored is not None
+        if stored is None:
+            self._uncounted_at = time.monotonic()
+            return False
+        with self._lock:
+            self._remember(stored)
+        return True
 
     def used(self) -> tuple[int, int]:
         with self._lock:
@@ -235,7 +249,7 @@ class GuardedUpload(Upload):
     """Wraps a backend upload: enforces the quota while writing, counts and audits on commit."""
 
     def __init__(self, fs: "UserFS", vpath: str, inner: Upload, old_size: int | None,
-                 track: bool, offset: int, record: str | None = None) -> None:
+                 track: bool, offset: int, record: str | None = None, checked: bool = False) -> None:
         self.path = vpath
         self._fs = fs
         self._inner = inner
@@ -247,7 +261,7 @@ class GuardedUpload(Upload):
         self._written = 0
         self._settled = False
         self._record = record          # this upload in the store's uploads in flight
-        self._checked = False          # the quota was checked on current numbers once
+        self._checked = checked        # the quota was checked on current numbers once
         metrics.UPLOADS_IN_FLIGHT.labels(fs.protocol).inc()
 
     def _settle(self, result: str) -> None:
@@ -279,6 +293,8 @@ class GuardedUpload(Upload):
             self._fs._quota.check(self.path, end - (self._old_size or 0), fresh=not self._checked)
             self._checked = True
         self._high = max(self._high, end)
+        if self._record is not None:
+            self._fs._uploads.grown(self._record, self._high)
 
     @_virtual_errors
     def write(self, data: bytes) -> None:
@@ -740,12 +756,14 @@ class UserFS:
         self._policy.require(Perm.OVERWRITE if existing else Perm.UPLOAD, vpath)
         if existing is None:
             self._refuse_too_deep(vpath)
-        if target.in_home and existing is None:
+        checked = target.in_home and existing is None
+        if checked:
+            # On current numbers: the upload's first write may use them (see GuardedUpload._check).
             self._quota.check(vpath, 0, 1)
         inner = target.backend.open_write(target.path, offset=offset, truncate=truncate)
         record = self._uploads.register(target.backend, target.path, inner) if self._uploads else None
         upload = GuardedUpload(self, vpath, inner, existing.size if existing else None,
-                               target.in_home, offset, record)
+                               target.in_home, offset, record, checked)
         if self._open_uploads is not None:
             # The server aborts whatever is still open when it shuts down.
             self._open_uploads.add(upload)

@@ -1,16 +1,35 @@
-"""Uploads in flight are recorded in the store under this process's node, and swept when their node dies."""
+"""Uploads in flight are recorded in the store under this process's node, and swept when their node dies.
+
+A short local upload is never recorded (see gateway.uploads.RECORD_AFTER):
+the tests that need a record ask the gateway to record its uploads at once,
+as its keeper does after RECORD_AFTER seconds.
+"""
 from __future__ import annotations
 
 import gc
 import os
 import time
 
+from gateway import uploads
 from gateway.node import node_id
 from gateway.storage.base import TEMP_PREFIX
 from gateway.store import InFlightUpload, open_store
+from tests.conftest import wait_for
 
 
-def test_an_upload_is_recorded_under_this_node_until_it_ends(make_gateway):
+def test_a_short_upload_writes_nothing_to_the_store(make_gateway):
+    running = make_gateway()
+    running.add_user("alice")
+    store, fs = running.gateway.store, running.fs("alice")
+    upload = fs.open_write("/a.txt")
+    upload.write(b"data")
+    assert store.list_uploads() == []
+    upload.commit()
+    assert store.list_uploads() == []
+    assert (running.data / "alice" / "a.txt").read_bytes() == b"data"
+
+
+def test_an_upload_is_recorded_under_this_node_once_due_until_it_ends(make_gateway):
     running = make_gateway()
     running.add_user("alice")
     store, fs = running.gateway.store, running.fs("alice")
@@ -18,6 +37,7 @@ def test_an_upload_is_recorded_under_this_node_until_it_ends(make_gateway):
     for end in ("commit", "abort"):
         upload = fs.open_write("/a.txt")
         upload.write(b"data")
+        assert running.gateway.uploads.record_due(age=0) == 1
         [record] = store.list_uploads()
         assert (record.node, record.backend, record.path) == (running.gateway.node, "local", "/alice/a.txt")
         assert record.upload_id.startswith(TEMP_PREFIX)
@@ -34,6 +54,7 @@ def test_the_sweep_removes_a_dead_nodes_temp_file_and_keeps_a_live_nodes(make_ga
         upload.write(b"old version")
     live = fs.open_write("/live.txt")
     live.write(b"in flight")
+    running.gateway.uploads.record_due(age=0)
     # What a node killed mid-upload leaves: its temp file and its record, no heartbeat.
     leftover = running.data / "alice" / f"{TEMP_PREFIX}0123456789abcdef"
     leftover.write_bytes(b"half a new version")
@@ -53,6 +74,7 @@ def test_an_upload_dropped_without_commit_or_abort_drops_its_record(make_gateway
     running.add_user("alice")
     upload = running.fs("alice").open_write("/a.txt")
     upload.write(b"never committed")
+    running.gateway.uploads.record_due(age=0)
     assert len(running.gateway.store.list_uploads()) == 1
     del upload
     gc.collect()
@@ -65,6 +87,7 @@ def test_a_stopped_gateway_closes_its_store_and_leaves_no_heartbeat_and_no_uploa
     running.add_user("alice")
     upload = running.fs("alice").open_write("/a.txt")
     upload.write(b"never committed")
+    running.gateway.uploads.record_due(age=0)
     running.gateway.stop()
     store_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
                    if os.path.islink(f"/proc/self/fd/{fd}")]
@@ -75,3 +98,29 @@ def test_a_stopped_gateway_closes_its_store_and_leaves_no_heartbeat_and_no_uploa
         assert store.stale_uploads(0) == []
     finally:
         store.close()
+
+
+def test_the_keeper_records_an_upload_that_runs_for_a_while(make_gateway, monkeypatch):
+    monkeypatch.setattr(uploads, "RECORD_AFTER", 0.2)
+    running = make_gateway()
+    running.add_user("alice")
+    upload = running.fs("alice").open_write("/slow.txt")
+    upload.write(b"first bytes")
+    # The keeper beats every heartbeat_interval (at most RECORD_AFTER): the limit only stops a hung test.
+    wait_for(lambda: len(running.gateway.store.list_uploads()) == 1, "the keeper to record the upload")
+    upload.commit()
+    assert running.gateway.store.list_uploads() == []
+
+
+def test_an_upload_is_recorded_at_once_when_it_grows_past_record_bytes(make_gateway, monkeypatch):
+    monkeypatch.setattr(uploads, "RECORD_BYTES", 1024)
+    running = make_gateway()
+    running.add_user("alice")
+    upload = running.fs("alice").open_write("/big.bin")
+    upload.write(b"x" * 1000)
+    assert running.gateway.store.list_uploads() == []
+    upload.write(b"x" * 1000)
+    [record] = running.gateway.store.list_uploads()
+    assert record.path == "/alice/big.bin"
+    upload.abort()
+    assert running.gateway.store.list_uploads() == []

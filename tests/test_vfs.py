@@ -365,6 +365,56 @@ def test_quota_usage_in_the_store_is_shared_by_the_trackers_of_two_processes(tmp
         other.close()
 
 
+class CountingStore:
+    """A store that counts its quota-usage reads (the per-upload cost this test is about)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.usage_reads = 0
+
+    def get_usage(self, user: str):
+        self.usage_reads += 1
+        return self._store.get_usage(user)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def test_uploads_of_a_user_without_limits_read_no_usage_while_it_is_not_counted(tmp_path):
+    user = User("q", home=Location("mem", "/"))
+    backend = MemoryBackend()
+    store = open_store("sqlite:///gateway.db", tmp_path)
+    try:
+        store.add_user(user)
+        counting = CountingStore(store)
+        tracker = QuotaTracker(0, 0, lambda: backend.usage("/"), store=counting, user="q")
+        fs = UserFS(user, {"mem": backend}, quota=tracker)
+        for index in range(5):
+            put(fs, f"/f{index}")
+        # One look (is it counted?) per QuotaTracker.CACHE_SECONDS, not one per upload.
+        assert counting.usage_reads == 1
+    finally:
+        store.close()
+
+
+def test_a_new_file_upload_of_a_user_with_limits_reads_the_usage_once(tmp_path):
+    user = User("q", home=Location("mem", "/"), quota_bytes=1000)
+    backend = MemoryBackend()
+    store = open_store("sqlite:///gateway.db", tmp_path)
+    try:
+        store.add_user(user)
+        counting = CountingStore(store)
+        tracker = QuotaTracker(1000, 0, lambda: backend.usage("/"), store=counting, user="q")
+        fs = UserFS(user, {"mem": backend}, quota=tracker)
+        put(fs, "/first")   # counts the home: the store has no usage yet
+        counting.usage_reads = 0
+        put(fs, "/second", b"x" * 100)
+        assert counting.usage_reads == 1
+        assert store.get_usage("q") == StoredUsage(104, 2)
+    finally:
+        store.close()
+
+
 def test_quota_of_a_user_the_store_does_not_know_is_counted_in_process(tmp_path):
     store = open_store("sqlite:///gateway.db", tmp_path)
     try:

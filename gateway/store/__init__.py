@@ -26,6 +26,7 @@ _SQLITE_DRIVERS = ("sqlite", "sqlite+pysqlite")
 _PG_DRIVERS = ("postgresql", "postgresql+psycopg")
 _URL_FORMS = "expected sqlite:///FILE or postgresql://USER:PASSWORD@HOST:PORT/DB"
 BUSY_TIMEOUT = 30   # seconds a SQLite writer waits for another process's transaction
+SQLITE_POOL_SIZE = 64   # SQLite connections kept open for reuse (each holds 3 descriptors)
 
 
 def check_url(url: str) -> sa.URL:
@@ -57,7 +58,12 @@ def _sqlite_engine(url: sa.URL, state_dir: Path) -> sa.Engine:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # The file holds password hashes: create it private (SQLite gives -wal/-shm the same mode).
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    engine = sa.create_engine(url.set(database=str(path)),
+    # Every front-end thread may read the store at once (lock checks, quota).
+    # SQLite connections are cheap, and SQLite itself serializes writers: no
+    # thread should wait for a pool slot (the default: 15, then a 30 s wait)
+    # or pay for a new connection and its pragmas because more threads than
+    # the default 5 were busy a moment ago.
+    engine = sa.create_engine(url.set(database=str(path)), pool_size=SQLITE_POOL_SIZE, max_overflow=-1,
                               connect_args={"timeout": BUSY_TIMEOUT, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")

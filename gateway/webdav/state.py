@@ -86,6 +86,11 @@ class StoreLockStorage:
 
         A lock another node takes during the request is seen by the next
         request: the same window wsgidav leaves between its check and the write.
+
+        The read is never skipped on a cached "no lock anywhere": a lock taken
+        on another node (or worker) reaches this one's change feed up to a
+        poll later (1 s on SQLite), so a PUT sent right after that LOCK's 200
+        would pass unlocked. One indexed query in plain SQL costs ~10-15 us.
         """
         self._request.memo = {}
         try:
