@@ -58,6 +58,8 @@ def scrape(port: int) -> Scrape:
     return Scrape(answer.body.decode())
 
 
+NEW_PASSWORD = "another long secret"
+
 # Every admin API answer of the test run, so a test can check that none carries a hash.
 API_ANSWERS: list[Answer] = []
 
@@ -81,3 +83,9 @@ def api_request(port: int, method: str, path: str, *, token: str | None = None, 
         conn.close()
     API_ANSWERS.append(answer)
     return answer
+
+
+def call(running, method: str, path: str, body=None, **kwargs) -> Answer:
+    """api_request to `running`'s admin listener with its token (`running.token`) unless given."""
+    kwargs.setdefault("token", running.token)
+    return api_request(running.admin_port, method, path, body=body, **kwargs)

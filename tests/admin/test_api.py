@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import subprocess
 import sys
@@ -12,36 +11,13 @@ import paramiko
 import pytest
 
 from tests.admin.conftest import start_gateway
-from tests.admin.helpers import API_ANSWERS, api_request
+from tests.admin.helpers import NEW_PASSWORD, api_request, call
 from tests.conftest import PASSWORD, RunningGateway, wait_for
 from tests.sftp.helpers import sftp_client
 
 REPO = Path(__file__).resolve().parents[2]
-NEW_PASSWORD = "another long secret"
 # The other end of the ban tests: a second loopback address, so the admin client stays unbanned.
 ATTACKER = "127.0.0.2"
-
-
-@pytest.fixture
-def api(tmp_path, host_key_dir, client_key):
-    """A gateway with WebDAV, SFTP and the admin API; `api.token` is a valid admin token."""
-    running = start_gateway(tmp_path, host_key_dir, extra={"defender": {"max_failures": 3,
-                                                                        "failure_delay": 0}})
-    running.token = running.gateway.store.create_token("provisioning")
-    running.add_user("alice", keys=(client_key.public_line,))
-    before = len(API_ANSWERS)
-    yield running
-    running.gateway.stop()
-    # No answer ever carries a password hash or a token hash.
-    token_hash = hashlib.sha256(running.token.encode()).hexdigest()
-    for answer in API_ANSWERS[before:]:
-        assert b"$argon2" not in answer.body
-        assert token_hash.encode() not in answer.body
-
-
-def call(running: RunningGateway, method: str, path: str, body=None, **kwargs):
-    kwargs.setdefault("token", running.token)
-    return api_request(running.admin_port, method, path, body=body, **kwargs)
 
 
 def webdav_status(running: RunningGateway, method: str, path: str, user: str, password: str,
@@ -325,3 +301,43 @@ def test_ending_an_unknown_session_answers_404(api):
     answer = call(api, "DELETE", "/sessions/0123456789abcdef")
     assert answer.status == 404
     assert "0123456789abcdef" in answer.json()["error"]
+
+
+# -- across gateways sharing one store ----------------------------------------------
+
+@pytest.fixture
+def second_node(api, tmp_path, host_key_dir):
+    """Another gateway (SFTP only) on the same store: it hears of changes only through the change feed."""
+    store_file = api.gateway.config.server.state_dir / "gateway.db"
+    (tmp_path / "node2").mkdir()
+    running = start_gateway(tmp_path / "node2", host_key_dir,
+                            extra={"store": {"url": f"sqlite:///{store_file}"},
+                                   "webdav": {"enabled": False}, "admin": {"enabled": False}})
+    yield running
+    running.gateway.stop()
+
+
+def test_patch_of_a_password_ends_the_session_on_another_gateway(api, second_node):
+    transport = paramiko.Transport(("127.0.0.1", second_node.sftp_port))
+    try:
+        transport.connect(username="alice", password=PASSWORD)
+        paramiko.SFTPClient.from_transport(transport).listdir("/")
+        assert call(api, "PATCH", "/users/alice", {"password": NEW_PASSWORD}).status == 200
+        wait_for(lambda: not transport.is_active(), "the other gateway to end alice's session")
+    finally:
+        transport.close()
+
+
+def test_delete_of_a_session_ends_it_on_the_gateway_that_holds_it(api, second_node):
+    transport = paramiko.Transport(("127.0.0.1", second_node.sftp_port))
+    try:
+        transport.connect(username="alice", password=PASSWORD)
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        sftp.listdir("/")
+        found = []
+        wait_for(lambda: found.extend(call(api, "GET", "/sessions").json()) or found, "the session listed")
+        [session] = found
+        assert call(api, "DELETE", f"/sessions/{session['id']}").status == 204
+        wait_for(lambda: not transport.is_active(), "the other gateway to end the session")
+    finally:
+        transport.close()
