@@ -208,9 +208,10 @@ def test_422_messages_are_the_clis(api, option, field, value):
 
 
 def test_get_patch_delete_of_a_missing_user_answer_404(api):
-    assert call(api, "GET", "/users/nobody").status == 404
-    assert call(api, "PATCH", "/users/nobody", {"disabled": True}).status == 404
-    assert call(api, "DELETE", "/users/nobody").status == 404
+    for method, body in (("GET", None), ("PATCH", {"disabled": True}), ("DELETE", None)):
+        answer = call(api, method, "/users/nobody", body)
+        assert answer.status == 404, method
+        assert answer.json() == {"error": "no user 'nobody'"}
 
 
 def test_patch_changes_only_the_fields_given(api, client_key):
@@ -300,7 +301,7 @@ def test_a_session_is_listed_then_ended_through_the_api(api):
 def test_ending_an_unknown_session_answers_404(api):
     answer = call(api, "DELETE", "/sessions/0123456789abcdef")
     assert answer.status == 404
-    assert "0123456789abcdef" in answer.json()["error"]
+    assert answer.json() == {"error": "no session '0123456789abcdef'"}
 
 
 # -- across gateways sharing one store ----------------------------------------------
