@@ -145,12 +145,13 @@ class UserFields:
             try:
                 changes.update(self._convert(key, value))
             except ValueError as exc:
-                raise ApiError(422, f"{key}: {exc}" if not str(exc).startswith(key) else str(exc),
-                               key) from None
+                raise ApiError(422, str(exc), key) from None
         return changes
 
     def _convert(self, key: str, value: Any) -> dict[str, Any]:
+        """Raises ValueError with the message as answered: the field's name, then the CLI's words."""
         if key == "password":
+            # check_password's message names the password already.
             return {"password_hash": hash_password(check_password(value))}
         if key == "keys":
             keys = []
@@ -161,7 +162,10 @@ class UserFields:
                     raise ValueError(f"keys[{i}]: {exc}") from None
             return {"keys": tuple(keys)}
         if key == "home":
-            return {"home": parse_home(value, self.backends, self.config_name)}
+            try:
+                return {"home": parse_home(value, self.backends, self.config_name)}
+            except ValueError as exc:
+                raise ValueError(f"home: {exc}") from None
         if key == "permissions":
             rules = {}
             for path, words in value.items():
@@ -182,7 +186,7 @@ class UserFields:
             return {"mounts": tuple(mounts)}
         if key in ("quota_bytes", "quota_files"):
             if value < 0:
-                raise ValueError("must be a whole number >= 0 (0 means no limit)")
+                raise ValueError(f"{key}: must be a whole number >= 0 (0 means no limit)")
             return {key: value}
         return {key: value}   # disabled: its type is all there is to check
 
