@@ -13,13 +13,12 @@ from pathlib import Path
 
 import tomli_w
 
-from . import paths
 from .config import Config, ConfigError, check_listeners, load_config
-from .errors import GatewayError, InvalidPath
-from .permissions import ALL, parse_perms
+from .errors import GatewayError
+from .permissions import ALL
 from .store import Store, StoreError, UserCache, open_store
-from .users import (Location, Mount, User, UsersFileError, _user_to_toml, hash_password, parse_public_key,
-                    read_users_file, unknown_backend)
+from .users import (User, UsersFileError, _user_to_toml, check_password, hash_password, parse_home,
+                    parse_mount, parse_perm_rule, parse_public_key, read_users_file, unknown_backend)
 
 
 # Where prometheus_client's multiprocess mode keeps each process's values (gateway.metrics).
@@ -39,9 +38,10 @@ def _read_password(args: argparse.Namespace) -> str:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Repeat password: ") != password:
             raise CommandError("the passwords do not match")
-    if len(password) < 8:
-        raise CommandError("password too short: use at least 8 characters")
-    return password
+    try:
+        return check_password(password)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -67,8 +67,9 @@ def _parse_perm_rules(rules: list[str]) -> dict:
         if not sep:
             raise CommandError(f"--perm {rule!r}: expected /path=perm,perm")
         try:
-            result[paths.normalize(path)] = parse_perms(words.split(","))
-        except (ValueError, InvalidPath) as exc:
+            path, perms = parse_perm_rule(path, words.split(","))
+            result[path] = perms
+        except ValueError as exc:
             raise CommandError(f"--perm {rule!r}: {exc}") from None
     return result
 
@@ -91,22 +92,17 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
         password_hash = hash_password(_read_password(args))
     default_backend = next(iter(config.backends))
     try:
-        home = Location.parse(args.home or f"{default_backend}:/{args.name}")
+        home = parse_home(args.home or f"{default_backend}:/{args.name}", config.backends, str(config.path))
     except ValueError as exc:
         raise CommandError(f"--home: {exc}") from None
-    if home.backend not in config.backends:
-        raise CommandError(f"--home: backend '{home.backend}' is not defined in {config.path}")
     mounts = []
     for spec in args.mount:
         vpath, sep, target = spec.partition("=")
         try:
             if not sep:
                 raise ValueError("expected /path=backend:/path")
-            loc = Location.parse(target)
-            if loc.backend not in config.backends:
-                raise ValueError(f"backend '{loc.backend}' is not defined")
-            mounts.append(Mount(paths.normalize(vpath), loc, ALL))
-        except (ValueError, InvalidPath) as exc:
+            mounts.append(parse_mount(vpath, target, ["*"], config.backends))
+        except ValueError as exc:
             raise CommandError(f"--mount {spec!r}: {exc}") from None
     perms = {"/": ALL}
     perms.update(_parse_perm_rules(args.perm))

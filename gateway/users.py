@@ -6,7 +6,7 @@ imported, exported and validated. Passwords are stored only as argon2id hashes.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,17 @@ _hasher = argon2.PasswordHasher()  # argon2id with the library's current default
 
 class UsersFileError(Exception):
     """The users file, or a value for it, is invalid; the message names the key."""
+
+
+class UserExists(UsersFileError):
+    """A user of that name exists already."""
+
+
+class NoSuchUser(UsersFileError):
+    """No user of that name."""
+
+
+MIN_PASSWORD_LENGTH = 8
 
 
 def hash_password(password: str) -> str:
@@ -85,6 +96,63 @@ class Mount:
     path: str
     target: Location
     permissions: frozenset[Perm] = ALL
+
+
+# -- one field at a time: the CLI's options and the admin API's JSON fields both go
+# through these, so both give the same messages (each front-end names the field its way).
+
+def check_password(password: str) -> str:
+    """Return `password` if it is acceptable for a new password.
+
+    Raises:
+        ValueError: too short.
+    """
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"password too short: use at least {MIN_PASSWORD_LENGTH} characters")
+    return password
+
+
+def parse_home(text: str, backends: Collection[str], config_name: str) -> Location:
+    """Parse a home "backend:/path" whose backend must be one of `backends` (defined in `config_name`).
+
+    Raises:
+        ValueError: malformed, or an unknown backend.
+    """
+    home = Location.parse(text)
+    if home.backend not in backends:
+        raise ValueError(f"backend '{home.backend}' is not defined in {config_name}")
+    return home
+
+
+def parse_mount(vpath: str, target: str, words: Iterable[str], backends: Collection[str]) -> Mount:
+    """A mount at `vpath` showing `target` ("backend:/path") with the permissions `words`.
+
+    Raises:
+        ValueError: a malformed path or target, an unknown backend or permission, or a mount at "/".
+    """
+    location = Location.parse(target)
+    if location.backend not in backends:
+        raise ValueError(f"backend '{location.backend}' is not defined")
+    try:
+        path = paths.normalize(vpath)
+    except InvalidPath as exc:
+        raise ValueError(str(exc)) from None
+    if path == "/":
+        raise ValueError("a mount cannot replace the home at '/'")
+    return Mount(path, location, parse_perms(words))
+
+
+def parse_perm_rule(path: str, words: Iterable[str]) -> tuple[str, frozenset[Perm]]:
+    """One permission rule: a normalized path and its permission set.
+
+    Raises:
+        ValueError: a malformed path or an unknown permission word.
+    """
+    try:
+        normalized = paths.normalize(path)
+    except InvalidPath as exc:
+        raise ValueError(str(exc)) from None
+    return normalized, parse_perms(words)
 
 
 @dataclass(frozen=True)

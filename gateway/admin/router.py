@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
+            413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 @dataclass
@@ -56,20 +56,23 @@ class Router:
     """A WSGI application dispatching on path template and method."""
 
     def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern, dict[str, Handler]]] = []
+        self._routes: list[tuple[str, re.Pattern, dict[str, Handler]]] = []
 
     def add(self, template: str, method: str, handler: Handler) -> None:
-        pattern = _compile(template)
-        for known, methods in self._routes:
-            if known.pattern == pattern.pattern:
+        for known, _pattern, methods in self._routes:
+            if known == template:
                 methods[method] = handler
                 return
-        self._routes.append((pattern, {method: handler}))
+        self._routes.append((template, _compile(template), {method: handler}))
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every (path template, method) served, in the order added (HEAD is implied by GET)."""
+        return [(template, method) for template, _pattern, methods in self._routes for method in methods]
 
     def _dispatch(self, environ: dict) -> Response:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        for pattern, methods in self._routes:
+        for _template, pattern, methods in self._routes:
             match = pattern.match(path)
             if match is None:
                 continue

@@ -1,4 +1,4 @@
-"""The admin front-end: /healthz, /readyz and /metrics on their own listener.
+"""The admin front-end: /healthz, /readyz, /metrics and the REST API (/api/v1) on their own listener.
 
 It runs beside the WebDAV and SFTP front-ends (`[admin]`, loopback by
 default) so a load balancer and Prometheus never need a user's credentials.
@@ -14,6 +14,7 @@ from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .. import metrics
 from ..shared_listener import SharedListenerServer
+from .api import AdminApi
 from .health import Readiness
 from .router import Request, Response, Router, json_response
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Health checks and scrapes are small and short; a few threads serve them.
+# Health checks, scrapes and API calls are small and short; a few threads serve them.
 _THREADS = 4
 _MAX_HEADER_BYTES = 64 * 1024
 
@@ -47,6 +48,7 @@ class AdminServer:
         router.add("/healthz", "GET", self.healthz)
         router.add("/readyz", "GET", self.readyz)
         router.add("/metrics", "GET", self.metrics)
+        AdminApi(self.gateway).install(router)
         return router
 
     # -- handlers ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from ..sessions import revokes
-from ..users import User, UsersFileError, unknown_backend
+from ..users import NoSuchUser, User, UserExists, UsersFileError, unknown_backend
 from .errors import Conflict, Missing, StoreUnavailable
 from .store import Store
 
@@ -144,20 +144,20 @@ class UserCache:
         """Add a user.
 
         Raises:
-            UsersFileError: invalid, or the name is taken.
+            UsersFileError: invalid; UserExists: the name is taken.
         """
         self._check_backends(user)
         try:
             self.store.add_user(user)
         except Conflict as exc:
-            raise UsersFileError(str(exc)) from None
+            raise UserExists(str(exc)) from None
         self.load()
 
     def update(self, name: str, **changes) -> None:
         """Change fields of a user.
 
         Raises:
-            UsersFileError: invalid, or no such user.
+            UsersFileError: invalid; NoSuchUser: no such user.
         """
         try:
             current = self.store.get_user(name)
@@ -166,7 +166,7 @@ class UserCache:
             self._check_backends(replace(current, **changes))
             new = self.store.update_user(name, **changes)
         except Missing as exc:
-            raise UsersFileError(str(exc)) from None
+            raise NoSuchUser(str(exc)) from None
         if revokes(current, new):
             self.store.revoke(user=name)
         self.load()
@@ -175,11 +175,11 @@ class UserCache:
         """Remove a user.
 
         Raises:
-            UsersFileError: no such user.
+            NoSuchUser: no such user.
         """
         try:
             self.store.remove_user(name)
         except Missing as exc:
-            raise UsersFileError(str(exc)) from None
+            raise NoSuchUser(str(exc)) from None
         self.store.revoke(user=name)
         self.load()

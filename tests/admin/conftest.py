@@ -1,12 +1,14 @@
 """Admin fixtures: a gateway with WebDAV, SFTP and the admin listener on port 0."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import pytest
 
 from gateway.config import load_config
 from gateway.server import Gateway
+from tests.admin.helpers import API_ANSWERS
 from tests.conftest import RunningGateway, write_config
 from tests.sftp.helpers import copy_host_keys
 
@@ -31,3 +33,22 @@ def full_gateway(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]
     running.add_user("reader", perms={"/": ["list", "download"]})
     yield running
     running.gateway.stop()
+
+
+@pytest.fixture
+def api(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
+    """WebDAV, SFTP and the admin API, a ban after 3 failures; `api.token` is a valid admin token.
+
+    On teardown: no API answer of the test carried a password hash or the token's hash.
+    """
+    running = start_gateway(tmp_path, host_key_dir, extra={"defender": {"max_failures": 3,
+                                                                        "failure_delay": 0}})
+    running.token = running.gateway.store.create_token("provisioning")
+    running.add_user("alice", keys=(client_key.public_line,))
+    before = len(API_ANSWERS)
+    yield running
+    running.gateway.stop()
+    token_hash = hashlib.sha256(running.token.encode()).hexdigest().encode()
+    for answer in API_ANSWERS[before:]:
+        assert b"$argon2" not in answer.body
+        assert token_hash not in answer.body

@@ -56,3 +56,36 @@ def scrape(port: int) -> Scrape:
     assert answer.status == 200, answer.body
     assert answer.headers["Content-Type"].startswith("text/plain")
     return Scrape(answer.body.decode())
+
+
+NEW_PASSWORD = "another long secret"
+
+# Every admin API answer of the test run, so a test can check that none carries a hash.
+API_ANSWERS: list[Answer] = []
+
+
+def api_request(port: int, method: str, path: str, *, token: str | None = None, body=None,
+                raw: bytes | None = None, source: str | None = None) -> Answer:
+    """One request to /api/v1 (`path` below it) with a bearer token and a JSON (or raw) body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60,
+                                      source_address=(source, 0) if source else None)
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        conn.request(method, f"/api/v1{path}", body=payload, headers=headers)
+        resp = conn.getresponse()
+        answer = Answer(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+    API_ANSWERS.append(answer)
+    return answer
+
+
+def call(running, method: str, path: str, body=None, **kwargs) -> Answer:
+    """api_request to `running`'s admin listener with its token (`running.token`) unless given."""
+    kwargs.setdefault("token", running.token)
+    return api_request(running.admin_port, method, path, body=body, **kwargs)
