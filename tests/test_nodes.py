@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 import tomli_w
 
 from tests.conftest import wait_for
+from tests.haproxy import needs_haproxy, run_haproxy
 from tests.sftp.helpers import copy_host_keys
+from tests.webdav.test_litmus import assert_litmus_passes
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "a password for two nodes"
@@ -35,20 +38,23 @@ class Node:
     printed: list[str]
     webdav_port: int = 0
     sftp_port: int = 0
+    admin_port: int = 0
 
     @property
     def host_key_lines(self) -> list[str]:
         return [line.strip() for line in self.printed if line.strip().startswith("host key ")]
 
 
-def write_node_config(base: Path, store_url: str, data: Path) -> Path:
+def write_node_config(base: Path, store_url: str, data: Path, *, proxied: bool = False) -> Path:
     base.mkdir()
     path = base / "gateway.toml"
+    # Behind HAProxy: the PROXY header is believed from HAProxy's address only.
+    proxy = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"]} if proxied else {}
     path.write_text(tomli_w.dumps({
         "server": {"state_dir": "state", "log_level": "warning"},
         "store": {"url": store_url},
-        "webdav": {"listen": "127.0.0.1:0"},
-        "sftp": {"listen": "127.0.0.1:0"},
+        "webdav": {"listen": "127.0.0.1:0", **proxy},
+        "sftp": {"listen": "127.0.0.1:0", **proxy},
         "admin": {"listen": "127.0.0.1:0"},
         # No slow-down: the test counts failures, it does not wait for them.
         "defender": {"max_failures": MAX_FAILURES, "failure_delay": 0.0},
@@ -89,18 +95,28 @@ def stop_node(node: Node) -> None:
     assert node.proc.returncode == 0, (node.config.parent / "stderr.log").read_text()
 
 
-@pytest.fixture
-def nodes(tmp_path, postgres, host_key_dir) -> Iterator[tuple[Node, Node]]:
-    """Nodes a and b on one fresh database and one data folder; only a has host key files."""
+def start_nodes(tmp_path: Path, postgres, host_key_dir: Path, *, proxied: bool = False) -> list[Node]:
     url = postgres.create_database()
     data = tmp_path / "data"
     data.mkdir()
-    configs = [write_node_config(tmp_path / name, url, data) for name in ("a", "b")]
+    configs = [write_node_config(tmp_path / name, url, data, proxied=proxied) for name in ("a", "b")]
     copy_host_keys(host_key_dir, tmp_path / "a" / "state")
     started: list[Node] = []
     try:
         for name, config in zip(("a", "b"), configs):
             started.append(start_node(name, config))
+    except BaseException:
+        for node in started:
+            stop_node(node)
+        raise
+    return started
+
+
+@pytest.fixture
+def nodes(tmp_path, postgres, host_key_dir) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b on one fresh database and one data folder; only a has host key files."""
+    started = start_nodes(tmp_path, postgres, host_key_dir)
+    try:
         yield started[0], started[1]
     finally:
         for node in started:
@@ -114,9 +130,13 @@ def cli(node: Node, *args: str, stdin: str | None = None) -> None:
 
 
 def webdav_status(node: Node, user: str, password: str) -> int:
+    return webdav_status_at(node.webdav_port, user, password)
+
+
+def webdav_status_at(port: int, user: str, password: str) -> int:
     result = subprocess.run(["curl", "-s", "-o", os.devnull, "-w", "%{http_code}", "-X", "PROPFIND",
                              "-H", "Depth: 0", "-u", f"{user}:{password}",
-                             f"http://127.0.0.1:{node.webdav_port}/"],
+                             f"http://127.0.0.1:{port}/"],
                             capture_output=True, text=True, timeout=60)
     return int(result.stdout)
 
@@ -204,3 +224,34 @@ def test_both_nodes_show_the_same_host_keys(nodes, host_key_dir):
                 rsa = paramiko.RSAKey.from_private_key_file(str(host_key_dir / "ssh_host_rsa_key"))
                 assert key.get_fingerprint() == rsa.get_fingerprint()
     assert not (b.config.parent / "state" / "ssh_host_ed25519_key").exists()
+
+
+@needs_haproxy
+@pytest.mark.tools("litmus")
+@pytest.mark.client
+def test_litmus_passes_through_haproxy_spreading_requests_over_both_nodes(tmp_path, postgres, host_key_dir):
+    """Every litmus suite, its requests spread by HAProxy (leastconn) over two nodes sharing one store.
+
+    Locks taken through one node must hold on the other, properties set on one
+    must be read on the other, and each node must take the PROXY header.
+    """
+    a, b = start_nodes(tmp_path, postgres, host_key_dir, proxied=True)
+    try:
+        cli(a, "user", "add", "litmus", "--password-stdin", stdin=PASSWORD + "\n")
+        with run_haproxy(tmp_path / "haproxy", {"webdav": [a.webdav_port, b.webdav_port]}) as haproxy:
+            port = haproxy.ports["webdav"]
+            wait_for(lambda: webdav_status_at(port, "litmus", PASSWORD) == 207, "the user through HAProxy")
+            assert_litmus_passes(port, "litmus", tmp_path, password=PASSWORD)
+        # Both nodes took part: each counted WebDAV connections of its own.
+        for node in (a, b):
+            assert webdav_connections(node) > 0, f"node {node.name} served nothing"
+    finally:
+        for node in (a, b):
+            stop_node(node)
+
+
+def webdav_connections(node: Node) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('gateway_connections_total{protocol="webdav"}'))
