@@ -372,7 +372,8 @@ class GuardedUpload(Upload):
 
 
 class _MeteredReader(io.BufferedIOBase):
-    """A download stream that audits and counts the download when it is closed."""
+    """A download stream: it stops at its next read once its session has been ended,
+    and audits and counts the download when it is closed."""
 
     def __init__(self, fs: "UserFS", vpath: str, inner: BinaryIO) -> None:
         super().__init__()
@@ -392,6 +393,7 @@ class _MeteredReader(io.BufferedIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         try:
+            self._fs._check_live()
             return self._count(self._inner.read(size))
         except GatewayError as exc:
             self._failed(exc)
@@ -400,6 +402,7 @@ class _MeteredReader(io.BufferedIOBase):
     def read1(self, size: int = -1) -> bytes:
         reader = getattr(self._inner, "read1", self._inner.read)
         try:
+            self._fs._check_live()
             return self._count(reader(size))
         except GatewayError as exc:
             self._failed(exc)
@@ -407,6 +410,7 @@ class _MeteredReader(io.BufferedIOBase):
 
     def readinto(self, buffer) -> int:
         try:
+            self._fs._check_live()
             n = self._inner.readinto(buffer)
         except GatewayError as exc:
             self._failed(exc)
@@ -435,45 +439,6 @@ class _MeteredReader(io.BufferedIOBase):
             super().close()
             self._fs._audit("download", self._path, self._result, self._sent,
                             duration=time.monotonic() - self._started, direction="out")
-
-
-class _LiveReader(io.BufferedIOBase):
-    """A download stream that stops at its next read once its session has been ended."""
-
-    def __init__(self, inner: BinaryIO, fs: "UserFS") -> None:
-        super().__init__()
-        self._inner = inner
-        self._fs = fs
-
-    def read(self, size: int | None = -1) -> bytes:
-        self._fs._check_live()
-        return self._inner.read(size)
-
-    def read1(self, size: int = -1) -> bytes:
-        self._fs._check_live()
-        return self._inner.read1(size) if hasattr(self._inner, "read1") else self._inner.read(size)
-
-    def readinto(self, buffer) -> int:
-        self._fs._check_live()
-        return self._inner.readinto(buffer)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return self._inner.seekable()
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._inner.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._inner.tell()
-
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            super().close()
 
 
 class UserFS:
@@ -726,8 +691,6 @@ class UserFS:
         self._policy.require(Perm.DOWNLOAD, vpath)
         target = self._resolve(vpath)
         stream = target.backend.open_read(target.path, offset, length)
-        if self.session is not None:
-            stream = _LiveReader(stream, self)
         return _MeteredReader(self, vpath, stream)
 
     def usage(self) -> Usage:
