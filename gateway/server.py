@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -47,6 +48,10 @@ class FrontEnd(Protocol):
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
+
+    # Optional, for the SIGTERM drain (a front-end without them is stopped at
+    # once): stop_accepting() closes the listener and keeps open connections
+    # served; in_flight() counts what is still under way, by kind.
 
 
 class Gateway:
@@ -212,6 +217,30 @@ class Gateway:
             host, port = frontend.address
             log.info("%s listening on %s:%d", name, host, port)
 
+    def stop_accepting(self) -> None:
+        """SIGTERM: close every listener at once; transfers under way go on.
+
+        A front-end with nothing to drain (the admin listener) is stopped now.
+        """
+        for frontend in reversed(list(self.frontends)):
+            try:
+                if hasattr(frontend, "stop_accepting"):
+                    frontend.stop_accepting()
+                else:
+                    frontend.stop()
+                    self.frontends.remove(frontend)
+            except Exception:
+                log.exception("closing the %s listener failed", frontend.name)
+
+    def in_flight(self) -> dict[str, int]:
+        """Transfers still under way, by kind (only kinds with any): what a drain waits for."""
+        counts: dict[str, int] = {}
+        for frontend in self.frontends:
+            if hasattr(frontend, "in_flight"):
+                counts.update(frontend.in_flight())
+        counts["uploads"] = sum(1 for upload in list(self._open_uploads) if not upload.closed)
+        return {kind: count for kind, count in counts.items() if count}
+
     def stop(self) -> None:
         self._follower.stop()
         for frontend in reversed(self.frontends):
@@ -221,9 +250,11 @@ class Gateway:
                 log.exception("stopping %s failed", frontend.name)
         self.frontends.clear()
         # Whatever a front-end left open is aborted: the previous versions stay.
-        for upload in list(self._open_uploads):
-            if not upload.closed:
-                upload.abort()
+        left = [upload for upload in list(self._open_uploads) if not upload.closed]
+        if left:
+            log.warning("aborting %d upload(s) still open; the previous versions stay", len(left))
+        for upload in left:
+            upload.abort()
         self.keeper.stop()
         # A sweep still walking a large tree stops at its next folder; the
         # backends it uses must outlive it.
@@ -275,7 +306,7 @@ def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
                 on_ready: Callable[[], None] | None = None) -> int:
     """Start `gateway` and serve until SIGINT or SIGTERM, then stop it; returns the exit status.
 
-    SIGHUP reopens the audit log. Without `on_ready` the listeners and "gateway
+    SIGTERM drains first (see `drain`); SIGINT stops at once. SIGHUP reopens the audit log. Without `on_ready` the listeners and "gateway
     ready" are printed; a worker process passes its own (the supervisor prints
     them once for all).
     """
@@ -295,12 +326,56 @@ def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
                 print(f"  {notice}", flush=True)
         print("gateway ready", flush=True)
     try:
-        while _next_signal(signals) == signal.SIGHUP:
+        while (signum := _next_signal(signals)) == signal.SIGHUP:
             reopen_audit_log(audit_handler)
+        if signum == signal.SIGTERM:
+            drain(gateway, gateway.config.server.drain_timeout, signals, audit_handler)
     finally:
         log.info("shutting down")
         gateway.stop()
     return 0
+
+
+def drain(gateway: Gateway, timeout: float, signals: "queue.SimpleQueue[int]",
+          audit_handler: logging.Handler | None) -> None:
+    """SIGTERM: close the listeners, then give the transfers in flight up to `timeout` seconds.
+
+    Returns when none is left, when the time is up, or at a second SIGTERM or
+    SIGINT; the caller's stop() then aborts what is left (the previous
+    versions of the files stay).
+    """
+    if timeout <= 0:
+        return
+    gateway.stop_accepting()
+    busy = gateway.in_flight()
+    if not busy:
+        log.info("SIGTERM: listeners closed, no transfer in flight")
+        return
+    log.info("SIGTERM: listeners closed; waiting up to %gs for %s", timeout, _describe(busy))
+    deadline = time.monotonic() + timeout
+    while busy:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            log.warning("drain_timeout (%gs) passed: aborting %s", timeout, _describe(busy))
+            return
+        try:
+            # Short waits: the main thread notices a signal only when it runs.
+            signum = signals.get(timeout=min(remaining, 0.2))
+        except queue.Empty:
+            pass
+        else:
+            if signum == signal.SIGHUP:
+                reopen_audit_log(audit_handler)
+            else:
+                log.warning("%s while draining: aborting %s", signal.Signals(signum).name,
+                            _describe(busy))
+                return
+        busy = gateway.in_flight()
+    log.info("SIGTERM: every transfer in flight finished")
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items())
 
 
 def reopen_audit_log(audit_handler: logging.Handler | None) -> None:

@@ -1,17 +1,22 @@
 """`gateway serve` as a process: first-run user, clean shutdown on signals."""
 from __future__ import annotations
 
+import base64
+import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 import tomli_w
 
 from gateway.store import open_store
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,3 +164,134 @@ def test_shutdown_with_uploads_in_flight_leaves_old_versions_and_no_partial_file
     assert sorted(os.listdir(home)) == ["via-sftp.bin", "via-webdav.bin"]
     assert (home / "via-sftp.bin").read_bytes() == b"old sftp version"
     assert (home / "via-webdav.bin").read_bytes() == b"old webdav version"
+
+
+# -- SIGTERM drain -------------------------------------------------------------
+
+def drain_config(tmp_path: Path, drain_timeout: float, workers: int = 1) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(tomli_w.dumps({
+        "server": {"state_dir": "state", "drain_timeout": drain_timeout, "workers": workers},
+        "webdav": {"enabled": True, "listen": "127.0.0.1:0"},
+        "sftp": {"enabled": True, "listen": "127.0.0.1:0"},
+        "admin": {"enabled": False},
+        "backends": {"local": {"type": "local", "root": "data"}},
+    }))
+    return path
+
+
+class Served:
+    """`gateway serve` in a subprocess, its log in a file, with the first user's password and ports."""
+
+    def __init__(self, path: Path) -> None:
+        self.log = path.parent / "serve.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=self.log.open("w"),
+                                     text=True)
+        lines = wait_for_line(self.proc, "gateway ready")
+        self.password = next(line for line in lines if "password: " in line).rsplit(": ", 1)[1].strip()
+        self.ports = {line.split()[0]: int(line.rsplit(":", 1)[1]) for line in lines
+                      if " listening on " in line}
+
+    def refuses(self, name: str) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.ports[name]), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    def wait(self) -> int:
+        try:
+            self.proc.communicate(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        return self.proc.returncode
+
+
+def put_started(served: Served, name: str, size: int, first: bytes) -> http.client.HTTPConnection:
+    """A PUT of `size` bytes whose first bytes are sent, and the rest not yet."""
+    conn = http.client.HTTPConnection("127.0.0.1", served.ports["webdav"], timeout=60)
+    token = base64.b64encode(f"admin:{served.password}".encode()).decode()
+    conn.putrequest("PUT", f"/{name}")
+    conn.putheader("Authorization", f"Basic {token}")
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    conn.send(first)
+    return conn
+
+
+def upload_in_flight(served: Served, tmp_path: Path) -> Path:
+    """Wait until the PUT sent so far is being written (an upload is open on the server)."""
+    home = tmp_path / "data" / "admin"
+    wait_for(lambda: home.is_dir() and len(list(home.iterdir())) > 1, "the upload's temp file")
+    return home
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_a_webdav_upload_in_flight_finish_and_refuses_new_connections(tmp_path, workers):
+    served = Served(drain_config(tmp_path, drain_timeout=60, workers=workers))
+    home = tmp_path / "data" / "admin"
+    home.mkdir(parents=True)
+    (home / "file.bin").write_bytes(b"old")
+    body = os.urandom(256 * 1024)
+    conn = put_started(served, "file.bin", len(body), body[:1024])
+    try:
+        upload_in_flight(served, tmp_path)
+        served.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: served.refuses("webdav") and served.refuses("sftp"), "listeners closed")
+        conn.send(body[1024:])
+        response = conn.getresponse()
+        assert response.status == 204, response.read()   # replaced
+        response.read()
+    finally:
+        conn.close()
+    assert served.wait() == 0, served.log.read_text()
+    assert (home / "file.bin").read_bytes() == body
+    assert os.listdir(home) == ["file.bin"]
+    log = served.log.read_text()
+    assert "waiting up to 60s for" in log and "webdav requests" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_aborts_an_upload_that_outlasts_drain_timeout_and_keeps_the_old_version(tmp_path):
+    served = Served(drain_config(tmp_path, drain_timeout=2))
+    home = tmp_path / "data" / "admin"
+    home.mkdir(parents=True)
+    (home / "file.bin").write_bytes(b"old")
+    conn = put_started(served, "file.bin", 1 << 20, b"x" * 1024)
+    try:
+        upload_in_flight(served, tmp_path)
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.wait() == 0, served.log.read_text()
+    finally:
+        conn.close()
+    assert (home / "file.bin").read_bytes() == b"old"
+    assert os.listdir(home) == ["file.bin"]
+    log = served.log.read_text()
+    assert "drain_timeout (2s) passed: aborting 1 webdav requests" in log
+    assert "Traceback" not in log
+
+
+def test_sigterm_lets_an_sftp_upload_in_flight_finish(tmp_path):
+    served = Served(drain_config(tmp_path, drain_timeout=60))
+    transport = paramiko.Transport(("127.0.0.1", served.ports["sftp"]))
+    try:
+        transport.connect(username="admin", password=served.password)
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        body = os.urandom(256 * 1024)
+        with sftp.open("file.bin", "wb") as remote:
+            remote.write(body[:1024])
+            remote.flush()
+            served.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: served.refuses("sftp") and served.refuses("webdav"), "listeners closed")
+            # A new session on the open connection is refused while it drains.
+            with pytest.raises(paramiko.ChannelException):
+                transport.open_session()
+            remote.write(body[1024:])
+    finally:
+        transport.close()
+    assert served.wait() == 0, served.log.read_text()
+    assert (tmp_path / "data" / "admin" / "file.bin").read_bytes() == body
+    assert "1 sftp handles" in served.log.read_text()
