@@ -1,6 +1,7 @@
 """The running gateway: backends, users and front-ends wired together, and clean shutdown."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import queue
@@ -18,7 +19,7 @@ from typing import Protocol
 from .audit import ReopeningFileHandler, setup_audit_log
 from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .errors import GatewayError
 from .follower import StoreFollower
 from .node import node_id
@@ -217,6 +218,51 @@ class Gateway:
             host, port = frontend.address
             log.info("%s listening on %s:%d", name, host, port)
 
+    def reload(self, new: Config) -> None:
+        """SIGHUP: apply what can change without dropping a session, from the config `new`.
+
+        That is the log level and drain_timeout, the defender's limits, the
+        `[webdav]`/`[sftp]` limits new connections read, the TLS certificates,
+        and backends added to the config. Everything that can fail is prepared
+        first: if any of it fails, nothing changes.
+
+        Raises:
+            ConfigError: one line saying what is wrong.
+        """
+        added = [name for name in new.backends if name not in self.config.backends]
+        backends: dict[str, Backend] = {}
+        try:
+            for name in added:
+                section = new.backends[name]
+                backends[name] = InstrumentedBackend(name, create_backend(section.type, section.options))
+            steps = [frontend.reload(new) for frontend in self.frontends if hasattr(frontend, "reload")]
+        except (GatewayError, OSError, ValueError) as exc:
+            for backend in backends.values():
+                backend.close()
+            raise ConfigError(f"{new.path}: {exc}") from None
+        for name in self.config.backends:
+            if name not in new.backends:
+                log.warning("SIGHUP: backend '%s' was removed from the config: it stays until a restart", name)
+            elif new.backends[name] != self.config.backends[name]:
+                log.warning("SIGHUP: backend '%s' changed in the config: the change waits for a restart", name)
+        for step in steps:
+            step()
+        logging.getLogger().setLevel(_log_level(new))
+        self.defender.config = new.defender
+        self.config = dataclasses.replace(
+            self.config, defender=new.defender, sftp=dataclasses.replace(new.sftp, listen=self.config.sftp.listen),
+            server=dataclasses.replace(self.config.server, log_level=new.server.log_level,
+                                       drain_timeout=new.server.drain_timeout),
+            backends={**self.config.backends, **{name: new.backends[name] for name in added}})
+        self.backends.update(backends)
+        if added:
+            try:
+                self.users.add_backends(added)
+            except GatewayError as exc:
+                log.warning("SIGHUP: users of the new backends are read at the next change: %s", exc)
+        log.info("SIGHUP: reloaded %s: log level %s%s", new.path, new.server.log_level,
+                 f", new backends {', '.join(added)}" if added else "")
+
     def stop_accepting(self) -> None:
         """SIGTERM: close every listener at once; transfers under way go on.
 
@@ -266,10 +312,13 @@ class Gateway:
         self.store.close()
 
 
+def _log_level(config: Config) -> int:
+    return getattr(logging, config.server.log_level.upper(), logging.INFO)
+
+
 def setup_logging(config: Config) -> logging.Handler | None:
     """The main log on stderr, and the audit log where the config says; returns the audit handler."""
-    level = getattr(logging, config.server.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(config), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return setup_audit_log(config.server.audit_log)
     except OSError as exc:
@@ -328,6 +377,7 @@ def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
     try:
         while (signum := _next_signal(signals)) == signal.SIGHUP:
             reopen_audit_log(audit_handler)
+            reload_config(gateway)
         if signum == signal.SIGTERM:
             drain(gateway, gateway.config.server.drain_timeout, signals, audit_handler)
     finally:
@@ -376,6 +426,14 @@ def drain(gateway: Gateway, timeout: float, signals: "queue.SimpleQueue[int]",
 
 def _describe(counts: dict[str, int]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in counts.items())
+
+
+def reload_config(gateway: Gateway) -> None:
+    """SIGHUP: read the config file again and apply what can change; a bad config changes nothing."""
+    try:
+        gateway.reload(load_config(gateway.config.path))
+    except ConfigError as exc:
+        log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
 
 
 def reopen_audit_log(audit_handler: logging.Handler | None) -> None:

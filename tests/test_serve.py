@@ -6,9 +6,11 @@ import http.client
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import paramiko
@@ -168,13 +170,15 @@ def test_shutdown_with_uploads_in_flight_leaves_old_versions_and_no_partial_file
 
 # -- SIGTERM drain -------------------------------------------------------------
 
-def drain_config(tmp_path: Path, drain_timeout: float, workers: int = 1) -> Path:
+def drain_config(tmp_path: Path, drain_timeout: float, workers: int = 1, tls: Path | None = None) -> Path:
+    """WebDAV and SFTP on free ports; with `tls` (a folder with cert.pem and key.pem), admin too, all over TLS."""
     path = tmp_path / "gateway.toml"
+    certs = {"tls_cert": str(tls / "cert.pem"), "tls_key": str(tls / "key.pem")} if tls else {}
     path.write_text(tomli_w.dumps({
         "server": {"state_dir": "state", "drain_timeout": drain_timeout, "workers": workers},
-        "webdav": {"enabled": True, "listen": "127.0.0.1:0"},
+        "webdav": {"enabled": True, "listen": "127.0.0.1:0", **certs},
         "sftp": {"enabled": True, "listen": "127.0.0.1:0"},
-        "admin": {"enabled": False},
+        "admin": {"enabled": bool(tls), "listen": "127.0.0.1:0", **certs},
         "backends": {"local": {"type": "local", "root": "data"}},
     }))
     return path
@@ -188,7 +192,11 @@ class Served:
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path)],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=self.log.open("w"),
                                      text=True)
-        lines = wait_for_line(self.proc, "gateway ready")
+        try:
+            lines = wait_for_line(self.proc, "gateway ready")
+        except BaseException:
+            self.close()
+            raise
         self.password = next(line for line in lines if "password: " in line).rsplit(": ", 1)[1].strip()
         self.ports = {line.split()[0]: int(line.rsplit(":", 1)[1]) for line in lines
                       if " listening on " in line}
@@ -200,6 +208,11 @@ class Served:
             return True
         return False
 
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
     def wait(self) -> int:
         try:
             self.proc.communicate(timeout=60)
@@ -208,6 +221,20 @@ class Served:
                 self.proc.kill()
                 self.proc.communicate()
         return self.proc.returncode
+
+
+@pytest.fixture
+def serve():
+    """Start `gateway serve` processes; any still running at the end is killed and its pipes closed."""
+    started: list[Served] = []
+
+    def start(path: Path) -> Served:
+        started.append(Served(path))
+        return started[-1]
+
+    yield start
+    for served in started:
+        served.close()
 
 
 def put_started(served: Served, name: str, size: int, first: bytes) -> http.client.HTTPConnection:
@@ -230,8 +257,8 @@ def upload_in_flight(served: Served, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_lets_a_webdav_upload_in_flight_finish_and_refuses_new_connections(tmp_path, workers):
-    served = Served(drain_config(tmp_path, drain_timeout=60, workers=workers))
+def test_sigterm_lets_a_webdav_upload_in_flight_finish_and_refuses_new_connections(tmp_path, workers, serve):
+    served = serve(drain_config(tmp_path, drain_timeout=60, workers=workers))
     home = tmp_path / "data" / "admin"
     home.mkdir(parents=True)
     (home / "file.bin").write_bytes(b"old")
@@ -255,8 +282,8 @@ def test_sigterm_lets_a_webdav_upload_in_flight_finish_and_refuses_new_connectio
     assert "Traceback" not in log
 
 
-def test_sigterm_aborts_an_upload_that_outlasts_drain_timeout_and_keeps_the_old_version(tmp_path):
-    served = Served(drain_config(tmp_path, drain_timeout=2))
+def test_sigterm_aborts_an_upload_that_outlasts_drain_timeout_and_keeps_the_old_version(tmp_path, serve):
+    served = serve(drain_config(tmp_path, drain_timeout=2))
     home = tmp_path / "data" / "admin"
     home.mkdir(parents=True)
     (home / "file.bin").write_bytes(b"old")
@@ -274,8 +301,8 @@ def test_sigterm_aborts_an_upload_that_outlasts_drain_timeout_and_keeps_the_old_
     assert "Traceback" not in log
 
 
-def test_sigterm_lets_an_sftp_upload_in_flight_finish(tmp_path):
-    served = Served(drain_config(tmp_path, drain_timeout=60))
+def test_sigterm_lets_an_sftp_upload_in_flight_finish(tmp_path, serve):
+    served = serve(drain_config(tmp_path, drain_timeout=60))
     transport = paramiko.Transport(("127.0.0.1", served.ports["sftp"]))
     try:
         transport.connect(username="admin", password=served.password)
@@ -295,3 +322,103 @@ def test_sigterm_lets_an_sftp_upload_in_flight_finish(tmp_path):
     assert served.wait() == 0, served.log.read_text()
     assert (tmp_path / "data" / "admin" / "file.bin").read_bytes() == body
     assert "1 sftp handles" in served.log.read_text()
+
+
+# -- SIGHUP reload ---------------------------------------------------------------
+
+def test_sighup_reloads_log_level_and_added_backends_while_an_sftp_transfer_goes_on(tmp_path, serve):
+    from gateway.permissions import ALL
+    from gateway.users import Location, User, hash_password
+    path = drain_config(tmp_path, drain_timeout=0)
+    settings = tomllib.loads(path.read_text())
+    served = serve(path)
+    transport = paramiko.Transport(("127.0.0.1", served.ports["sftp"]))
+    try:
+        transport.connect(username="admin", password=served.password)
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        body = os.urandom(256 * 1024)
+        with sftp.open("file.bin", "wb") as remote:
+            remote.write(body[:1024])
+            # A config that does not load changes nothing.
+            path.write_text("[server\n")
+            served.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "config not reloaded" in served.log.read_text(), "the bad config refused")
+            settings["server"]["log_level"] = "debug"
+            settings["backends"]["extra"] = {"type": "local", "root": "data2"}
+            path.write_text(tomli_w.dumps(settings))
+            served.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "SIGHUP: reloaded" in served.log.read_text(), "the reload")
+            remote.write(body[1024:])
+        assert sftp.stat("file.bin").st_size == len(body)
+    finally:
+        transport.close()
+    assert (tmp_path / "data" / "admin" / "file.bin").read_bytes() == body
+    assert " DEBUG " not in served.log.read_text()
+    # A user homed on the backend the reload added can log in and write there.
+    store = open_store("sqlite:///gateway.db", tmp_path / "state")
+    try:
+        store.add_user(User("bob", hash_password("bob-password-1"), home=Location("extra", "/bob"),
+                            permissions={"/": ALL}))
+    finally:
+        store.close()
+
+    def bob_writes() -> bool:
+        client = paramiko.Transport(("127.0.0.1", served.ports["sftp"]))
+        try:
+            client.connect(username="bob", password="bob-password-1")
+        except paramiko.AuthenticationException:
+            return False
+        finally:
+            if not client.is_authenticated():
+                client.close()
+        try:
+            with paramiko.SFTPClient.from_transport(client).open("hello.txt", "wb") as remote:
+                remote.write(b"hello")
+        finally:
+            client.close()
+        return True
+
+    wait_for(bob_writes, "bob's login")
+    assert (tmp_path / "data2" / "bob" / "hello.txt").read_bytes() == b"hello"
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.wait() == 0, served.log.read_text()
+    log = served.log.read_text()
+    assert " DEBUG " in log
+    assert "Traceback" not in log
+
+
+def test_sighup_makes_new_connections_use_the_new_tls_certificate(tmp_path, serve):
+    from tests.webdav.test_tls import self_signed
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    old_cert, _ = self_signed(tls)
+    old = ssl.PEM_cert_to_DER_cert(old_cert.read_text())
+    served = serve(drain_config(tmp_path, drain_timeout=0, tls=tls))
+
+    def served_cert(name: str) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", served.ports[name])))
+
+    assert served_cert("webdav") == old and served_cert("admin") == old
+    # Open before the reload, used after it: the connection keeps its session.
+    context = ssl.create_default_context(cafile=str(old_cert))
+    conn = http.client.HTTPSConnection("localhost", served.ports["webdav"], context=context, timeout=30)
+    token = base64.b64encode(f"admin:{served.password}".encode()).decode()
+    try:
+        conn.request("PUT", "/before.txt", body=b"1", headers={"Authorization": f"Basic {token}"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 201
+        new_cert, _ = self_signed(tls)
+        new = ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+        assert new != old
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: reloaded" in served.log.read_text(), "the reload")
+        conn.request("PUT", "/after.txt", body=b"2", headers={"Authorization": f"Basic {token}"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 201
+    finally:
+        conn.close()
+    assert served_cert("webdav") == new and served_cert("admin") == new
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.wait() == 0, served.log.read_text()

@@ -13,12 +13,14 @@ which WebDAV shares, once it has logged in.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -191,6 +193,19 @@ class SFTPFrontEnd:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def reload(self, config) -> Callable[[], None]:
+        """SIGHUP: the limits new connections and sessions read from `[sftp]`; returns the step that applies them.
+
+        The listen address and PROXY protocol setting stay until a restart.
+        """
+        section = dataclasses.replace(config.sftp, listen=self.config.listen,
+                                      proxy_protocol=self.config.proxy_protocol)
+
+        def apply() -> None:
+            self.config = section
+            self.gateway.handles.per_user = section.max_handles_per_user
+        return apply
 
     def in_flight(self) -> dict[str, int]:
         """What a drain waits for: SFTP file and folder handles still open."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -12,6 +13,7 @@ from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from ..proxy_protocol import ProxiedListener, ProxyProtocol
+from ..shared_listener import reload_tls
 from .auth import GatewayDomainController
 from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
@@ -163,6 +165,27 @@ class WebDAVServer:
         """SIGTERM drain: refuse new connections, keep serving the requests under way."""
         if self._server is not None:
             self._server.stop_accepting()
+
+    def reload(self, config) -> Callable[[], None]:
+        """SIGHUP: header and keep-alive limits and the TLS certificate; returns the step that applies them.
+
+        New connections get them; the rest of `[webdav]` needs a restart.
+        Raises OSError or ssl.SSLError for a certificate that cannot be loaded.
+        """
+        server, new = self._server, config.webdav
+        adapter = reload_tls(self.section, new, "webdav")
+        keep_alive = keep_alive_limit(self.section.threads, config.defender.max_connections)
+
+        def apply() -> None:
+            if server is None:
+                return
+            server.header_timeout = new.header_timeout
+            server.max_request_header_size = new.max_header_size
+            server.keep_alive_conn_limit = keep_alive
+            if adapter is not None:
+                # cheroot wraps each accepted socket with the adapter it finds then.
+                server.ssl_adapter = adapter
+        return apply
 
     def in_flight(self) -> dict[str, int]:
         """What a drain waits for: requests whose response is not done yet (uploads and downloads)."""
