@@ -28,6 +28,11 @@ class HandleBudget:
         self._count = 0
         self._lock = threading.Lock()
 
+    @property
+    def in_use(self) -> int:
+        """Handles open now, of all users."""
+        return self._count
+
     def acquire(self, user: str) -> bool:
         with self._lock:
             if self._count >= self.total or self._open[user] >= self.per_user:

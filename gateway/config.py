@@ -70,9 +70,14 @@ class ServerSection:
     # Worker processes sharing the listeners: N, or "auto" for one per CPU; 1 runs
     # in-process. Resolved to a number when the config is read.
     workers: int | str = 1
+    # SIGTERM: seconds the transfers in flight get to finish once the listeners
+    # are closed; what is left then is aborted. 0: abort at once.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         self.workers = _parse_workers(self.workers)
+        if self.drain_timeout < 0:
+            raise ConfigError(f"drain_timeout: must be 0 or more seconds, got {self.drain_timeout}")
         if self.users_file is not None:
             raise ConfigError(f"users_file: users live in the state store now: remove this key and run "
                               f"'gateway user import {self.users_file}'")

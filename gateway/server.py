@@ -1,6 +1,7 @@
 """The running gateway: backends, users and front-ends wired together, and clean shutdown."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import queue
@@ -9,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -17,7 +19,7 @@ from typing import Protocol
 from .audit import ReopeningFileHandler, setup_audit_log
 from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .errors import GatewayError
 from .follower import StoreFollower
 from .node import node_id
@@ -47,6 +49,10 @@ class FrontEnd(Protocol):
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
+
+    # Optional, for the SIGTERM drain (a front-end without them is stopped at
+    # once): stop_accepting() closes the listener and keeps open connections
+    # served; in_flight() counts what is still under way, by kind.
 
 
 class Gateway:
@@ -212,6 +218,75 @@ class Gateway:
             host, port = frontend.address
             log.info("%s listening on %s:%d", name, host, port)
 
+    def reload(self, new: Config) -> None:
+        """SIGHUP: apply what can change without dropping a session, from the config `new`.
+
+        That is the log level and drain_timeout, the defender's limits, the
+        `[webdav]`/`[sftp]` limits new connections read, the TLS certificates,
+        and backends added to the config. Everything that can fail is prepared
+        first: if any of it fails, nothing changes.
+
+        Raises:
+            ConfigError: one line saying what is wrong.
+        """
+        added = [name for name in new.backends if name not in self.config.backends]
+        backends: dict[str, Backend] = {}
+        try:
+            for name in added:
+                section = new.backends[name]
+                backends[name] = InstrumentedBackend(name, create_backend(section.type, section.options))
+            steps = [frontend.reload(new) for frontend in self.frontends if hasattr(frontend, "reload")]
+        except (GatewayError, OSError, ValueError) as exc:
+            for backend in backends.values():
+                backend.close()
+            raise ConfigError(f"{new.path}: {exc}") from None
+        for name in self.config.backends:
+            if name not in new.backends:
+                log.warning("SIGHUP: backend '%s' was removed from the config: it stays until a restart", name)
+            elif new.backends[name] != self.config.backends[name]:
+                log.warning("SIGHUP: backend '%s' changed in the config: the change waits for a restart", name)
+        for step in steps:
+            step()
+        logging.getLogger().setLevel(_log_level(new))
+        self.defender.config = new.defender
+        self.config = dataclasses.replace(
+            self.config, defender=new.defender, sftp=dataclasses.replace(new.sftp, listen=self.config.sftp.listen),
+            server=dataclasses.replace(self.config.server, log_level=new.server.log_level,
+                                       drain_timeout=new.server.drain_timeout),
+            backends={**self.config.backends, **{name: new.backends[name] for name in added}})
+        self.backends.update(backends)
+        if added:
+            try:
+                self.users.add_backends(added)
+            except GatewayError as exc:
+                log.warning("SIGHUP: users of the new backends are read at the next change: %s", exc)
+        log.info("SIGHUP: reloaded %s: log level %s%s", new.path, new.server.log_level,
+                 f", new backends {', '.join(added)}" if added else "")
+
+    def stop_accepting(self) -> None:
+        """SIGTERM: close every listener at once; transfers under way go on.
+
+        A front-end with nothing to drain (the admin listener) is stopped now.
+        """
+        for frontend in reversed(list(self.frontends)):
+            try:
+                if hasattr(frontend, "stop_accepting"):
+                    frontend.stop_accepting()
+                else:
+                    frontend.stop()
+                    self.frontends.remove(frontend)
+            except Exception:
+                log.exception("closing the %s listener failed", frontend.name)
+
+    def in_flight(self) -> dict[str, int]:
+        """Transfers still under way, by kind (only kinds with any): what a drain waits for."""
+        counts: dict[str, int] = {}
+        for frontend in self.frontends:
+            if hasattr(frontend, "in_flight"):
+                counts.update(frontend.in_flight())
+        counts["uploads"] = sum(1 for upload in list(self._open_uploads) if not upload.closed)
+        return {kind: count for kind, count in counts.items() if count}
+
     def stop(self) -> None:
         self._follower.stop()
         for frontend in reversed(self.frontends):
@@ -221,9 +296,11 @@ class Gateway:
                 log.exception("stopping %s failed", frontend.name)
         self.frontends.clear()
         # Whatever a front-end left open is aborted: the previous versions stay.
-        for upload in list(self._open_uploads):
-            if not upload.closed:
-                upload.abort()
+        left = [upload for upload in list(self._open_uploads) if not upload.closed]
+        if left:
+            log.warning("aborting %d upload(s) still open; the previous versions stay", len(left))
+        for upload in left:
+            upload.abort()
         self.keeper.stop()
         # A sweep still walking a large tree stops at its next folder; the
         # backends it uses must outlive it.
@@ -235,10 +312,13 @@ class Gateway:
         self.store.close()
 
 
+def _log_level(config: Config) -> int:
+    return getattr(logging, config.server.log_level.upper(), logging.INFO)
+
+
 def setup_logging(config: Config) -> logging.Handler | None:
     """The main log on stderr, and the audit log where the config says; returns the audit handler."""
-    level = getattr(logging, config.server.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(config), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return setup_audit_log(config.server.audit_log)
     except OSError as exc:
@@ -275,7 +355,7 @@ def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
                 on_ready: Callable[[], None] | None = None) -> int:
     """Start `gateway` and serve until SIGINT or SIGTERM, then stop it; returns the exit status.
 
-    SIGHUP reopens the audit log. Without `on_ready` the listeners and "gateway
+    SIGTERM drains first (see `drain`); SIGINT stops at once. SIGHUP reopens the audit log. Without `on_ready` the listeners and "gateway
     ready" are printed; a worker process passes its own (the supervisor prints
     them once for all).
     """
@@ -295,12 +375,65 @@ def run_gateway(gateway: Gateway, audit_handler: logging.Handler | None,
                 print(f"  {notice}", flush=True)
         print("gateway ready", flush=True)
     try:
-        while _next_signal(signals) == signal.SIGHUP:
+        while (signum := _next_signal(signals)) == signal.SIGHUP:
             reopen_audit_log(audit_handler)
+            reload_config(gateway)
+        if signum == signal.SIGTERM:
+            drain(gateway, gateway.config.server.drain_timeout, signals, audit_handler)
     finally:
         log.info("shutting down")
         gateway.stop()
     return 0
+
+
+def drain(gateway: Gateway, timeout: float, signals: "queue.SimpleQueue[int]",
+          audit_handler: logging.Handler | None) -> None:
+    """SIGTERM: close the listeners, then give the transfers in flight up to `timeout` seconds.
+
+    Returns when none is left, when the time is up, or at a second SIGTERM or
+    SIGINT; the caller's stop() then aborts what is left (the previous
+    versions of the files stay).
+    """
+    if timeout <= 0:
+        return
+    gateway.stop_accepting()
+    busy = gateway.in_flight()
+    if not busy:
+        log.info("SIGTERM: listeners closed, no transfer in flight")
+        return
+    log.info("SIGTERM: listeners closed; waiting up to %gs for %s", timeout, _describe(busy))
+    deadline = time.monotonic() + timeout
+    while busy:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            log.warning("drain_timeout (%gs) passed: aborting %s", timeout, _describe(busy))
+            return
+        try:
+            # Short waits: the main thread notices a signal only when it runs.
+            signum = signals.get(timeout=min(remaining, 0.2))
+        except queue.Empty:
+            pass
+        else:
+            if signum == signal.SIGHUP:
+                reopen_audit_log(audit_handler)
+            else:
+                log.warning("%s while draining: aborting %s", signal.Signals(signum).name,
+                            _describe(busy))
+                return
+        busy = gateway.in_flight()
+    log.info("SIGTERM: every transfer in flight finished")
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items())
+
+
+def reload_config(gateway: Gateway) -> None:
+    """SIGHUP: read the config file again and apply what can change; a bad config changes nothing."""
+    try:
+        gateway.reload(load_config(gateway.config.path))
+    except ConfigError as exc:
+        log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
 
 
 def reopen_audit_log(audit_handler: logging.Handler | None) -> None:

@@ -1,9 +1,14 @@
-"""cheroot on a listening socket that the supervisor bound once and every worker process shares."""
+"""cheroot on a listening socket that the supervisor bound once and every worker process shares,
+and its TLS certificate reloaded on SIGHUP."""
 from __future__ import annotations
 
+import logging
 import socket
 
 from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+log = logging.getLogger(__name__)
 
 
 class SharedListenerServer(wsgi.Server):
@@ -51,3 +56,18 @@ class SharedListenerServer(wsgi.Server):
             if sock is not None:
                 sock.close()
         super().stop()
+
+
+def reload_tls(old, new, name: str) -> BuiltinSSLAdapter | None:
+    """A TLS adapter with the certificate and key of section `new`, if TLS was on and stays on.
+
+    Turning TLS on or off changes what clients must speak: that waits for a
+    restart (logged). Raises OSError or ssl.SSLError when the files do not load.
+    """
+    if (old.tls_cert is None) != (new.tls_cert is None):
+        log.warning("SIGHUP: [%s] tls_cert turned TLS %s: that needs a restart", name,
+                    "on" if new.tls_cert is not None else "off")
+        return None
+    if new.tls_cert is None:
+        return None
+    return BuiltinSSLAdapter(str(new.tls_cert), str(new.tls_key or new.tls_cert))

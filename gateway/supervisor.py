@@ -33,10 +33,11 @@ BACKLOG = 512
 STABLE_SECONDS = 10.0
 RESTART_DELAY_FIRST = 0.5
 RESTART_DELAY_MAX = 30.0
-# After SIGTERM, workers finish their requests and abort the uploads left;
-# one still running after this long is killed (before the systemd unit's
-# TimeoutStopSec of 60 s kills everything).
-DRAIN_SECONDS = 50.0
+# After SIGTERM, workers drain for `[server] drain_timeout`, then stop (which
+# takes a few seconds more: cheroot waits up to 5 s for its threads, SFTP
+# joins each connection); one still running after drain_timeout plus this
+# margin is killed. The systemd unit's TimeoutStopSec must exceed the sum.
+DRAIN_MARGIN = 20.0
 # The signals the parent handles.
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
@@ -118,6 +119,8 @@ class Supervisor:
         self._drain_deadline = 0.0
         self._status = 0
         self._wake_r = self._wake_w = self._ready_r = self._ready_w = -1
+        # Seconds after SIGTERM until a worker still running is killed.
+        self.kill_after = config.server.drain_timeout + DRAIN_MARGIN
 
     # -- parent ---------------------------------------------------------------
 
@@ -180,8 +183,8 @@ class Supervisor:
                 if now >= self._drain_deadline:
                     for worker in self.workers:
                         if worker.pid:
-                            log.warning("worker %d (pid %d) still running %ds after SIGTERM: killing it",
-                                        worker.index, worker.pid, DRAIN_SECONDS)
+                            log.warning("worker %d (pid %d) still running %gs after SIGTERM: killing it",
+                                        worker.index, worker.pid, self.kill_after)
                             os.kill(worker.pid, signal.SIGKILL)
                     self._status = 1
                     self._drain_deadline = float("inf")
@@ -216,7 +219,7 @@ class Supervisor:
         if not self._stopping:
             log.info("%s: stopping the workers", signal.Signals(signum).name)
             self._stopping = True
-            self._drain_deadline = time.monotonic() + DRAIN_SECONDS
+            self._drain_deadline = time.monotonic() + self.kill_after
             # Stop accepting: the kernel keeps the port open while any worker
             # still holds it, and each worker closes its copy as it stops.
             for sock in self.listeners.values():

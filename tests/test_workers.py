@@ -238,7 +238,8 @@ def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, hos
 
 
 def test_sigterm_drains_workers_and_an_sftp_upload_in_flight_keeps_the_old_version(tmp_path, host_key_dir):
-    with serving(tmp_path, host_key_dir) as served:
+    # The client never finishes: its upload is aborted once drain_timeout has passed.
+    with serving(tmp_path, host_key_dir, drain_timeout=2) as served:
         target = served.home / "report.bin"
         target.write_bytes(b"old version")
         workers = served.workers()

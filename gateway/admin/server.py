@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .. import metrics
-from ..shared_listener import SharedListenerServer
+from ..shared_listener import SharedListenerServer, reload_tls
 from .api import AdminApi
 from .health import Readiness
 from .router import Request, Response, Router, json_response
@@ -86,6 +87,16 @@ class AdminServer:
         self.address = server.bind_addr[:2]
         self._thread = threading.Thread(target=server.serve, name="admin-serve", daemon=True)
         self._thread.start()
+
+    def reload(self, config) -> Callable[[], None]:
+        """SIGHUP: the TLS certificate and key for new connections; returns the step that applies them."""
+        server = self._server
+        adapter = reload_tls(self.section, config.admin, "admin")
+
+        def apply() -> None:
+            if server is not None and adapter is not None:
+                server.ssl_adapter = adapter
+        return apply
 
     def stop(self) -> None:
         server, self._server = self._server, None

@@ -13,12 +13,14 @@ which WebDAV shares, once it has logged in.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -142,6 +144,8 @@ class SFTPFrontEnd:
         self._host_keys: list[paramiko.PKey] = []
         self._sock: socket.socket | None = None
         self._stopping = threading.Event()
+        # Set by stop_accepting() (SIGTERM drain): no new connection, no new session.
+        self.draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self._connections: set[LoginServer] = set()
         self._unauthenticated: dict[str, int] = defaultdict(int)
@@ -174,10 +178,38 @@ class SFTPFrontEnd:
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
         self._stopping.clear()
+        self.draining.clear()
         self._threads = [threading.Thread(target=self._accept_loop, name="sftp-accept", daemon=True),
                          threading.Thread(target=self._reap_loop, name="sftp-idle", daemon=True)]
         for thread in self._threads:
             thread.start()
+
+    def stop_accepting(self) -> None:
+        """SIGTERM drain: close the listener and refuse new sessions; open sessions keep working."""
+        self.draining.set()
+        # The accept thread is the first; it ends within its accept() timeout.
+        if self._threads:
+            self._threads[0].join()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def reload(self, config) -> Callable[[], None]:
+        """SIGHUP: the limits new connections and sessions read from `[sftp]`; returns the step that applies them.
+
+        The listen address and PROXY protocol setting stay until a restart.
+        """
+        section = dataclasses.replace(config.sftp, listen=self.config.listen,
+                                      proxy_protocol=self.config.proxy_protocol)
+
+        def apply() -> None:
+            self.config = section
+            self.gateway.handles.per_user = section.max_handles_per_user
+        return apply
+
+    def in_flight(self) -> dict[str, int]:
+        """What a drain waits for: SFTP file and folder handles still open."""
+        return {"sftp handles": self.gateway.handles.in_use}
 
     def stop(self) -> None:
         """Stop accepting, close every connection, and join every thread."""
@@ -203,7 +235,7 @@ class SFTPFrontEnd:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self.draining.is_set():
             try:
                 sock, addr = self._sock.accept()
             except TimeoutError:

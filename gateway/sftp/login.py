@@ -147,6 +147,9 @@ class LoginServer(paramiko.ServerInterface):
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session":
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if self.frontend.draining.is_set():
+            log.info("refusing a new channel from %s: the gateway is stopping", self.ip)
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         session = self._sessions.get(self.username)
         if session is None or session.ended.is_set():
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED

@@ -69,6 +69,16 @@ class UserCache:
             self._watcher.join()
             self._watcher = None
 
+    def add_backends(self, names: Iterable[str]) -> None:
+        """Backends configured since the start (SIGHUP): users homed there are read again.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached (the new backends are known anyway).
+        """
+        if self._backends is not None:
+            self._backends.update(names)
+            self.load()
+
     def subscribe(self, callback: Subscriber) -> None:
         """Call `callback(old, new)` (name -> User) whenever the users change."""
         self._subscribers.append(callback)

@@ -189,6 +189,9 @@ class HeaderGate(connections.ConnectionManager):
     server: "GatewayHTTPServer"
 
     def _from_server_socket(self, server_socket):
+        if server_socket is None:
+            # stop_accepting() closed the listener after select() saw a connection.
+            return None
         listener = _AdmittingSocket(server_socket, self.server.admit_connection)
         try:
             conn = super()._from_server_socket(listener)
@@ -317,6 +320,30 @@ class GatewayHTTPServer(SharedListenerServer):
         self._release = release
         self.header_timeout = header_timeout
         self.max_request_header_size = max_header_size
+
+    draining = False
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; connections already open keep being served (SIGTERM drain).
+
+        Their responses say `Connection: close` from now on, so each client
+        goes once its request is done.
+        """
+        self.draining = True
+        sock, self.socket = self.socket, None
+        if sock is None:
+            return
+        try:
+            # The selector thread may be in select(): epoll allows removing a
+            # descriptor meanwhile, and _from_server_socket copes with a late event.
+            self._connections._selector.unregister(sock.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        sock.close()
+
+    @property
+    def can_add_keepalive_connection(self) -> bool:
+        return not self.draining and super().can_add_keepalive_connection
 
     def admit_connection(self, ip: str) -> bool:
         return self._admit(ip)

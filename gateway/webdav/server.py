@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -12,6 +13,7 @@ from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from ..proxy_protocol import ProxiedListener, ProxyProtocol
+from ..shared_listener import reload_tls
 from .auth import GatewayDomainController
 from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
@@ -59,6 +61,7 @@ class WebDAVServer:
         self._thread: threading.Thread | None = None
         self._lock_storage = None
         self._prop_manager = None
+        self._requests = _RequestCount()
 
     def _open_fs(self, user, client_ip: str):
         # Each request in flight is a session: revoking the user stops its
@@ -118,7 +121,7 @@ class WebDAVServer:
                             "libre_office_support": False, "response_trailer": "",
                             "show_user": True},
         }
-        return front_door(_closing_sessions(WsgiDAVApp(config), self.gateway.sessions),
+        return front_door(_closing_sessions(WsgiDAVApp(config), self.gateway.sessions, self._requests),
                           self.gateway.defender)
 
     def start(self) -> None:
@@ -158,6 +161,36 @@ class WebDAVServer:
         self._thread = threading.Thread(target=server.serve, name="webdav-serve", daemon=True)
         self._thread.start()
 
+    def stop_accepting(self) -> None:
+        """SIGTERM drain: refuse new connections, keep serving the requests under way."""
+        if self._server is not None:
+            self._server.stop_accepting()
+
+    def reload(self, config) -> Callable[[], None]:
+        """SIGHUP: header and keep-alive limits and the TLS certificate; returns the step that applies them.
+
+        New connections get them; the rest of `[webdav]` needs a restart.
+        Raises OSError or ssl.SSLError for a certificate that cannot be loaded.
+        """
+        server, new = self._server, config.webdav
+        adapter = reload_tls(self.section, new, "webdav")
+        keep_alive = keep_alive_limit(self.section.threads, config.defender.max_connections)
+
+        def apply() -> None:
+            if server is None:
+                return
+            server.header_timeout = new.header_timeout
+            server.max_request_header_size = new.max_header_size
+            server.keep_alive_conn_limit = keep_alive
+            if adapter is not None:
+                # cheroot wraps each accepted socket with the adapter it finds then.
+                server.ssl_adapter = adapter
+        return apply
+
+    def in_flight(self) -> dict[str, int]:
+        """What a drain waits for: requests whose response is not done yet (uploads and downloads)."""
+        return {"webdav requests": self._requests.value}
+
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
@@ -171,6 +204,18 @@ class WebDAVServer:
         if self._lock_storage is not None:
             self._lock_storage.close()
             self._lock_storage = self._prop_manager = None
+
+
+class _RequestCount:
+    """Requests from the moment the application is called until their response body is closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.value += delta
 
 
 class _ClosingBody:
@@ -192,15 +237,22 @@ class _ClosingBody:
             self._close_session()
 
 
-def _closing_sessions(app, sessions: "SessionRegistry"):
-    """Wrap the wsgidav app so the session a request opened is closed when the response is done."""
+def _closing_sessions(app, sessions: "SessionRegistry", requests: _RequestCount):
+    """Wrap the wsgidav app so the session a request opened is closed when the response is done.
+
+    `requests` counts the requests in between (cheroot closes every body it got).
+    """
 
     def close_session(environ: dict) -> None:
-        fs = environ.get("gateway.fs")
-        if fs is not None and fs.session is not None:
-            sessions.close(fs.session)
+        try:
+            fs = environ.get("gateway.fs")
+            if fs is not None and fs.session is not None:
+                sessions.close(fs.session)
+        finally:
+            requests.add(-1)
 
     def wrapped(environ: dict, start_response):
+        requests.add(1)
         try:
             body = app(environ, start_response)
         except BaseException:
