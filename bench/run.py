@@ -195,6 +195,9 @@ def gateway_config(work: Path, settings: list[str], s3_table: dict | None) -> di
     return config
 
 
+GATEWAY_SRC = REPO     # the checkout whose gateway package runs (--gateway-src)
+
+
 def start_gateway(work: Path, key_pub: Path, settings: list[str], s3_table: dict | None,
                   name: str = "gateway") -> Server:
     folder = work / name.replace(" ", "-").replace("=", "")
@@ -209,12 +212,12 @@ def start_gateway(work: Path, key_pub: Path, settings: list[str], s3_table: dict
     for user, home in users:
         done = subprocess.run([sys.executable, "-m", "gateway", "user", "add", user, "--password-stdin",
                                "--key", str(key_pub), "--home", home, "--config", str(cfg)],
-                              input=PASSWORD + "\n", text=True, cwd=REPO, capture_output=True)
+                              input=PASSWORD + "\n", text=True, cwd=GATEWAY_SRC, capture_output=True)
         if done.returncode:
             raise StartError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "user add failed")
     log = (folder / "gateway.log").open("wb")
     server.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
-                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                   cwd=GATEWAY_SRC, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
         wait_port(server.http_port, server.proc)
@@ -656,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fair-sftp", type=int, default=16, help="busy SFTP uploads beside them")
     parser.add_argument("--fair-duration", type=float, default=10)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--gateway-src", type=Path, default=REPO,
+                        help="a checkout whose gateway package to run (another branch), default this one")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a gateway config setting for this run, value in TOML (repeatable)")
     args = parser.parse_args(argv)
@@ -668,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; see --list")
 
+    global GATEWAY_SRC
+    GATEWAY_SRC = args.gateway_src.resolve()
     base = "/dev/shm" if args.mode == "ram" else os.environ.get("BENCH_DISK_DIR", "/var/tmp")
     work = Path(tempfile.mkdtemp(prefix="gw-bench-", dir=base))
     servers: list[Server] = []
