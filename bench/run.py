@@ -637,7 +637,13 @@ class Bench:
             for server in (servers if rep % 2 == 0 else servers[::-1]):
                 values[server.name].append(amount / measure(server, rep))
         for i, server in enumerate(servers):
-            self.rows.append(Row(workload, server.name, values[server.name], unit, reference=i == 0))
+            self.add(Row(workload, server.name, values[server.name], unit, reference=i == 0))
+
+    def add(self, row: Row) -> None:
+        """Keep a result, and show it at once on stderr: a long run shows its progress."""
+        self.rows.append(row)
+        print(f"{row.workload} | {row.server} | {statistics.median(row.values):,.1f} {row.unit} "
+              f"({', '.join(f'{v:,.1f}' for v in row.values)})", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -854,8 +860,8 @@ def run_fairness(env: Env, bench: Bench, gateway: Server) -> None:
         finally:
             clients.stop()
     workload = f"Fairness: {args.fair_dav} WebDAV clients, 4 KiB PUT+GET"
-    bench.rows.append(Row(workload, "gateway alone", solo, "ops/s", reference=True))
-    bench.rows.append(Row(workload, f"gateway + {args.fair_sftp} busy SFTP uploads", busy, "ops/s"))
+    bench.add(Row(workload, "gateway alone", solo, "ops/s", reference=True))
+    bench.add(Row(workload, f"gateway + {args.fair_sftp} busy SFTP uploads", busy, "ops/s"))
 
 
 def run_concurrent(env: Env, bench: Bench, work: Path, key: Path, servers: list[Server], gateway: Server,
@@ -898,7 +904,7 @@ def run_concurrent(env: Env, bench: Bench, work: Path, key: Path, servers: list[
             for name, fn in (entries if rep % 2 == 0 else entries[::-1]):
                 results[name].append(fn())
         for i, (name, _) in enumerate(entries):
-            bench.rows.append(Row(workload, name, [r["ops"] for r in results[name]], "ops/s", reference=i == 0))
+            bench.add(Row(workload, name, [r["ops"] for r in results[name]], "ops/s", reference=i == 0))
             bench.load_rows.append((workload, name, results[name]))
 
 
