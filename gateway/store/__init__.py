@@ -7,6 +7,8 @@ the Store; the rest of the gateway sees only the Store's methods and records.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -72,7 +74,7 @@ def _sqlite_engine(url: sa.URL, state_dir: Path) -> sa.Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(cursor)
         # WAL with NORMAL survives a crash of any process; only a power loss
         # can take back the last commits.
         cursor.execute("PRAGMA synchronous = NORMAL")
@@ -85,6 +87,26 @@ def _sqlite_engine(url: sa.URL, state_dir: Path) -> sa.Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _switch_to_wal(cursor) -> None:
+    """Put the file in WAL mode (a property of the file: a no-op once it is).
+
+    Several processes opening a new file at once race to switch it, and
+    SQLite answers the loser "database is locked" at once, without its busy
+    wait: try again until the busy timeout would have passed.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    delay = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 def open_store(url: str, state_dir: Path) -> Store:
