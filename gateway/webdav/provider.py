@@ -168,7 +168,7 @@ class _BodyWriter:
         """
         body = self._environ.get("wsgi.input")
         if getattr(body, "direct", False):
-            block = max(int(self._environ["wsgidav.config"].get("block_size") or 0), 65536)
+            block = max(int(self._environ.get("wsgidav.config", {}).get("block_size") or 0), 65536)
             view = memoryview(bytearray(block))
             while count := body.readinto(view):
                 self.write(view[:count])
