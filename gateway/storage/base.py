@@ -97,7 +97,11 @@ class Upload(abc.ABC):
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
-        """Append `data` at the current position."""
+        """Append `data` at the current position.
+
+        `data` may be a memoryview of a buffer the caller reuses (WebDAV PUT
+        bodies): copy what you keep, never hold on to it.
+        """
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Write `data` at `offset`, growing the file with zeros if needed.

@@ -28,6 +28,7 @@ from cheroot import wsgi
 
 from .. import metrics
 from ..shared_listener import SharedListenerServer
+from .body import direct_socket, read_body_into
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,25 @@ class _RequestBody:
     def __init__(self, req: DeferredContinueRequest) -> None:
         self._req = req
         self._rfile = req.rfile
+        self._socket = direct_socket(req)
+
+    @property
+    def direct(self) -> bool:
+        """True when readinto() reads the socket itself (plain HTTP, Content-Length)."""
+        return self._socket is not None
 
     def read(self, size: int | None = None) -> bytes:
         self._req.send_continue()
         return self._rfile.read(size)
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill `buffer` with body bytes (fewer only at the end); 0 when the body is done."""
+        self._req.send_continue()
+        if self._socket is not None:
+            return read_body_into(self._req, self._socket, buffer)
+        data = self._rfile.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
     def readline(self, size: int | None = None) -> bytes:
         self._req.send_continue()

@@ -145,10 +145,11 @@ def parse_http_date(text: str) -> float:
 class _BodyWriter:
     """What wsgidav's PUT writes the request body into: one UserFS upload, bytes counted."""
 
-    def __init__(self, upload: Upload, method: str) -> None:
+    def __init__(self, upload: Upload, method: str, environ: dict) -> None:
         self.upload = upload
         self.written = 0
         self._method = method
+        self._environ = environ
 
     def write(self, data: bytes) -> None:
         try:
@@ -156,6 +157,23 @@ class _BodyWriter:
         except GatewayError as exc:
             raise dav_error(exc, self._method) from None
         self.written += len(data)
+
+    def writelines(self, stream: Iterator[bytes]) -> None:
+        """wsgidav hands over its body stream here: a plain-HTTP body skips it (http.py, body.py).
+
+        The body then comes from the socket into one reused buffer, written
+        block by block through the upload (quota, revocation and counts as
+        for any write; backends copy what they keep). The stream is drained
+        afterwards: it reads nothing more, and marks the input as consumed.
+        """
+        body = self._environ.get("wsgi.input")
+        if getattr(body, "direct", False):
+            block = max(int(self._environ.get("wsgidav.config", {}).get("block_size") or 0), 65536)
+            view = memoryview(bytearray(block))
+            while count := body.readinto(view):
+                self.write(view[:count])
+        for data in stream:
+            self.write(data)
 
     def close(self) -> None:
         # wsgidav calls close() only on success; commit or abort is end_write's job.
@@ -416,7 +434,7 @@ class FileResource(_Resource, DAVNonCollection):
     def begin_write(self, *, content_type: str | None = None) -> _BodyWriter:
         with self.mapped():
             upload = self.fs.open_write(self.vpath)
-        self._writer = _BodyWriter(upload, self.method)
+        self._writer = _BodyWriter(upload, self.method, self.environ)
         return self._writer
 
     def _expected_length(self) -> int | None:
