@@ -594,6 +594,7 @@ class GatewaySFTPServer(SFTPServer):
         self.max_handles = config.max_handles
         # Handles of all sessions share the process's descriptors: see budget.py.
         self.budget = server.frontend.gateway.handles
+        self.fairness = server.frontend.gateway.fairness
         self.max_length = max(config.max_packet_size, 34000)
         # A length word above this is garbage or abuse; OpenSSH clients stay below max_length.
         self.max_request = max(4 * self.max_length, 1 << 20)
@@ -707,7 +708,11 @@ class GatewaySFTPServer(SFTPServer):
         try:
             if handler is None:
                 raise SFTPStatus(SFTP_OP_UNSUPPORTED, f"request type {t} is not supported")
-            handler(request_number, msg)
+            if t == CMD_WRITE or t == CMD_READ:
+                with self.fairness.bulk():
+                    handler(request_number, msg)
+            else:
+                handler(request_number, msg)
         except (EOFError, OSError):
             raise
         except Exception as exc:   # includes a malformed request or a bug: answer, keep serving
