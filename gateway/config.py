@@ -73,9 +73,14 @@ class ServerSection:
     # SIGTERM: seconds the transfers in flight get to finish once the listeners
     # are closed; what is left then is aborted. 0: abort at once.
     drain_timeout: float = 30.0
+    # Most of a process's time SFTP read and write packets may take while WebDAV
+    # requests keep coming (one interpreter lock serves both); 1: no limit.
+    bulk_share: float = 0.4
 
     def __post_init__(self) -> None:
         self.workers = _parse_workers(self.workers)
+        if not 0 < self.bulk_share <= 1:
+            raise ConfigError(f"bulk_share: must be more than 0 and at most 1, got {self.bulk_share}")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout: must be 0 or more seconds, got {self.drain_timeout}")
         if self.users_file is not None:

@@ -24,6 +24,7 @@ from .errors import GatewayError
 from .follower import StoreFollower
 from .node import node_id
 from .permissions import ALL
+from .fairness import Fairness
 from .sessions import Session, SessionRegistry, revokes
 from .storage import Backend, create_backend
 from .storage.base import Upload
@@ -91,6 +92,7 @@ class Gateway:
         self.handles = HandleBudget(config.server.max_open_files or 1 << 30,
                                     config.sftp.max_handles_per_user)
         self.sessions = SessionRegistry()
+        self.fairness = Fairness(config.server.bulk_share)
         self.users.subscribe(self._users_changed)
         self._follower = StoreFollower(self.store, self.users, self.defender, self.sessions)
         self.frontends: list[FrontEnd] = []

@@ -88,6 +88,8 @@ BROKEN = {
     "admin cert without key": (GOOD.replace('[admin]\n', '[admin]\ntls_cert = "cert.pem"\n'),
                                "[admin] tls_key"),
     "empty audit log": (GOOD.replace('[server]\n', '[server]\naudit_log = ""\n'), "[server] audit_log"),
+    "no bulk share": (GOOD.replace('[server]\n', '[server]\nbulk_share = 0\n'), "[server] bulk_share"),
+    "bulk share above one": (GOOD.replace('[server]\n', '[server]\nbulk_share = 1.5\n'), "[server] bulk_share"),
 }
 
 

@@ -23,6 +23,7 @@ from .provider import MACOS_PATTERNS, UserFSProvider
 from .state import import_legacy_state, open_state
 
 if TYPE_CHECKING:
+    from ..fairness import Fairness
     from ..server import Gateway
     from ..sessions import SessionRegistry
 
@@ -61,7 +62,7 @@ class WebDAVServer:
         self._thread: threading.Thread | None = None
         self._lock_storage = None
         self._prop_manager = None
-        self._requests = _RequestCount()
+        self._requests = _RequestCount(gateway.fairness)
 
     def _open_fs(self, user, client_ip: str):
         # Each request in flight is a session: revoking the user stops its
@@ -207,15 +208,23 @@ class WebDAVServer:
 
 
 class _RequestCount:
-    """Requests from the moment the application is called until their response body is closed."""
+    """Requests from the moment the application is called until their response body is closed.
 
-    def __init__(self) -> None:
+    They are the interactive work SFTP's bulk packets make room for (gateway/fairness.py).
+    """
+
+    def __init__(self, fairness: "Fairness") -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self._fairness = fairness
 
     def add(self, delta: int) -> None:
         with self._lock:
             self.value += delta
+        if delta > 0:
+            self._fairness.begin_interactive()
+        else:
+            self._fairness.end_interactive()
 
 
 class _ClosingBody:

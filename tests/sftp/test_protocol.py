@@ -489,3 +489,46 @@ def test_a_file_being_uploaded_exists_for_its_own_session_only(sftp, sftp_server
     path = _home(sftp_server) / "fresh.txt"
     assert path.read_bytes() == b"12345"
     assert int(path.stat().st_mtime) == 1_200_000_000
+
+
+def _stat_packet(request_id: int, path: str) -> bytes:
+    body = struct.pack(">BII", CMD_STAT, request_id, len(path.encode())) + path.encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def test_packets_split_across_sends_or_packed_into_one_are_all_answered_in_order(sftp_server, sftp):
+    """The subsystem slices packets from its own buffer: any framing of the stream must parse the same."""
+    sftp.mkdir("/there")
+    transport = paramiko.Transport(("127.0.0.1", sftp_server.sftp_port))
+    try:
+        transport.connect(username="alice", password=PASSWORD)
+        channel = transport.open_session()
+        channel.invoke_subsystem("sftp")
+        channel.sendall(struct.pack(">IBI", 5, CMD_INIT, 3))
+        stream = b"".join(_stat_packet(n, "/there" if n % 2 else "/missing") for n in range(1, 201))
+        first = _stat_packet(1000, "/there")
+        for byte in first:              # one packet a byte at a time: the length word split too
+            channel.sendall(bytes([byte]))
+        channel.sendall(stream)          # then 200 packets in one send
+        answers = []
+        buf = b""
+        while len(answers) < 202:        # VERSION, then 201 answers
+            while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
+                chunk = channel.recv(65536)
+                assert chunk, f"channel closed after {len(answers)} answers"
+                buf += chunk
+            size = struct.unpack(">I", buf[:4])[0]
+            answers.append(buf[4:4 + size])
+            buf = buf[4 + size:]
+        assert answers[0][0] == CMD_VERSION
+        ids = [struct.unpack(">I", a[1:5])[0] for a in answers[1:]]
+        assert ids == [1000, *range(1, 201)]
+        for request_id, answer in zip(ids, answers[1:]):
+            found = request_id == 1000 or request_id % 2 == 1
+            # ATTRS (105) for the folder, STATUS no-such-file for the missing name
+            assert answer[0] == (105 if found else CMD_STATUS), (request_id, answer[:12])
+            if not found:
+                assert struct.unpack(">I", answer[5:9])[0] == SFTP_NO_SUCH_FILE
+        channel.close()
+    finally:
+        transport.close()
