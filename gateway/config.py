@@ -73,8 +73,9 @@ class ServerSection:
     # SIGTERM: seconds the transfers in flight get to finish once the listeners
     # are closed; what is left then is aborted. 0: abort at once.
     drain_timeout: float = 30.0
-    # Most of a process's time SFTP read and write packets may take while WebDAV
-    # requests keep coming (one interpreter lock serves both); 1: no limit.
+    # Most of a process's time the read and write packets of bulk SFTP transfers
+    # (a handle past 1 MiB) may take while WebDAV requests keep coming (one
+    # interpreter lock serves both); 1: no limit.
     bulk_share: float = 0.4
 
     def __post_init__(self) -> None:

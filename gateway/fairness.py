@@ -7,7 +7,8 @@ release it around every system call, got a tenth of their solo rate.
 
 `Fairness` is a duty cycle for bulk work: while interactive requests are
 coming in (one in flight, and one started within the last `RECENT` seconds),
-SFTP read and write packets pass one at a time, and after each one the gate
+SFTP read and write packets of bulk transfers (a handle past `BULK_AFTER`
+bytes) pass one at a time, and after each one the gate
 stays shut for as long as the packet took, scaled so bulk work holds at most
 about `share` of the time. A lone long request (a WebDAV upload trickling in for an
 hour) stops counting after `RECENT`, so it cannot slow SFTP for its lifetime.
@@ -24,6 +25,9 @@ from contextlib import contextmanager
 
 # Seconds since the last interactive request began during which bulk work is rationed.
 RECENT = 1.0
+# Bytes one SFTP handle moves before its reads and writes count as bulk: a
+# small file's few packets are as interactive as a WebDAV request.
+BULK_AFTER = 1 << 20
 # Longest rest one rationed packet imposes (seconds).
 MAX_REST = 0.02
 

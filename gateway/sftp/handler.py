@@ -13,6 +13,7 @@ import stat as stat_mod
 import struct
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from paramiko import SFTPAttributes, SFTPHandle, SFTPServer, SFTPServerInterface
@@ -29,6 +30,7 @@ from paramiko.sftp import (CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXT
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
+from ..fairness import BULK_AFTER
 from ..vfs import UserFS
 
 # UserFS hands out storage Entry records; front-ends never import storage/.
@@ -111,6 +113,7 @@ class FileHandle(SFTPHandle):
         super().__init__()
         self.fs = fs
         self.path = path
+        self.moved = 0          # bytes read or written through this handle (fairness.BULK_AFTER)
 
     def read(self, offset: int, length: int) -> bytes:
         raise SFTPStatus(SFTP_PERMISSION_DENIED, f"'{self.path}' is not open for reading")
@@ -708,11 +711,7 @@ class GatewaySFTPServer(SFTPServer):
         try:
             if handler is None:
                 raise SFTPStatus(SFTP_OP_UNSUPPORTED, f"request type {t} is not supported")
-            if t == CMD_WRITE or t == CMD_READ:
-                with self.fairness.bulk():
-                    handler(request_number, msg)
-            else:
-                handler(request_number, msg)
+            handler(request_number, msg)
         except (EOFError, OSError):
             raise
         except Exception as exc:   # includes a malformed request or a bug: answer, keep serving
@@ -784,17 +783,29 @@ class GatewaySFTPServer(SFTPServer):
     def _read(self, request_number: int, msg: Message) -> None:
         handle = self._file(msg)
         offset, length = msg.get_int64(), msg.get_int()
-        data = handle.read(offset, min(length, self.max_length))
-        if not data:
-            self._send_status(request_number, SFTP_EOF, "end of file")
-        else:
-            self._response(request_number, CMD_DATA, data)
+        length = min(length, self.max_length)
+        with self._moving(handle, length):
+            data = handle.read(offset, length)
+            if not data:
+                self._send_status(request_number, SFTP_EOF, "end of file")
+            else:
+                self._response(request_number, CMD_DATA, data)
 
     def _write(self, request_number: int, msg: Message) -> None:
         handle = self._file(msg)
-        offset = msg.get_int64()
-        handle.write(offset, msg.get_binary())
+        offset, data = msg.get_int64(), msg.get_binary()
+        with self._moving(handle, len(data)):
+            handle.write(offset, data)
         self._ok(request_number)
+
+    def _moving(self, handle: FileHandle, size: int) -> AbstractContextManager:
+        """The fairness gate for a read or write of `size` bytes: only once the handle is a bulk transfer.
+
+        A small file's few packets stay interactive, like a WebDAV request;
+        rationing them made p99 of 64 mixed clients 6.5 s instead of 0.8 s.
+        """
+        moved = handle.moved = handle.moved + size
+        return self.fairness.bulk() if moved > BULK_AFTER else nullcontext()
 
     def _stat(self, request_number: int, msg: Message) -> None:
         self._send_attrs(request_number, self.server.stat(msg.get_string()))
