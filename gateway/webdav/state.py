@@ -82,7 +82,7 @@ class StoreLockStorage:
 
     @contextlib.contextmanager
     def request_scope(self) -> Iterator[None]:
-        """Within one request, answer the lock checks of a path and its ancestors from one read.
+        """Within one request, answer the lock checks of a path and its ancestors, and of a token, from one read each.
 
         A lock another node takes during the request is seen by the next
         request: the same window wsgidav leaves between its check and the write.
@@ -93,14 +93,18 @@ class StoreLockStorage:
         would pass unlocked. One indexed query in plain SQL costs ~10-15 us.
         """
         self._request.memo = {}
+        self._request.tokens = {}
         try:
             yield
         finally:
             self._request.memo = None
+            self._request.tokens = None
 
     def _forget_memo(self) -> None:
         if getattr(self._request, "memo", None):
             self._request.memo = {}
+        if getattr(self._request, "tokens", None):
+            self._request.tokens = {}
 
     def _locks_on(self, location: str) -> list[Lock]:
         memo = getattr(self._request, "memo", None)
@@ -129,7 +133,15 @@ class StoreLockStorage:
         self._store.purge_expired_locks()
 
     def get(self, token: str) -> dict | None:
-        lock = self._store.get_lock(token)
+        # UNLOCK asks for its token twice (is it on this URL? is it this
+        # user's?): within a request, one read answers both.
+        tokens = getattr(self._request, "tokens", None)
+        if tokens is None:
+            lock = self._store.get_lock(token)
+        elif token in tokens:
+            lock = tokens[token]
+        else:
+            lock = tokens[token] = self._store.get_lock(token)
         return None if lock is None else _lock_dict(lock)
 
     def create(self, path: str, lock: dict) -> dict:
