@@ -155,15 +155,22 @@ class StoreLockStorage:
         lock["expire"] = time.time() + lock["timeout"]
         validate_lock(lock)
         lock["token"] = generate_lock_token()
-        self._forget_memo()
+        added = Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"], lock["principal"],
+                     lock["timeout"], lock["expire"])
         try:
-            self._store.add_lock(Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"],
-                                      lock["principal"], lock["timeout"], lock["expire"]))
+            self._store.add_lock(added)
         except LockConflict as exc:
+            self._forget_memo()
             condition = DAVErrorCondition(PRECONDITION_CODE_LockConflict)
             for conflicting in exc.roots:
                 condition.add_href(location_to_url(conflicting))
             raise DAVError(HTTP_LOCKED, err_condition=condition) from None
+        # The LOCK response lists the resource's locks next: the store took
+        # this one after the conflict check, so what this request read before
+        # plus the new lock is what it holds now.
+        memo = getattr(self._request, "memo", None)
+        if memo is not None and location in memo:
+            memo[location] = [*memo[location], added]
         return lock
 
     def refresh(self, token: str, *, timeout: float) -> dict:
