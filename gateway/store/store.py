@@ -464,14 +464,19 @@ class Store:
             if self._pg:
                 run("SELECT pg_advisory_xact_lock(?)", (_LOCKS_ADVISORY_KEY,))
             run("DELETE FROM locks WHERE expire < ?", (now,))
-            rows = run(f"SELECT root, scope, depth FROM locks WHERE root IN ({', '.join('?' * len(above))})",
-                       tuple(above))
-            conflicts = [root for root, scope, depth in rows
-                         if (root == lock.root or depth == "infinity")
-                         and not (scope == "shared" and lock.scope == "shared")]
+            # The locks on the location and its ancestors and, for a depth-infinity
+            # lock, below it: one statement (a round trip each on PostgreSQL).
+            where = f"root IN ({', '.join('?' * len(above))})"
+            params = tuple(above)
             if lock.depth == "infinity":
-                conflicts += [root for (root,) in run("SELECT root FROM locks WHERE root >= ? AND root < ?",
-                                                      _below(lock.root))]
+                where += " OR (root >= ? AND root < ?)"
+                params += _below(lock.root)
+            conflicts = []
+            for root, scope, depth in run(f"SELECT root, scope, depth FROM locks WHERE {where}", params):
+                if root not in above:   # below: any lock there conflicts with a depth-infinity one
+                    conflicts.append(root)
+                elif (root == lock.root or depth == "infinity") and not (scope == "shared" and lock.scope == "shared"):
+                    conflicts.append(root)
             if conflicts:
                 raise LockConflict(lock.root, sorted(set(conflicts)))
             try:

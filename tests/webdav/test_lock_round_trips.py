@@ -84,7 +84,7 @@ def test_lock_of_a_new_file_takes_one_write_transaction_and_reads_no_lock_twice(
     assert _writes(seen) == 1, seen
     # wsgidav's conflict check (the path and its ancestors, then the children),
     # the store's own check-and-insert; the LOCK answer reuses what was read.
-    assert len(_on_locks(seen)) <= 6, seen
+    assert len(_on_locks(seen)) <= 5, seen
 
 
 def test_unlock_reads_its_token_once_and_deletes_in_one_transaction(traced):
