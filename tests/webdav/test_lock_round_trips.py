@@ -21,6 +21,7 @@ import tomli_w
 import tomllib
 from sqlalchemy import event
 
+from gateway.vfs import UserFS
 from tests.conftest import wait_for
 from tests.webdav.conftest import LOCK_BODY, DavClient, proppatch_body
 
@@ -108,6 +109,40 @@ def test_put_and_proppatch_under_a_lock_read_the_locks_once_each(traced):
     assert patched.status == 207
     # The Win32 times go to the file (its mtime) or nowhere: no property row is written.
     assert len(_on_locks(seen)) == 1 and _writes(seen) == 0, seen
+
+
+@pytest.fixture
+def stats(alice, monkeypatch) -> list[str]:
+    """The paths UserFS.stat is asked for, from now on."""
+    seen: list[str] = []
+    original = UserFS.stat
+    monkeypatch.setattr(UserFS, "stat", lambda self, path: seen.append(path) or original(self, path))
+    return seen
+
+
+def test_propfind_on_a_missing_name_stats_it_once(alice, stats):
+    reply = alice.request("PROPFIND", "/missing.txt", None, {**XML, "Depth": "0"})
+    assert reply.status == 404
+    assert stats == ["/missing.txt"]
+
+
+def test_unlock_and_proppatch_stat_their_file_once(alice, stats):
+    token = alice.request("LOCK", "/doc.txt", LOCK_BODY, {**XML, "Timeout": "Second-600"}).header("Lock-Token")
+    stats.clear()
+    assert alice.request("PROPPATCH", "/doc.txt", proppatch_body("tag", "urn:test:", "x")).status == 423
+    assert stats == ["/doc.txt"]
+    stats.clear()
+    assert alice.request("UNLOCK", "/doc.txt", headers={"Lock-Token": token}).status == 204
+    assert stats == ["/doc.txt"]
+
+
+def test_get_and_head_on_a_folder_still_answer_the_listing(alice):
+    alice.request("MKCOL", "/d")
+    alice.put("/d/x.txt", b"x")
+    page = alice.get("/d/")
+    assert page.status == 200 and page.header("Content-Type").startswith("text/html")
+    assert b"x.txt" in page.body
+    assert alice.request("HEAD", "/d/").status == 200
 
 
 # -- two processes on one store ---------------------------------------------------
