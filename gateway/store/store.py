@@ -88,9 +88,13 @@ def _row_user(row: sa.Row) -> User:
     return _user_from_toml(row.name, table, "store")
 
 
-def _row_lock(row: sa.Row) -> Lock:
-    return Lock(row.token, row.root, bytes(row.owner), row.scope, row.depth, row.principal,
-                row.timeout, row.expire)
+_LOCK_COLUMNS = "token, root, owner, scope, depth, principal, timeout, expire"
+
+
+def _tuple_lock(row: tuple) -> Lock:
+    """The Lock of a plain-SQL row of the _LOCK_COLUMNS."""
+    token, root, owner, scope, depth, principal, timeout, expire = row
+    return Lock(token, root, bytes(owner), scope, depth, principal, timeout, expire)
 
 
 class Store:
@@ -173,24 +177,44 @@ class Store:
         and sees every commit made before it. A write takes SQLite's write
         lock at BEGIN IMMEDIATE, for the same reason as `_write`.
         """
+        with self._raw(write=write) as run:
+            return run(sql, params)
+
+    @contextlib.contextmanager
+    def _raw(self, *, write: bool = False) -> Iterator[Callable[[str, tuple], list[tuple]]]:
+        """Several plain-SQL statements in one transaction on a pooled DB-API connection.
+
+        Yields `run(sql, params) -> rows` ("?" placeholders, see `_fetch`).
+        With `write`, the statements form one transaction that takes SQLite's
+        write lock at BEGIN IMMEDIATE and commits when the block ends, or rolls
+        back if it raises. Without it, each statement reads on its own on
+        SQLite; on PostgreSQL they share one read transaction.
+        """
         with self._translate():
             conn = self._engine.raw_connection()
         dbapi = self._engine.dialect.loaded_dbapi
+        sql = ""
+        params: tuple = ()
         try:
             cursor = conn.cursor()
             try:
                 if write and not self._pg:
                     cursor.execute("BEGIN IMMEDIATE")
+
+                def run(statement: str, values: tuple) -> list[tuple]:
+                    nonlocal sql, params
+                    sql, params = statement, values
+                    cursor.execute(self._sql(statement), values)
+                    return cursor.fetchall() if cursor.description is not None else []
+
                 try:
-                    cursor.execute(self._sql(sql), params)
-                    rows = cursor.fetchall()
+                    yield run
                 except BaseException:
                     if write or self._pg:
                         conn.rollback()
                     raise
                 if write:
                     conn.commit()
-                return rows
             finally:
                 cursor.close()
         except dbapi.IntegrityError as exc:
@@ -433,32 +457,40 @@ class Store:
             LockConflict: naming the roots of the conflicting locks.
             Conflict: the token exists.
         """
-        t = schema.locks
+        # Every WebDAV LOCK runs this: plain SQL in one transaction (see _fetch).
         now = time.time()
-        with self._write() as conn:
+        above = [lock.root, *_ancestors(lock.root)]
+        with self._raw(write=True) as run:
             if self._pg:
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCKS_ADVISORY_KEY)))
-            conn.execute(sa.delete(t).where(t.c.expire < now))
-            above = conn.execute(sa.select(t).where(t.c.root.in_([lock.root, *_ancestors(lock.root)]))).all()
-            conflicts = [row.root for row in above
-                         if (row.root == lock.root or row.depth == "infinity")
-                         and not (row.scope == "shared" and lock.scope == "shared")]
+                run("SELECT pg_advisory_xact_lock(?)", (_LOCKS_ADVISORY_KEY,))
+            run("DELETE FROM locks WHERE expire < ?", (now,))
+            # The locks on the location and its ancestors and, for a depth-infinity
+            # lock, below it: one statement (a round trip each on PostgreSQL).
+            where = f"root IN ({', '.join('?' * len(above))})"
+            params = tuple(above)
             if lock.depth == "infinity":
-                low, high = _below(lock.root)
-                conflicts += conn.execute(sa.select(t.c.root).where(t.c.root >= low, t.c.root < high)).scalars()
+                where += " OR (root >= ? AND root < ?)"
+                params += _below(lock.root)
+            conflicts = []
+            for root, scope, depth in run(f"SELECT root, scope, depth FROM locks WHERE {where}", params):
+                if root not in above:   # below: any lock there conflicts with a depth-infinity one
+                    conflicts.append(root)
+                elif (root == lock.root or depth == "infinity") and not (scope == "shared" and lock.scope == "shared"):
+                    conflicts.append(root)
             if conflicts:
                 raise LockConflict(lock.root, sorted(set(conflicts)))
             try:
-                conn.execute(sa.insert(t).values(**vars(lock)))
-            except sa.exc.IntegrityError:
+                run(f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (lock.token, lock.root, lock.owner, lock.scope, lock.depth, lock.principal,
+                     lock.timeout, lock.expire))
+            except self._engine.dialect.loaded_dbapi.IntegrityError:
                 raise Conflict(f"lock token {lock.token} exists") from None
 
     def get_lock(self, token: str) -> Lock | None:
         """The lock with `token`, or None if there is none or it has expired."""
-        t = schema.locks
-        with self._read() as conn:
-            row = conn.execute(sa.select(t).where(t.c.token == token, t.c.expire >= time.time())).first()
-        return None if row is None else _row_lock(row)
+        rows = self._fetch(f"SELECT {_LOCK_COLUMNS} FROM locks WHERE token = ? AND expire >= ?",
+                           (token, time.time()))
+        return _tuple_lock(rows[0]) if rows else None
 
     def refresh_lock(self, token: str, timeout: float) -> Lock:
         """Extend a lock to expire `timeout` seconds from now and return it.
@@ -466,36 +498,33 @@ class Store:
         Raises:
             Missing: no such lock, or it has expired.
         """
-        t = schema.locks
         now = time.time()
-        with self._write() as conn:
-            row = conn.execute(sa.update(t).where(t.c.token == token, t.c.expire >= now)
-                               .values(timeout=timeout, expire=now + timeout).returning(*t.c)).first()
-        if row is None:
+        rows = self._fetch(f"UPDATE locks SET timeout = ?, expire = ? WHERE token = ? AND expire >= ? "
+                           f"RETURNING {_LOCK_COLUMNS}", (timeout, now + timeout, token, now), write=True)
+        if not rows:
             raise Missing(f"no lock {token}")
-        return _row_lock(row)
+        return _tuple_lock(rows[0])
 
     def remove_lock(self, token: str) -> bool:
         """Remove a lock; False if there was none."""
-        with self._write() as conn:
-            return conn.execute(sa.delete(schema.locks).where(schema.locks.c.token == token)).rowcount > 0
+        return bool(self._fetch("DELETE FROM locks WHERE token = ? RETURNING token", (token,), write=True))
 
     def find_locks(self, location: str, *, include_root: bool = True,
                    include_children: bool = False) -> list[Lock]:
         """Unexpired locks whose root is `location` and/or below it."""
-        t = schema.locks
-        clauses = []
+        clauses: list[str] = []
+        params: list = []
         if include_root:
-            clauses.append(t.c.root == location)
+            clauses.append("root = ?")
+            params.append(location)
         if include_children:
-            low, high = _below(location)
-            clauses.append(sa.and_(t.c.root >= low, t.c.root < high))
+            clauses.append("(root >= ? AND root < ?)")
+            params.extend(_below(location))
         if not clauses:
             return []
-        with self._read() as conn:
-            rows = conn.execute(sa.select(t).where(sa.or_(*clauses), t.c.expire >= time.time())
-                                .order_by(t.c.root, t.c.token)).all()
-        return [_row_lock(row) for row in rows]
+        rows = self._fetch(f"SELECT {_LOCK_COLUMNS} FROM locks WHERE ({' OR '.join(clauses)}) AND expire >= ? "
+                           f"ORDER BY root, token", (*params, time.time()))
+        return [_tuple_lock(row) for row in rows]
 
     def locks_at(self, locations: Iterable[str]) -> list[Lock]:
         """Unexpired locks whose root is one of `locations` (a path and its ancestors in one query)."""
@@ -503,11 +532,10 @@ class Store:
         if not locations:
             return []
         # Every WebDAV request asks this: plain SQL on the indexed root column (see _fetch).
-        rows = self._fetch(f"SELECT token, root, owner, scope, depth, principal, timeout, expire FROM locks "
+        rows = self._fetch(f"SELECT {_LOCK_COLUMNS} FROM locks "
                            f"WHERE root IN ({', '.join('?' * len(locations))}) AND expire >= ? "
                            f"ORDER BY root, token", (*locations, time.time()))
-        return [Lock(token, root, bytes(owner), scope, depth, principal, timeout, expire)
-                for token, root, owner, scope, depth, principal, timeout, expire in rows]
+        return [_tuple_lock(row) for row in rows]
 
     def purge_expired_locks(self) -> int:
         """Remove expired locks; return how many."""
@@ -516,33 +544,27 @@ class Store:
 
     # -- dead properties ------------------------------------------------------
 
+    # The single-property calls run for every PROPPATCH and PROPFIND: plain SQL (see _fetch).
+
     def property_names(self, location: str) -> list[str]:
         """Names of the properties set on `location`, sorted."""
-        p = schema.properties
-        with self._read() as conn:
-            return list(conn.execute(sa.select(p.c.name).where(p.c.location == location)
-                                     .order_by(p.c.name)).scalars())
+        return [name for (name,) in self._fetch("SELECT name FROM properties WHERE location = ? ORDER BY name",
+                                                (location,))]
 
     def get_property(self, location: str, name: str) -> bytes | None:
         """The value of one property, or None."""
-        p = schema.properties
-        with self._read() as conn:
-            value = conn.execute(sa.select(p.c.value).where(p.c.location == location,
-                                                            p.c.name == name)).scalar()
-        return None if value is None else bytes(value)
+        rows = self._fetch("SELECT value FROM properties WHERE location = ? AND name = ?", (location, name))
+        return bytes(rows[0][0]) if rows else None
 
     def set_property(self, location: str, name: str, value: bytes) -> None:
         """Create or replace one property."""
-        insert = self._insert(schema.properties).values(location=location, name=name, value=value)
-        with self._write() as conn:
-            conn.execute(insert.on_conflict_do_update(index_elements=["location", "name"],
-                                                      set_={"value": insert.excluded.value}))
+        self._fetch("INSERT INTO properties (location, name, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (location, name) DO UPDATE SET value = excluded.value",
+                    (location, name, value), write=True)
 
     def remove_property(self, location: str, name: str) -> None:
         """Remove one property (no error if it is not set)."""
-        p = schema.properties
-        with self._write() as conn:
-            conn.execute(sa.delete(p).where(p.c.location == location, p.c.name == name))
+        self._fetch("DELETE FROM properties WHERE location = ? AND name = ?", (location, name), write=True)
 
     def remove_properties(self, location: str, *, recursive: bool = False) -> None:
         """Remove every property of `location`, and with `recursive` of everything below it."""

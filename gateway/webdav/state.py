@@ -82,7 +82,7 @@ class StoreLockStorage:
 
     @contextlib.contextmanager
     def request_scope(self) -> Iterator[None]:
-        """Within one request, answer the lock checks of a path and its ancestors from one read.
+        """Within one request, answer the lock checks of a path and its ancestors, and of a token, from one read each.
 
         A lock another node takes during the request is seen by the next
         request: the same window wsgidav leaves between its check and the write.
@@ -93,14 +93,18 @@ class StoreLockStorage:
         would pass unlocked. One indexed query in plain SQL costs ~10-15 us.
         """
         self._request.memo = {}
+        self._request.tokens = {}
         try:
             yield
         finally:
             self._request.memo = None
+            self._request.tokens = None
 
     def _forget_memo(self) -> None:
         if getattr(self._request, "memo", None):
             self._request.memo = {}
+        if getattr(self._request, "tokens", None):
+            self._request.tokens = {}
 
     def _locks_on(self, location: str) -> list[Lock]:
         memo = getattr(self._request, "memo", None)
@@ -129,7 +133,15 @@ class StoreLockStorage:
         self._store.purge_expired_locks()
 
     def get(self, token: str) -> dict | None:
-        lock = self._store.get_lock(token)
+        # UNLOCK asks for its token twice (is it on this URL? is it this
+        # user's?): within a request, one read answers both.
+        tokens = getattr(self._request, "tokens", None)
+        if tokens is None:
+            lock = self._store.get_lock(token)
+        elif token in tokens:
+            lock = tokens[token]
+        else:
+            lock = tokens[token] = self._store.get_lock(token)
         return None if lock is None else _lock_dict(lock)
 
     def create(self, path: str, lock: dict) -> dict:
@@ -143,15 +155,22 @@ class StoreLockStorage:
         lock["expire"] = time.time() + lock["timeout"]
         validate_lock(lock)
         lock["token"] = generate_lock_token()
-        self._forget_memo()
+        added = Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"], lock["principal"],
+                     lock["timeout"], lock["expire"])
         try:
-            self._store.add_lock(Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"],
-                                      lock["principal"], lock["timeout"], lock["expire"]))
+            self._store.add_lock(added)
         except LockConflict as exc:
+            self._forget_memo()
             condition = DAVErrorCondition(PRECONDITION_CODE_LockConflict)
             for conflicting in exc.roots:
                 condition.add_href(location_to_url(conflicting))
             raise DAVError(HTTP_LOCKED, err_condition=condition) from None
+        # The LOCK response lists the resource's locks next: the store took
+        # this one after the conflict check, so what this request read before
+        # plus the new lock is what it holds now.
+        memo = getattr(self._request, "memo", None)
+        if memo is not None and location in memo:
+            memo[location] = [*memo[location], added]
         return lock
 
     def refresh(self, token: str, *, timeout: float) -> dict:

@@ -275,6 +275,16 @@ def test_lock_is_found_by_token_and_location_until_removed(store):
     assert not store.remove_lock(lock.token)
 
 
+def test_a_lock_with_a_token_already_held_is_refused_and_the_held_one_kept(store):
+    held = make_lock("local:/a", scope="shared")
+    store.add_lock(held)
+    with pytest.raises(Conflict) as info:
+        store.add_lock(make_lock("local:/b", token=held.token))
+    assert not isinstance(info.value, LockConflict)
+    assert store.find_locks("local:/b") == []
+    assert store.get_lock(held.token) == held
+
+
 @pytest.mark.parametrize("held, wanted", [
     (("local:/a", "exclusive", "0"), ("local:/a", "exclusive", "0")),
     (("local:/a", "shared", "0"), ("local:/a", "exclusive", "0")),
