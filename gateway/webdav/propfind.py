@@ -169,6 +169,7 @@ class _Children:
         self.environ = folder.environ
         self.config = self.environ.get("wsgidav.config")
         self._dates: dict[int, str] = {}
+        self._types: dict[str, str] = {}
         ref = folder.get_ref_url()
         self.prefix = ref.rstrip("/") + "/"
         # One query each for the whole folder; a location's dead properties
@@ -228,7 +229,7 @@ class _Children:
         if name == "{DAV:}getcontentlength":
             return str(entry.size) if is_file else DAVError(HTTP_NOT_FOUND)
         if name == "{DAV:}getcontenttype":
-            return util.guess_mime_type(path, self.config) if is_file else DAVError(HTTP_NOT_FOUND)
+            return self._content_type(entry.name) if is_file else DAVError(HTTP_NOT_FOUND)
         if name == "{DAV:}getlastmodified":
             return self._date(entry.mtime) if entry.mtime is not None else DAVError(HTTP_NOT_FOUND)
         if name == "{DAV:}displayname":
@@ -254,6 +255,20 @@ class _Children:
         if value is None:
             return DAVError(HTTP_NOT_FOUND)
         return _Raw(_element_xml(string_to_xml(value)))
+
+    def _content_type(self, name: str) -> str:
+        """wsgidav's guess_mime_type for a file of this folder, asked once per suffix.
+
+        mimetypes reads only the suffixes of the last segment (".tar.gz"),
+        where leading dots do not count: "/x" + those suffixes gets the same answer.
+        """
+        bare = name.lstrip(".")
+        dot = bare.find(".")
+        key = "/x" + (bare[dot:] if dot >= 0 else "")
+        found = self._types.get(key)
+        if found is None:
+            found = self._types[key] = util.guess_mime_type(key, self.config)
+        return found
 
     def _date(self, mtime: float) -> str:
         # RFC 1123 has whole seconds: the files of one folder share few of them.
