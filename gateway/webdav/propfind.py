@@ -40,6 +40,8 @@ _SUPPORTED_LOCK = ("<D:supportedlock><D:lockentry><D:lockscope><D:exclusive/></D
 _NO_LOCKS = "<D:lockdiscovery/>"
 _LOCK_NAMES = ("{DAV:}lockdiscovery", "{DAV:}supportedlock")
 _QUOTA_NAMES = ("{DAV:}quota-used-bytes", "{DAV:}quota-available-bytes")
+# One 404 for every property a child lacks (wsgidav raises a new one each time).
+_MISSING = DAVError(HTTP_NOT_FOUND)
 
 
 class _Raw(str):
@@ -115,15 +117,21 @@ def _response(href: str, props: list[tuple[str, object]]) -> str:
     prefixes: dict[str, str] = {}
     by_status: dict[str, list[str]] = {}
     for name, value in props:
-        if isinstance(value, DAVError):
+        if value is _MISSING:
+            status, value = _NOT_FOUND, None
+        elif isinstance(value, DAVError):
             status, value = _status_of(value), None
         else:
             status = _OK
+        if isinstance(value, _Raw):
+            # Written whole; only a name outside DAV: needs its namespace declared.
+            if not name.startswith("{DAV:}"):
+                _tag(name, prefixes)
+            by_status.setdefault(status, []).append(value)
+            continue
         tag = _tag(name, prefixes)
         if value is None:
             element = f"<{tag}/>"
-        elif isinstance(value, _Raw):
-            element = value
         elif is_etree_element(value):
             element = _element_xml(value)
         else:
@@ -169,7 +177,7 @@ class _Children:
         self.environ = folder.environ
         self.config = self.environ.get("wsgidav.config")
         self._dates: dict[int, str] = {}
-        self._types: dict[str, str] = {}
+        self._types: dict[str, _Raw] = {}
         ref = folder.get_ref_url()
         self.prefix = ref.rstrip("/") + "/"
         # One query each for the whole folder; a location's dead properties
@@ -224,20 +232,24 @@ class _Children:
     def _value(self, name: str, entry: "Entry", path: str, dead: dict[str, bytes]):
         """What wsgidav's get_property_value gives for a resource without a lock of its own."""
         is_file = not entry.is_dir
+        # The common ones are written here whole: their tags need no namespace.
         if name == "{DAV:}resourcetype":
-            return "" if is_file else _Raw(_COLLECTION)
+            return _Raw("<D:resourcetype></D:resourcetype>" if is_file else _COLLECTION)
         if name == "{DAV:}getcontentlength":
-            return str(entry.size) if is_file else DAVError(HTTP_NOT_FOUND)
+            return _Raw(f"<D:getcontentlength>{entry.size}</D:getcontentlength>") if is_file else _MISSING
         if name == "{DAV:}getcontenttype":
-            return self._content_type(entry.name) if is_file else DAVError(HTTP_NOT_FOUND)
+            return self._content_type(entry.name) if is_file else _MISSING
         if name == "{DAV:}getlastmodified":
-            return self._date(entry.mtime) if entry.mtime is not None else DAVError(HTTP_NOT_FOUND)
+            if entry.mtime is None:
+                return _MISSING
+            return _Raw(f"<D:getlastmodified>{self._date(entry.mtime)}</D:getlastmodified>")
         if name == "{DAV:}displayname":
-            return entry.name
+            return _Raw(f"<D:displayname>{escape(entry.name)}</D:displayname>")
         if name == "{DAV:}getetag":
             if is_file:
-                return entry.etag or f"{entry.size:x}-{int(entry.mtime * 1000):x}"
-            return DAVError(HTTP_NOT_FOUND)
+                return _Raw(f"<D:getetag>{escape(entry.etag or f'{entry.size:x}-{int(entry.mtime * 1000):x}')}"
+                            f"</D:getetag>")
+            return _MISSING
         if name == "{DAV:}lockdiscovery":
             return _Raw(_NO_LOCKS)
         if name == "{DAV:}supportedlock":
@@ -250,14 +262,14 @@ class _Children:
             value = used if name == _QUOTA_NAMES[0] else free
             return None if value is None else str(value)
         if name.startswith("{DAV:}"):
-            return DAVError(HTTP_NOT_FOUND)   # creationdate (we keep none) and unknown live names
+            return _MISSING   # creationdate (we keep none) and unknown live names
         value = dead.get(name)
         if value is None:
-            return DAVError(HTTP_NOT_FOUND)
+            return _MISSING
         return _Raw(_element_xml(string_to_xml(value)))
 
-    def _content_type(self, name: str) -> str:
-        """wsgidav's guess_mime_type for a file of this folder, asked once per suffix.
+    def _content_type(self, name: str) -> _Raw:
+        """getcontenttype as wsgidav's guess_mime_type gives it, asked once per suffix.
 
         mimetypes reads only the suffixes of the last segment (".tar.gz"),
         where leading dots do not count: "/x" + those suffixes gets the same answer.
@@ -267,7 +279,8 @@ class _Children:
         key = "/x" + (bare[dot:] if dot >= 0 else "")
         found = self._types.get(key)
         if found is None:
-            found = self._types[key] = util.guess_mime_type(key, self.config)
+            found = self._types[key] = _Raw(f"<D:getcontenttype>{escape(util.guess_mime_type(key, self.config))}"
+                                            f"</D:getcontenttype>")
         return found
 
     def _date(self, mtime: float) -> str:
