@@ -20,6 +20,8 @@ from wsgidav import util
 from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_NOT_FOUND, DAVError, get_http_status_string
 from wsgidav.xml_tools import etree, is_etree_element, string_to_xml
 
+from ..errors import InvalidPath
+
 if TYPE_CHECKING:
     from ..vfs import Entry
     from .provider import UserFSProvider
@@ -195,7 +197,12 @@ class _Children:
         for entry in folder._entries():
             child_path = base_path + entry.name
             vpath = base_vpath + entry.name
-            ref = provider.ref_url(folder.fs, vpath)
+            try:
+                ref = provider.ref_url(folder.fs, vpath)
+            except InvalidPath as exc:
+                # A name made outside the gateway that no request could name (a
+                # control character): the 400 that wsgidav's path check gives.
+                raise DAVError(HTTP_BAD_REQUEST, context_info=exc.message) from None
             if self.dead is None or self.locked is None or ref in self.locked \
                     or ref != self.prefix + quote(entry.name):
                 # A lock of its own (lockdiscovery names its root), or a mount

@@ -161,3 +161,12 @@ def test_propfind_other_depths_answer_as_before(tree, depth):
 def test_propfind_bad_body_is_400_as_before(tree, monkeypatch, body):
     fast, slow = _both(tree, "/d/", "1", body, monkeypatch)
     assert fast.status == slow.status == 400
+
+
+def test_propfind_of_a_folder_holding_a_name_with_a_control_character_is_400_as_before(dav, monkeypatch):
+    # Made outside the gateway: no request path can carry it, so no href can either.
+    (dav.data / "erin" / "odd").mkdir(parents=True)
+    (dav.data / "erin" / "odd" / "bad\x01name.txt").write_bytes(b"x")
+    dav.add_user("erin")
+    fast, slow = _both(DavClient(dav.webdav_port, "erin"), "/odd/", "1", ALLPROP, monkeypatch)
+    assert fast.status == slow.status == 400
