@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 
 from wsgidav import util
 from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_NOT_FOUND, DAVError, get_http_status_string
-from wsgidav.xml_tools import etree, is_etree_element, string_to_xml
+from wsgidav.xml_tools import etree, is_etree_element, make_multistatus_el, string_to_xml
 
 from ..errors import InvalidPath
 
@@ -67,8 +67,7 @@ def answer(provider: "UserFSProvider", environ: dict, start_response) -> list[by
     mode, names = _parse_request(environ)
 
     out = ['<?xml version=\'1.0\' encoding=\'UTF-8\'?>\n<D:multistatus xmlns:D="DAV:">']
-    own = res.get_properties(mode, name_list=names if mode == "named" else None)
-    out.append(_response(res.get_href(), own))
+    out.append(_resource_response(res, mode, names))
     if depth == "1" and res.is_collection:
         _Children(provider, res, mode, names).write(out)
     out.append("</D:multistatus>")
@@ -148,6 +147,16 @@ def _response(href: str, props: list[tuple[str, object]]) -> str:
     return "".join(parts)
 
 
+def _resource_response(res, mode: str, names: list[str]) -> str:
+    """The <D:response> of one wsgidav resource, asked and written by wsgidav itself."""
+    props = res.get_properties(mode, name_list=names if mode == "named" else None)
+    multistatus = make_multistatus_el()
+    util.add_property_response(multistatus, res.get_href(), props)
+    # Written inside its multistatus, the response is byte for byte wsgidav's.
+    text = etree.tostring(multistatus, encoding="unicode")
+    return text[text.index(">") + 1:text.rindex("<")]
+
+
 def _tag(name: str, prefixes: dict[str, str]) -> str:
     """The element name of a property in Clark notation; new namespaces get NS1, NS2, ..."""
     if name.startswith("{DAV:}"):
@@ -208,8 +217,7 @@ class _Children:
                 # A lock of its own (lockdiscovery names its root), or a mount
                 # point (state under another location): ask the resource.
                 res = provider.make_resource(child_path, self.environ, folder.fs, vpath, entry)
-                out.append(_response(res.get_href(), res.get_properties(
-                    self.mode, name_list=self.names if self.mode == "named" else None)))
+                out.append(_resource_response(res, self.mode, self.names))
                 continue
             href = href_base + quote(entry.name, safe=_HREF_SAFE) + ("/" if entry.is_dir else "")
             out.append(_response(href, self._properties(entry, child_path, self.dead.get(ref, ()))))
