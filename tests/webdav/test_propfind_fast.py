@@ -34,7 +34,8 @@ NAMES = ["plain.txt", "sp ace.txt", "per%cent.txt", "ha#sh.txt", "ünï €.txt"
 
 @pytest.fixture
 def tree(dav) -> DavClient:
-    """carol's /d: awkward names, a folder, a dead property on a file and a folder, a locked file, a mount."""
+    """carol's /d: awkward names, dead properties on a file and folders, a locked file, a folder
+    locked with everything in it, and a mount."""
     (dav.data / "carol" / "d").mkdir(parents=True)   # before the mount below makes /d a mount's parent
     dav.add_user("carol", mounts={"/d/mnt": ("local:/team", ["*"])})
     client = DavClient(dav.webdav_port, "carol")
@@ -44,9 +45,11 @@ def tree(dav) -> DavClient:
     assert client.proppatch("/d/plain.txt", proppatch_body("color", "urn:test:", "blue &amp; green")).status == 207
     assert client.proppatch("/d/sub%20dir/", proppatch_body("color", "urn:test:", "red")).status == 207
     assert client.proppatch("/d/mnt/", proppatch_body("color", "urn:test:", "team")).status == 207
-    locked = client.request("LOCK", "/d/a%26b.txt", LOCK_BODY, {"Content-Type": "application/xml",
-                                                                "Timeout": "Second-3600"})
-    assert locked.status == 200
+    assert client.put("/d/sub%20dir/inner.txt", b"inner").status == 201
+    for locked, depth in (("/d/a%26b.txt", "0"), ("/d/sub%20dir/", "infinity")):
+        reply = client.request("LOCK", locked, LOCK_BODY, {"Content-Type": "application/xml",
+                                                           "Timeout": "Second-3600", "Depth": depth})
+        assert reply.status == 200
     return client
 
 
