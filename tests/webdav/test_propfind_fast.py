@@ -7,6 +7,7 @@ answers must be equal; the values clients depend on are pinned as well.
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 
 import pytest
 from lxml import etree
@@ -40,7 +41,7 @@ def tree(dav) -> DavClient:
     dav.add_user("carol", mounts={"/d/mnt": ("local:/team", ["*"])})
     client = DavClient(dav.webdav_port, "carol")
     for name in NAMES:
-        assert client.put("/d/" + _quote(name), name.encode()).status == 201
+        assert client.put("/d/" + quote(name), name.encode()).status == 201
     assert client.request("MKCOL", "/d/sub%20dir/").status == 201
     assert client.proppatch("/d/plain.txt", proppatch_body("color", "urn:test:", "blue &amp; green")).status == 207
     assert client.proppatch("/d/sub%20dir/", proppatch_body("color", "urn:test:", "red")).status == 207
@@ -51,11 +52,6 @@ def tree(dav) -> DavClient:
                                                            "Timeout": "Second-3600", "Depth": depth})
         assert reply.status == 200
     return client
-
-
-def _quote(name: str) -> str:
-    from urllib.parse import quote
-    return quote(name)
 
 
 def _canonical(element) -> tuple:
@@ -102,7 +98,7 @@ def test_propfind_answers_what_wsgidav_answers(tree, monkeypatch, path):
 
 def test_propfind_depth_1_lists_every_child_with_its_quoted_href(tree):
     answer = _parse(tree.propfind("/d/", "1", ALLPROP).body)
-    expected = {"/d/", "/d/sub%20dir/", "/d/mnt/"} | {"/d/" + _quote(name).replace("%27", "'")
+    expected = {"/d/", "/d/sub%20dir/", "/d/mnt/"} | {"/d/" + quote(name).replace("%27", "'")
                                                       .replace("%28", "(").replace("%29", ")")
                                                       for name in NAMES}
     assert set(answer) == expected
