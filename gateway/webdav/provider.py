@@ -26,6 +26,7 @@ from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, Gate
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
 from ..vfs import Entry, Upload, UserFS
+from . import propfind
 from .error_page import UNEXPECTED_ERROR
 
 log = logging.getLogger(__name__)
@@ -546,6 +547,9 @@ class _AnonymousRoot(DAVCollection):
 class UserFSProvider(DAVProvider):
     """Maps request paths to the authenticated user's UserFS."""
 
+    # PROPFIND at Depth 0 and 1 through propfind.py (False: wsgidav answers every one).
+    fast_propfind = True
+
     def __init__(self, open_fs, macos_files: str = "allow", *, max_properties: int = 100,
                  max_property_bytes: int = 64 * 1024) -> None:
         super().__init__()
@@ -641,6 +645,10 @@ class UserFSProvider(DAVProvider):
         scope = storage.request_scope() if hasattr(storage, "request_scope") else contextlib.nullcontext()
         try:
             with scope:
+                if method == "PROPFIND" and self.fast_propfind:
+                    answered = propfind.answer(self, environ, start_response)
+                    if answered is not None:
+                        return answered
                 return default_handler(environ, start_response)
         except DAVError as exc:
             # Lock conflicts name the locks by their keys (storage locations):

@@ -198,6 +198,14 @@ class StoreLockStorage:
                                            include_children=include_children)
         return [lock.token for lock in locks] if token_only else [_lock_dict(lock) for lock in locks]
 
+    def lock_roots_below(self, path: str) -> set[str]:
+        """The ref URLs of every resource strictly below `path` that has a lock of its own (one query)."""
+        location = url_to_location(normalize_lock_root(path))
+        if location is None:
+            return set()
+        return {location_to_url(lock.root)
+                for lock in self._store.find_locks(location, include_root=False, include_children=True)}
+
 
 class StorePropertyManager:
     """wsgidav dead-property manager (the PropertyManager interface) over the state store."""
@@ -220,6 +228,13 @@ class StorePropertyManager:
 
     def get_property(self, norm_url: str, name: str, environ: dict | None = None) -> bytes | None:
         return self._store.get_property(self._key(norm_url), name)
+
+    def properties_below(self, norm_url: str) -> dict[str, list[tuple[str, bytes]]]:
+        """The dead properties of everything below a resource, by ref URL, names sorted (one query)."""
+        found: dict[str, list[tuple[str, bytes]]] = {}
+        for location, name, value in self._store.properties_below(self._key(norm_url)):
+            found.setdefault(location_to_url(location), []).append((name, value))
+        return found
 
     def write_property(self, norm_url: str, name: str, property_value: bytes, dry_run: bool = False,
                        environ: dict | None = None) -> None:

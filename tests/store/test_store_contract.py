@@ -377,6 +377,17 @@ def test_remove_properties_recursive_spares_siblings_with_a_common_prefix(store)
             if store.property_names(loc)] == ["local:/d0", "local:/dx"]
 
 
+def test_properties_below_lists_every_descendant_and_spares_siblings_with_a_common_prefix(store):
+    for location in ("local:/d", "local:/d/a", "local:/d/a/deep", "local:/d/b", "local:/dx", "other:/d/a"):
+        store.set_property(location, "{urn:t}p", location.encode())
+    store.set_property("local:/d/a", "{urn:t}a", b"<x/>")
+    assert store.properties_below("local:/d") == [
+        ("local:/d/a", "{urn:t}a", b"<x/>"), ("local:/d/a", "{urn:t}p", b"local:/d/a"),
+        ("local:/d/a/deep", "{urn:t}p", b"local:/d/a/deep"), ("local:/d/b", "{urn:t}p", b"local:/d/b")]
+    assert [row[0] for row in store.properties_below("local:/")] == [
+        "local:/d", "local:/d/a", "local:/d/a", "local:/d/a/deep", "local:/d/b", "local:/dx"]
+
+
 def test_copy_properties_replaces_the_destination(store):
     store.set_property("local:/src", "a", b"1")
     store.set_property("local:/dst", "old", b"0")
