@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cheroot.ssl.builtin import BuiltinSSLAdapter
-from wsgidav.dir_browser import WsgiDavDirBrowser
 from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
@@ -15,6 +14,7 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 from ..proxy_protocol import ProxiedListener, ProxyProtocol
 from ..shared_listener import reload_tls
 from .auth import GatewayDomainController
+from .browser import DirBrowser
 from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
 from .http import make_server
@@ -109,7 +109,7 @@ class WebDAVServer:
             "lock_storage": self._lock_storage,
             "property_manager": self._prop_manager,
             "middleware_stack": [ErrorPages, HTTPAuthenticator, RequestGuard,
-                                 WsgiDavDirBrowser, RequestResolver],
+                                 DirBrowser, RequestResolver],
             "block_size": section.block_size,
             "verbose": 1,
             "logging": {"enable": False},
