@@ -33,12 +33,12 @@ def record_operation(*, user: str, protocol: str, ip: str, session: str, op: str
     `direction` ("in" or "out") marks a transfer: its bytes and duration go
     to the transfer metrics as well.
     """
-    metrics.OPERATIONS.labels(protocol, op, result).inc()
+    metrics.child(metrics.OPERATIONS, protocol, op, result).inc()
     if direction:
         if size:
-            metrics.TRANSFER_BYTES.labels(protocol, direction).inc(size)
+            metrics.child(metrics.TRANSFER_BYTES, protocol, direction).inc(size)
         if duration is not None:
-            metrics.TRANSFER_SECONDS.labels(protocol, direction).observe(duration)
+            metrics.child(metrics.TRANSFER_SECONDS, protocol, direction).observe(duration)
     if log.isEnabledFor(logging.INFO):
         line = {"time": _now(), "user": user, "protocol": protocol, "ip": ip, "session": session,
                 "op": op, "path": path, "bytes": size, "result": result,

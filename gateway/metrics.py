@@ -24,6 +24,22 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Seconds; a transfer lasts from milliseconds to hours.
 _TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
+_children: dict[tuple[int, tuple[str, ...]], object] = {}
+
+
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, remembered: the very child labels() gives, at a dict lookup's cost.
+
+    labels() checks its arguments and takes a lock on every call, and a small
+    WebDAV request makes about ten of them.
+    """
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 # Gauges in multiprocess mode: "livesum" adds up the processes still alive,
 # so a worker that died takes its open connections with it.
 CONNECTIONS_OPEN = Gauge("gateway_connections_open", "Client connections open now",

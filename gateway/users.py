@@ -171,10 +171,16 @@ class User:
         """Rules from the user's permissions, with each mount's own set at its path.
 
         A user rule inside a mount (longer prefix) still wins over the mount's set.
+        Built once per record: a User never changes (a change is a new record),
+        and every WebDAV request opens a UserFS that asks for it.
         """
-        rules = {m.path: m.permissions for m in self.mounts}
-        rules.update(self.permissions)
-        return Policy(rules)
+        policy = self.__dict__.get("_policy")
+        if policy is None:
+            rules = {m.path: m.permissions for m in self.mounts}
+            rules.update(self.permissions)
+            policy = Policy(rules)
+            object.__setattr__(self, "_policy", policy)
+        return policy
 
 
 _USER_KEYS = {"password", "keys", "home", "mounts", "permissions", "quota_bytes",

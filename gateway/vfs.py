@@ -262,14 +262,14 @@ class GuardedUpload(Upload):
         self._settled = False
         self._record = record          # this upload in the store's uploads in flight
         self._checked = checked        # the quota was checked on current numbers once
-        metrics.UPLOADS_IN_FLIGHT.labels(fs.protocol).inc()
+        metrics.child(metrics.UPLOADS_IN_FLIGHT, fs.protocol).inc()
 
     def _settle(self, result: str) -> None:
         """Audit and count the upload once, however it ends."""
         if self._settled:
             return
         self._settled = True
-        metrics.UPLOADS_IN_FLIGHT.labels(self._fs.protocol).dec()
+        metrics.child(metrics.UPLOADS_IN_FLIGHT, self._fs.protocol).dec()
         self._fs._audit("upload", self.path, result, self._written,
                         duration=time.monotonic() - self._started, direction="in")
 

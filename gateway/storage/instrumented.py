@@ -27,7 +27,8 @@ class _Timer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        metrics.BACKEND_SECONDS.labels(self.backend, self.op).observe(time.perf_counter() - self._started)
+        elapsed = time.perf_counter() - self._started
+        metrics.child(metrics.BACKEND_SECONDS, self.backend, self.op).observe(elapsed)
         if exc_type is not None:
             metrics.BACKEND_ERRORS.labels(self.backend, self.op, metrics.error_label(exc_type)).inc()
 

@@ -351,8 +351,19 @@ class LocalBackend(Backend):
         if path == "/":
             with _converted(path):
                 return _entry("", os.fstat(self._root_fd), path)
-        with self._parent(path) as (fd, name):
-            return _entry(name, self._lstat(fd, name, path), path)
+        # The walk of _parent and _lstat without their context managers: stat
+        # runs several times per request.
+        parent, name = paths.split(path)
+        if not name:
+            raise PermissionDenied(path, "the root cannot be changed")
+        fd = self._open_dir(parent)
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError as exc:
+            raise convert_os_error(exc, path) from None
+        finally:
+            os.close(fd)
+        return _entry(name, st, path)
 
     def list_dir(self, path: str) -> Iterator[Entry]:
         return self._iter_dir(_OwnedFd(self._open_dir(path)), path)

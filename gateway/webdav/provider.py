@@ -62,6 +62,9 @@ _WIN32_IGNORED = ("{urn:schemas-microsoft-com:}Win32FileAttributes",
                   "{urn:schemas-microsoft-com:}Win32LastAccessTime")
 _QUOTA_PROPS = ("{DAV:}quota-used-bytes", "{DAV:}quota-available-bytes")
 MACOS_PATTERNS = ("._*", ".DS_Store")
+_READ_ONLY = frozenset({"GET", "HEAD"})
+# environ key: (path, resource) of a GET's or HEAD's last lookup.
+_LOOKED_UP = "gateway.looked_up"
 
 # Client-set modification times must fit every place a time goes: SFTP v3
 # carries mtime as an unsigned 32-bit number, and LocalBackend hands
@@ -606,6 +609,18 @@ class UserFSProvider(DAVProvider):
         return cls(path, environ, fs, vpath, entry)
 
     def get_resource_inst(self, path: str | None, environ: dict):
+        if environ.get("REQUEST_METHOD") not in _READ_ONLY:
+            return self._resource(path, environ)
+        # A GET or HEAD looks its path up twice (the folder browser, then the
+        # handler) and changes nothing in between: the second lookup reuses the first.
+        known = environ.get(_LOOKED_UP)
+        if known is not None and known[0] == path:
+            return known[1]
+        resource = self._resource(path, environ)
+        environ[_LOOKED_UP] = (path, resource)
+        return resource
+
+    def _resource(self, path: str | None, environ: dict):
         if path is None:
             return None   # wsgidav asks for the parent of "/" (DELETE, COPY, MOVE, LOCK)
         fs = self.fs_for(environ)

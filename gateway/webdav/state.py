@@ -37,6 +37,10 @@ LOCK_TIMEOUT_DEFAULT = 604800
 LOCK_TIMEOUT_MAX = 4 * 604800
 
 
+# Request memo keys of wsgidav's own URLs, beside the store keys ("backend:/path").
+_URL_KEY = "\0url "
+
+
 def url_to_location(url: str) -> str | None:
     """The store key of a ref URL: "/local/a%20b/" -> "local:/a b" (None for "/", which names no backend)."""
     backend, _, rest = url.strip("/").partition("/")
@@ -186,6 +190,15 @@ class StoreLockStorage:
 
     def get_lock_list(self, path: str, *, include_root: bool, include_children: bool,
                       token_only: bool) -> list:
+        memo = getattr(self._request, "memo", None)
+        if memo is not None and include_root and not include_children:
+            # wsgidav asks for the same few URLs again and again within a
+            # request: skip their translation into store keys after the first.
+            locks = memo.get(_URL_KEY + path)
+            if locks is None:
+                location = url_to_location(normalize_lock_root(path))
+                locks = memo[_URL_KEY + path] = [] if location is None else self._locks_on(location)
+            return [lock.token for lock in locks] if token_only else [_lock_dict(lock) for lock in locks]
         location = url_to_location(normalize_lock_root(path))
         if location is None:
             # "/" is above every backend: no lock is rooted there. (Only
