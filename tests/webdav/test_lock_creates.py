@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pprint
 
 from gateway.storage.local import LocalBackend
 from tests.webdav.conftest import LOCK_BODY, DavClient
@@ -81,3 +82,15 @@ def test_lock_on_an_existing_file_answers_its_lock_in_lockdiscovery(alice):
     assert lock.status == 200
     assert lock.header("Lock-Token").strip("<>").encode() in lock.body, lock.body
     assert b"<D:owner>tests</D:owner>" in lock.body
+
+
+def test_requests_with_an_if_header_format_no_debug_line_while_debug_is_off(alice, monkeypatch):
+    # wsgidav's If parser pprint-formats its debug line at any log level (lazy_debug.py).
+    formatted: list[object] = []
+    original = pprint.PrettyPrinter.pformat
+    monkeypatch.setattr(pprint.PrettyPrinter, "pformat",
+                        lambda self, obj: formatted.append(obj) or original(self, obj))
+    token = alice.request("LOCK", "/doc.txt", LOCK_BODY, XML).header("Lock-Token")
+    assert alice.put("/doc.txt", b"x", If=f"({token})").status == 204
+    assert alice.request("UNLOCK", "/doc.txt", headers={"Lock-Token": token}).status == 204
+    assert formatted == []
