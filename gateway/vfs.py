@@ -41,7 +41,8 @@ _op_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("gate
 # UserFS methods whose failures are audited and counted like their successes,
 # and the op name they have in the audit log. Reads and listings are not
 # audited either way: clients probe for files all the time.
-AUDITED_OPS = {"open_read": "download", "open_write": "upload", "make_dir": "mkdir",
+AUDITED_OPS = {"open_read": "download", "open_write": "upload", "create_file": "upload",
+               "make_dir": "mkdir",
                "remove_file": "delete", "remove_dir": "rmdir", "remove_tree": "delete",
                "rename": "rename", "copy_file": "copy", "copy_tree": "copy",
                "set_mtime": "set_times", "truncate": "truncate"}
@@ -453,7 +454,7 @@ class UserFS:
     # so a new write method cannot slip in without a permission check.
     READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize",
                     "check_access", "locate", "virtual_path")
-    WRITE_METHODS = ("open_write", "make_dir", "remove_file", "remove_dir", "remove_tree",
+    WRITE_METHODS = ("open_write", "create_file", "make_dir", "remove_file", "remove_dir", "remove_tree",
                      "rename", "copy_file", "copy_tree", "set_mtime", "truncate",
                      "check_change", "check_replace")
 
@@ -731,6 +732,31 @@ class UserFS:
             # The server aborts whatever is still open when it shuts down.
             self._open_uploads.add(upload)
         return upload
+
+    def create_file(self, path: str | bytes) -> Entry:
+        """Create an empty file where nothing exists yet; needs `upload`.
+
+        What a WebDAV LOCK on a new name does (RFC 4918 7.3). It is audited and
+        counted as an upload of 0 bytes, without the temp file and in-flight
+        record of open_write: the backend creates the file in one step, so
+        nothing is left half done to clean up.
+
+        Raises:
+            AlreadyExists, NotFound (parent), PermissionDenied, QuotaExceeded, InvalidPath
+        """
+        vpath = paths.normalize(path)
+        if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
+            raise AlreadyExists(vpath)
+        self._policy.require(Perm.UPLOAD, vpath)
+        self._refuse_too_deep(vpath)
+        target = self._resolve(vpath)
+        if target.in_home:
+            self._quota.check(vpath, 0, 1)
+        entry = target.backend.create_file(target.path)
+        if target.in_home and self._quota.counting:
+            self._quota.apply(0, 1)
+        self._audit("upload", vpath, "ok", 0, direction="in")
+        return entry
 
     def _write_target(self, vpath: str) -> tuple[_Target, Entry | None]:
         """Where an upload of `vpath` lands and what is there now; a folder is refused."""

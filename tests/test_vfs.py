@@ -44,6 +44,7 @@ def test_every_public_method_is_classified_as_read_or_write():
 
 WRITE_CALLS = {
     "open_write": lambda fs: fs.open_write("/new.txt"),
+    "create_file": lambda fs: fs.create_file("/new.txt"),
     "make_dir": lambda fs: fs.make_dir("/newdir"),
     "remove_file": lambda fs: fs.remove_file("/file.txt"),
     "remove_dir": lambda fs: fs.remove_dir("/emptydir"),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..errors import InvalidPath, NotADirectory, NotFound, PermissionDenied, Unsupported
+from ..errors import AlreadyExists, InvalidPath, NotADirectory, NotFound, PermissionDenied, Unsupported
 from .. import paths
 
 # Every backend hides names with this prefix from listings: they are its
@@ -193,6 +193,30 @@ class Backend(abc.ABC):
             NotADirectory: the parent is a file.
             IsADirectory: `path` is a directory.
         """
+
+    def create_file(self, path: str) -> Entry:
+        """Create an empty file where nothing exists yet, and describe it.
+
+        The default goes through an upload; backends that can create a file
+        in one step (and refuse an existing one atomically) override it.
+
+        Raises:
+            AlreadyExists: something exists at `path`.
+            NotFound: the parent directory does not exist.
+            NotADirectory: the parent is a file.
+        """
+        try:
+            self.stat(path)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(path)
+        upload = self.open_write(path)
+        try:
+            return upload.commit()
+        finally:
+            if not upload.closed:
+                upload.abort()
 
     @abc.abstractmethod
     def make_dir(self, path: str) -> None:

@@ -141,6 +141,10 @@ class InstrumentedBackend(Backend):
             return InstrumentedUpload(self.name, self.inner.open_write(path, offset=offset,
                                                                        truncate=truncate))
 
+    def create_file(self, path: str) -> Entry:
+        with self._timed("create_file"):
+            return self.inner.create_file(path)
+
     def make_dir(self, path: str) -> None:
         with self._timed("make_dir"):
             self.inner.make_dir(path)

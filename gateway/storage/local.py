@@ -490,6 +490,26 @@ class LocalBackend(Backend):
         finally:
             os.close(src_fd)
 
+    def create_file(self, path: str) -> Entry:
+        # O_EXCL: one step that never replaces what another client created meanwhile.
+        parent, name = paths.split(path)
+        if not name:
+            raise AlreadyExists(path)
+        dir_fd = self._open_dir(parent)
+        try:
+            with _converted(path):
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=dir_fd)
+                try:
+                    if self.config.fsync:
+                        os.fsync(fd)
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dir_fd)
+        return _entry(name, st, path)
+
     def set_mtime(self, path: str, mtime: float) -> None:
         if path == "/":
             raise PermissionDenied(path, "the root cannot be changed")

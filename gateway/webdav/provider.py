@@ -525,11 +525,7 @@ class FolderResource(_Resource, DAVCollection):
             # LOCK on an unmapped URL creates an empty file (RFC 4918 7.3);
             # a PUT target appears only when its upload commits.
             with self.mapped():
-                upload = self.fs.open_write(vpath)
-                try:
-                    res.entry = upload.commit()
-                finally:
-                    upload.abort()
+                res.entry = self.fs.create_file(vpath)
         return res
 
     def create_collection(self, name: str) -> None:

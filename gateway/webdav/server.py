@@ -18,6 +18,7 @@ from .dir_browser import DirBrowser
 from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
 from .http import make_server
+from . import lazy_debug
 from ..errors import GatewayError
 from .provider import MACOS_PATTERNS, UserFSProvider
 from .state import import_legacy_state, open_state
@@ -86,6 +87,7 @@ class WebDAVServer:
         """The WSGI application: wsgidav with our provider, auth, state and checks."""
         section = self.section
         store = self.gateway.store
+        lazy_debug.install()
         imported = import_legacy_state(self.gateway.state_dir / LEGACY_STATE_FILE, store, self._storage_key)
         if imported is not None:
             log.info("imported %d WebDAV locks and properties from %s into the store %s", imported,

@@ -172,9 +172,10 @@ class StoreLockStorage:
         # The LOCK response lists the resource's locks next: the store took
         # this one after the conflict check, so what this request read before
         # plus the new lock is what it holds now.
+        # In place: the memo by URL (get_lock_list) holds the same list.
         memo = getattr(self._request, "memo", None)
         if memo is not None and location in memo:
-            memo[location] = [*memo[location], added]
+            memo[location].append(added)
         return lock
 
     def refresh(self, token: str, *, timeout: float) -> dict:

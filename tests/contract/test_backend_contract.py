@@ -250,6 +250,27 @@ class TestBackendContract:
         with pytest.raises(IsADirectory):
             backend.open_write("/d")
 
+    def test_create_file_makes_an_empty_file_and_describes_it(self, backend):
+        entry = backend.create_file("/new.txt")
+        assert (entry.name, entry.is_dir, entry.size) == ("new.txt", False, 0)
+        assert backend.stat("/new.txt").size == 0
+        assert get(backend, "/new.txt") == b""
+        assert names(backend, "/") == ["new.txt"]
+
+    def test_create_file_on_an_existing_path_raises_already_exists_and_keeps_it(self, backend):
+        put(backend, "/f", b"keep me")
+        backend.make_dir("/d")
+        with pytest.raises(AlreadyExists):
+            backend.create_file("/f")
+        with pytest.raises(AlreadyExists):
+            backend.create_file("/d")
+        assert get(backend, "/f") == b"keep me"
+        assert backend.stat("/d").is_dir
+
+    def test_create_file_with_missing_parent_raises_not_found(self, backend):
+        with pytest.raises(NotFound):
+            backend.create_file("/missing/a.txt")
+
     # -- directories ----------------------------------------------------------
 
     def test_make_dir_creates_an_empty_directory(self, backend):
