@@ -101,6 +101,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._open_uploads: weakref.WeakSet[Upload] = weakref.WeakSet()
         self._stopping = threading.Event()
+        self._stopped = False
         self._sweepers: list[threading.Thread] = []
         self.limits = Limits(config.server.max_hole_bytes, config.server.max_depth)
 
@@ -290,6 +291,11 @@ class Gateway:
         return {kind: count for kind, count in counts.items() if count}
 
     def stop(self) -> None:
+        """Stop front-ends, abort what they left open, close backends and the store; once."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self._follower.stop()
         for frontend in reversed(self.frontends):
             try:

@@ -424,3 +424,25 @@ def test_sighup_makes_new_connections_use_the_new_tls_certificate(tmp_path, serv
     assert served_cert("webdav") == new and served_cert("admin") == new
     served.proc.send_signal(signal.SIGTERM)
     assert served.wait() == 0, served.log.read_text()
+
+
+def test_stopping_twice_closes_no_descriptor_the_gateway_no_longer_owns(make_gateway, tmp_path):
+    """A second stop (the test's, then the fixture's) once closed the local root's number again.
+
+    In a process full of threads that number belongs to someone else by then:
+    the next gateway's sweep lost its folder mid-listing ("Not a directory").
+    """
+    running = make_gateway()
+    backend = running.gateway.backends["local"]
+    root_fd = getattr(backend, "inner", backend)._root_fd
+    other = os.open(tmp_path / "someone-else.txt", os.O_CREAT | os.O_WRONLY)
+    try:
+        running.gateway.stop()
+        os.dup2(other, root_fd)               # the freed number goes to someone else
+        try:
+            running.gateway.stop()
+            os.fstat(root_fd)                 # still theirs
+        finally:
+            os.close(root_fd)
+    finally:
+        os.close(other)

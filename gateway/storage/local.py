@@ -594,5 +594,10 @@ class LocalBackend(Backend):
         return removed
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._root_fd)
+        # Once only: a second os.close of the same number, in a process full
+        # of threads, closes whatever descriptor took that number meanwhile
+        # (seen: the next gateway's sweep lost its folder mid-listing).
+        fd, self._root_fd = self._root_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
