@@ -63,6 +63,11 @@ class Defender:
         self._connections: dict[str, int] = defaultdict(int)
         self._total_connections = 0
         self._lock = threading.Lock()
+        # Held from reading an address's count to updating its verifications in
+        # flight, and from recording a failure to settling its flight: without
+        # it a check could read the count before a failure lands and the
+        # flight count after it is settled, and let one guess past the limit.
+        self._attempts = threading.RLock()
 
     def load_bans(self) -> None:
         """Re-read the bans in force from the store (the change feed calls this).
@@ -102,41 +107,47 @@ class Defender:
             return True
         if self.is_banned(ip):
             return False
-        try:
-            # A ban another node just set may not have reached the cache yet
-            # (it clears the failures it counted): ask the store too.
-            until = self.store.banned_until(ip)
-            if until is not None:
-                with self._lock:
-                    self._bans[ip] = until
+        with self._attempts:
+            try:
+                # A ban another node just set may not have reached the cache yet
+                # (it clears the failures it counted): ask the store too.
+                until = self.store.banned_until(ip)
+                if until is not None:
+                    with self._lock:
+                        self._bans[ip] = until
+                    return False
+                recent = self._recent(ip)
+            except StoreUnavailable as exc:
+                # Security decision: without the shared count, guesses would go
+                # unbounded; refuse password checks until the store is back.
+                log.warning("%s; password check from %s refused", exc, ip)
                 return False
-            recent = self._recent(ip)
-        except StoreUnavailable as exc:
-            # Security decision: without the shared count, guesses would go
-            # unbounded; refuse password checks until the store is back.
-            log.warning("%s; password check from %s refused", exc, ip)
-            return False
-        with self._lock:
-            if recent + self._pending[ip] >= self.config.max_failures:
-                return False
-            self._pending[ip] += 1
-            return True
+            with self._lock:
+                if recent + self._pending[ip] >= self.config.max_failures:
+                    return False
+                self._pending[ip] += 1
+                return True
 
     def end_attempt(self, ip: str, user: str | None, ok: bool) -> None:
-        """Settle a verification `begin_attempt` let through."""
+        """Settle a verification `begin_attempt` let through: the failure lands before the flight ends."""
         if self._exempt(ip):
             return
-        with self._lock:
-            self._pending[ip] -= 1
-            if self._pending[ip] <= 0:
-                del self._pending[ip]
-        if not ok:
-            self.record_failure(ip, user)
+        with self._attempts:
+            if not ok:
+                self.record_failure(ip, user)
+            with self._lock:
+                self._pending[ip] -= 1
+                if self._pending[ip] <= 0:
+                    del self._pending[ip]
 
     def record_failure(self, ip: str, user: str | None) -> None:
         """Count a failed login in the store; ban the address once it reaches the limit."""
         if self._exempt(ip):
             return
+        with self._attempts:
+            self._record_failure(ip, user)
+
+    def _record_failure(self, ip: str, user: str | None) -> None:
         try:
             count = self.store.record_failure(ip, self.config.window)
             if count >= self.config.max_failures:
