@@ -12,6 +12,7 @@ handle (Depth: infinity or none, conditional headers) go to wsgidav unchanged.
 """
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 from xml.sax.saxutils import escape
@@ -42,6 +43,9 @@ _SUPPORTED_LOCK = ("<D:supportedlock><D:lockentry><D:lockscope><D:exclusive/></D
 _NO_LOCKS = "<D:lockdiscovery/>"
 _LOCK_NAMES = ("{DAV:}lockdiscovery", "{DAV:}supportedlock")
 _QUOTA_NAMES = ("{DAV:}quota-used-bytes", "{DAV:}quota-available-bytes")
+# RFC 4918's element is propname; wsgidav 4.4 looks for "name" only (and then
+# answers an empty list). Both ask for the names of all properties.
+_PROPNAME = ("{DAV:}propname", "{DAV:}name")
 # One 404 for every property a child lacks (wsgidav raises a new one each time).
 _MISSING = DAVError(HTTP_NOT_FOUND)
 
@@ -78,6 +82,32 @@ def answer(provider: "UserFSProvider", environ: dict, start_response) -> list[by
     return [body]
 
 
+def propname_for_wsgidav(environ: dict) -> None:
+    """Rewrite a `<D:propname/>` request body as the `<D:name/>` wsgidav reads, for its own PROPFIND.
+
+    The body is already buffered (guard.py caps and checks XML bodies); one
+    that does not parse is left for wsgidav to refuse.
+    """
+    if not isinstance(environ.get("wsgi.input"), io.BytesIO):
+        return      # no body
+    try:
+        request = util.parse_xml_body(environ, allow_empty=True)
+    except DAVError:
+        request = None
+    finally:
+        environ["wsgi.input"].seek(0)
+    if request is None or request.tag != "{DAV:}propfind":
+        return
+    nodes = [node for node in request if node.tag == "{DAV:}propname"]
+    if not nodes:
+        return
+    for node in nodes:
+        node.tag = "{DAV:}name"
+    body = etree.tostring(request, encoding="utf-8")
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+
+
 def _parse_request(environ: dict) -> tuple[str, list[str]]:
     """("allprop" | "name" | "named", the names asked for), as wsgidav's do_PROPFIND reads the body."""
     request = util.parse_xml_body(environ, allow_empty=True)
@@ -92,7 +122,7 @@ def _parse_request(environ: dict) -> tuple[str, list[str]]:
             if mode:
                 raise DAVError(HTTP_BAD_REQUEST)
             mode = "allprop"
-        elif node.tag == "{DAV:}name":
+        elif node.tag in _PROPNAME:
             if mode:
                 raise DAVError(HTTP_BAD_REQUEST)
             mode = "name"

@@ -656,10 +656,12 @@ class UserFSProvider(DAVProvider):
         scope = storage.request_scope() if hasattr(storage, "request_scope") else contextlib.nullcontext()
         try:
             with scope:
-                if method == "PROPFIND" and self.fast_propfind:
-                    answered = propfind.answer(self, environ, start_response)
-                    if answered is not None:
-                        return answered
+                if method == "PROPFIND":
+                    if self.fast_propfind:
+                        answered = propfind.answer(self, environ, start_response)
+                        if answered is not None:
+                            return answered
+                    propfind.propname_for_wsgidav(environ)
                 return default_handler(environ, start_response)
         except DAVError as exc:
             # Lock conflicts name the locks by their keys (storage locations):

@@ -169,3 +169,29 @@ def test_propfind_of_a_folder_holding_a_name_with_a_control_character_is_400_as_
     dav.add_user("erin")
     fast, slow = _both(DavClient(dav.webdav_port, "erin"), "/odd/", "1", ALLPROP, monkeypatch)
     assert fast.status == slow.status == 400
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "wsgidav"])
+def test_propname_lists_every_property_name_without_values(tree, monkeypatch, fast):
+    """RFC 4918 9.1: <D:propname/> asks for the names of all properties, values left out."""
+    monkeypatch.setattr(UserFSProvider, "fast_propfind", fast)
+    for depth in ("0", "1"):
+        reply = tree.propfind("/d/", depth, PROPNAME)
+        assert reply.status == 207
+        answer = _parse(reply.body)
+        assert len(answer) == (1 if depth == "0" else 2 + len(NAMES) + 1)
+        names = {tag: (text, children) for tag, text, children in answer["/d/plain.txt" if depth == "1" else "/d/"]
+                 ["HTTP/1.1 200 OK"]}
+        assert {"{DAV:}getlastmodified", "{DAV:}resourcetype", "{DAV:}displayname"} <= set(names)
+        if depth == "1":
+            assert {"{DAV:}getcontentlength", "{urn:test:}color"} <= set(names)
+        assert all(value == ("", ()) for value in names.values()), names
+
+
+def test_propname_with_a_condition_goes_to_wsgidav_and_still_lists_names(tree):
+    reply = tree.request("PROPFIND", "/d/plain.txt", PROPNAME,
+                         {"Depth": "0", "Content-Type": "application/xml", "If-Modified-Since":
+                          "Thu, 01 Jan 1970 00:00:00 GMT"})
+    assert reply.status == 207, reply.body[:300]
+    names = {tag for tag, _, _ in _parse(reply.body)["/d/plain.txt"]["HTTP/1.1 200 OK"]}
+    assert {"{DAV:}getcontentlength", "{urn:test:}color"} <= names
