@@ -7,6 +7,8 @@ no open store or backend connection: every worker builds its own Gateway.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import select
@@ -38,6 +40,8 @@ RESTART_DELAY_MAX = 30.0
 # joins each connection); one still running after drain_timeout plus this
 # margin is killed. The systemd unit's TimeoutStopSec must exceed the sum.
 DRAIN_MARGIN = 20.0
+# prctl(2) option: the signal a process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
 # The signals the parent handles.
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
@@ -288,8 +292,10 @@ class Supervisor:
         # Held back across fork(): the child sets its own handlers before it
         # takes any signal (the parent's would only note it in the child's copy).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            _end_with_parent(parent)
             self._run_worker(worker, mask)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker.pid = pid
@@ -329,6 +335,25 @@ class Supervisor:
             finally:
                 # Never return into the parent's stack (its finally blocks, atexit).
                 os._exit(status)
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a worker just forked: drain and stop (SIGTERM) when the parent dies, even by SIGKILL.
+
+    A worker outliving its parent would serve on without restarts or drain,
+    and keep the ports bound, so the next `gateway serve` could not start.
+    Linux only; elsewhere a worker notices nothing.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError) as exc:
+        log.warning("a worker will not stop with its parent: %s", exc)
+        return
+    if os.getppid() != parent:
+        # The parent died before the request took effect: nobody will signal.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _read_all(fd: int) -> bytes:

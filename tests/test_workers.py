@@ -62,6 +62,10 @@ class Served:
             return set()
         return {int(pid) for pid in text.split()}
 
+    def wait_ready(self, pid: int) -> None:
+        """Wait until worker `pid` reported ready (its listeners serve); needs log_level "info"."""
+        wait_for(lambda: f"(pid {pid}) ready" in self.log.read_text(), f"worker {pid} to be ready")
+
     def owner(self, client: socket.socket, name: str) -> int:
         """The pid of the worker holding the server side of `client`'s connection to listener `name`."""
         inode = _server_inode(self.ports[name], client.getsockname()[1])
@@ -192,7 +196,7 @@ def test_two_workers_share_the_webdav_and_sftp_listeners(tmp_path, host_key_dir)
 
 
 def test_a_killed_worker_is_restarted_and_service_continues(tmp_path, host_key_dir):
-    with serving(tmp_path, host_key_dir) as served:
+    with serving(tmp_path, host_key_dir, log_level="info") as served:
         victim, survivor = sorted(served.workers())
         os.kill(victim, signal.SIGKILL)
         # The survivor answers everything in the meantime.
@@ -202,6 +206,9 @@ def test_a_killed_worker_is_restarted_and_service_continues(tmp_path, host_key_d
                  "the killed worker to be replaced")
         (replacement,) = served.workers() - {survivor}
         assert survivor in served.workers()
+        # Until then the survivor takes every connection, and refuses those
+        # past its per-address limit.
+        served.wait_ready(replacement)
         assert "killed by SIGKILL" in served.log.read_text()
         owners = _owners_until_all(served, lambda i: _put(served.ports["webdav"], f"after-{i}.bin"),
                                    "webdav", 200)
@@ -210,8 +217,29 @@ def test_a_killed_worker_is_restarted_and_service_continues(tmp_path, host_key_d
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
 
 
-def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, host_key_dir):
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its new parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path, host_key_dir):
     with serving(tmp_path, host_key_dir) as served:
+        workers = served.workers()
+        _put(served.ports["webdav"], "before.bin").close()
+        served.proc.kill()
+        served.proc.wait()
+        # Orphans would serve on with nobody to restart them, and hold the ports.
+        wait_for(lambda: all(_gone(pid) for pid in workers), "the workers to stop")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", served.ports["webdav"]), timeout=5).close()
+    assert (served.home / "before.bin").exists()
+
+
+def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, host_key_dir):
+    with serving(tmp_path, host_key_dir, log_level="info") as served:
         transport = _sftp_login(served.ports["sftp"])
         try:
             sftp = paramiko.SFTPClient.from_transport(transport)
@@ -225,6 +253,7 @@ def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, hos
                      "the killed worker to be replaced")
             # The replacement is serving (so past its start-up) before the upload ends.
             (replacement,) = served.workers() - {uploader}
+            served.wait_ready(replacement)
             assert _owners_until_all(served, lambda i: _put(served.ports["webdav"], f"probe-{i}.bin"),
                                      "webdav", 200) == {uploader, replacement}
             handle.write(b"b" * 100_000)
