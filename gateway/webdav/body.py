@@ -8,26 +8,28 @@ socket with `recv_into` into one reusable buffer, which the upload writes as
 it is: one copy in, one copy out, and no Python per socket read beyond a
 loop step.
 
-Only a body with a Content-Length on a plain TCP socket takes this path.
-Chunked bodies and TLS connections keep cheroot's reader (`direct_socket`
-returns None for them). The socket keeps its timeout, so a stalled client
+Only a body with a Content-Length takes this path, on plain TCP or TLS (an
+`ssl.SSLSocket` hands out one decrypted record, up to 16 KiB, per
+`recv_into`). Chunked bodies keep cheroot's reader (`direct_socket` returns
+None for them). The socket keeps its timeout, so a stalled client
 still ends the request with `socket.timeout`, as it does in cheroot's reader.
 """
 from __future__ import annotations
 
 import socket
+import ssl
 
 from cheroot import server as cheroot_server
 from cheroot.makefile import StreamReader
 
 
 def direct_socket(req: cheroot_server.HTTPRequest) -> socket.socket | None:
-    """The plain TCP socket `req`'s body can be read from directly, or None for cheroot's reader."""
+    """The socket (TCP or TLS) `req`'s body can be read from directly, or None for cheroot's reader."""
     if req.chunked_read or type(req.rfile) is not cheroot_server.KnownLengthRFile:
         return None
     conn = req.conn
-    # A TLS socket is an ssl.SSLSocket, a subclass: only the plain class qualifies.
-    if type(conn.socket) is not socket.socket or not isinstance(conn.rfile, StreamReader):
+    # Exactly these classes: a wrapper of another kind may buffer bytes of its own.
+    if type(conn.socket) not in (socket.socket, ssl.SSLSocket) or not isinstance(conn.rfile, StreamReader):
         return None
     return conn.socket
 
