@@ -45,6 +45,11 @@ def _below(location: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + "0"
 
 
+def _like_escape(text: str) -> str:
+    """`text` as a literal in a LIKE pattern with escape character backslash."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _ancestors(location: str) -> list[str]:
     """The locations above "backend:/a/b": "backend:/a", "backend:/"."""
     backend, _, path = location.partition(":")
@@ -551,18 +556,23 @@ class Store:
         return [name for (name,) in self._fetch("SELECT name FROM properties WHERE location = ? ORDER BY name",
                                                 (location,))]
 
-    def properties_below(self, location: str) -> list[tuple[str, str, bytes]]:
+    def properties_below(self, location: str, *, children_only: bool = False) -> list[tuple[str, str, bytes]]:
         """(location, name, value) of every property set strictly below `location`, in one query.
 
         A PROPFIND of a folder reads its children's properties with this
-        instead of one query per child.
+        instead of one query per child; with `children_only` the rows of
+        deeper descendants stay in the database (the index range is still
+        walked, but their values are neither read nor sent).
         """
         p = schema.properties
         low, high = _below(location)
+        query = (sa.select(p.c.location, p.c.name, p.c.value)
+                 .where(p.c.location >= low, p.c.location < high))
+        if children_only:
+            # Within the range every key starts with `low`: a "/" after it means deeper.
+            query = query.where(p.c.location.not_like(_like_escape(low) + "%/%", escape="\\"))
         with self._read() as conn:
-            rows = conn.execute(sa.select(p.c.location, p.c.name, p.c.value)
-                                .where(p.c.location >= low, p.c.location < high)
-                                .order_by(p.c.location, p.c.name)).all()
+            rows = conn.execute(query.order_by(p.c.location, p.c.name)).all()
         return [(row[0], row[1], bytes(row[2])) for row in rows]
 
     def get_property(self, location: str, name: str) -> bytes | None:

@@ -244,9 +244,9 @@ class StorePropertyManager:
         return self._store.get_property(self._key(norm_url), name)
 
     def properties_below(self, norm_url: str) -> dict[str, list[tuple[str, bytes]]]:
-        """The dead properties of everything below a resource, by ref URL, names sorted (one query)."""
+        """The dead properties of a collection's members, by ref URL, names sorted (one query)."""
         found: dict[str, list[tuple[str, bytes]]] = {}
-        for location, name, value in self._store.properties_below(self._key(norm_url)):
+        for location, name, value in self._store.properties_below(self._key(norm_url), children_only=True):
             found.setdefault(location_to_url(location), []).append((name, value))
         return found
 

@@ -388,6 +388,20 @@ def test_properties_below_lists_every_descendant_and_spares_siblings_with_a_comm
         "local:/d", "local:/d/a", "local:/d/a", "local:/d/a/deep", "local:/d/b", "local:/dx"]
 
 
+def test_properties_below_children_only_leaves_out_deeper_descendants(store):
+    # Names with LIKE's wildcards and its escape character must match only themselves.
+    for location in ("local:/d", "local:/d/a", "local:/d/a/deep", "local:/d/a/deep/er", "local:/d/b_%\\",
+                     "local:/d/b_%\\/x", "local:/dx", "local:/dx/y", "other:/d/a"):
+        store.set_property(location, "p", location.encode())
+    assert [row[0] for row in store.properties_below("local:/d", children_only=True)] == [
+        "local:/d/a", "local:/d/b_%\\"]
+    assert [row[0] for row in store.properties_below("local:/d/b_%\\", children_only=True)] == [
+        "local:/d/b_%\\/x"]
+    assert [row[0] for row in store.properties_below("local:/", children_only=True)] == [
+        "local:/d", "local:/dx"]
+    assert [row[0] for row in store.properties_below("local:/d_", children_only=True)] == []
+
+
 def test_copy_properties_replaces_the_destination(store):
     store.set_property("local:/src", "a", b"1")
     store.set_property("local:/dst", "old", b"0")
