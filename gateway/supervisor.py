@@ -8,7 +8,6 @@ no open store or backend connection: every worker builds its own Gateway.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import select
@@ -295,8 +294,7 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _end_with_parent(parent)
-            self._run_worker(worker, mask)
+            self._run_worker(worker, mask, parent)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker.pid = pid
         worker.started = time.monotonic()
@@ -304,10 +302,11 @@ class Supervisor:
 
     # -- worker ---------------------------------------------------------------
 
-    def _run_worker(self, worker: Worker, mask: set[signal.Signals]) -> NoReturn:
+    def _run_worker(self, worker: Worker, mask: set[signal.Signals], parent: int) -> NoReturn:
         """The child after fork(): serve as one gateway process, then exit without returning."""
         status = 1
         try:
+            _end_with_parent(parent)
             # Until run_gateway sets its own handlers: SIGTERM and SIGINT end a
             # worker that has nothing to drain yet, and SIGHUP must not.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -345,7 +344,8 @@ def _end_with_parent(parent: int) -> None:
     Linux only; elsewhere a worker notices nothing.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The symbols already loaded (libc among them): no library search, no subprocess.
+        libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     except (OSError, AttributeError) as exc:
