@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Protocol
 
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+
 from .audit import ReopeningFileHandler, setup_audit_log
 from .auth import Authenticator, Defender
 from .budget import HandleBudget, derive_total, raise_open_file_limit
@@ -250,13 +252,9 @@ class Gateway:
                 log.warning("SIGHUP: backend '%s' changed in the config: the change waits for a restart", name)
         for step in steps:
             step()
-        logging.getLogger().setLevel(_log_level(new))
+        apply_log_level(new)
         self.defender.config = new.defender
-        self.config = dataclasses.replace(
-            self.config, defender=new.defender, sftp=dataclasses.replace(new.sftp, listen=self.config.sftp.listen),
-            server=dataclasses.replace(self.config.server, log_level=new.server.log_level,
-                                       drain_timeout=new.server.drain_timeout),
-            backends={**self.config.backends, **{name: new.backends[name] for name in added}})
+        self.config = reloaded_config(self.config, new)
         self.backends.update(backends)
         if added:
             try:
@@ -322,6 +320,11 @@ class Gateway:
 
 def _log_level(config: Config) -> int:
     return getattr(logging, config.server.log_level.upper(), logging.INFO)
+
+
+def apply_log_level(config: Config) -> None:
+    """SIGHUP: the main log's level from `config` (a worker forked later inherits it)."""
+    logging.getLogger().setLevel(_log_level(config))
 
 
 def setup_logging(config: Config) -> logging.Handler | None:
@@ -434,6 +437,50 @@ def drain(gateway: Gateway, timeout: float, signals: "queue.SimpleQueue[int]",
 
 def _describe(counts: dict[str, int]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in counts.items())
+
+
+def reloaded_config(old: Config, new: Config) -> Config:
+    """The config a process runs with after a SIGHUP read `new`: what a reload applies, from `new`; the rest from `old`.
+
+    The supervisor keeps this too, so that a worker it starts after a reload
+    runs with the same settings as the workers that reloaded.
+    """
+    def tls(old_section, new_section) -> dict:
+        # Turning TLS on or off waits for a restart; a new certificate does not.
+        if (old_section.tls_cert is None) != (new_section.tls_cert is None):
+            return {}
+        return {"tls_cert": new_section.tls_cert, "tls_key": new_section.tls_key}
+
+    return dataclasses.replace(
+        old, defender=new.defender,
+        sftp=dataclasses.replace(new.sftp, listen=old.sftp.listen, proxy_protocol=old.sftp.proxy_protocol),
+        webdav=dataclasses.replace(old.webdav, header_timeout=new.webdav.header_timeout,
+                                   max_header_size=new.webdav.max_header_size, **tls(old.webdav, new.webdav)),
+        admin=dataclasses.replace(old.admin, **tls(old.admin, new.admin)),
+        server=dataclasses.replace(old.server, log_level=new.server.log_level,
+                                   drain_timeout=new.server.drain_timeout),
+        backends={**old.backends, **{name: section for name, section in new.backends.items()
+                                     if name not in old.backends}})
+
+
+def check_reload(old: Config, new: Config) -> None:
+    """Fail as a process's reload of `new` would, without keeping anything open.
+
+    Creates (and closes) the backends `new` adds and loads its certificates.
+
+    Raises:
+        ConfigError: one line saying what is wrong.
+    """
+    try:
+        for name, section in new.backends.items():
+            if name not in old.backends:
+                create_backend(section.type, section.options).close()
+        for name in ("webdav", "admin"):
+            old_section, new_section = getattr(old, name), getattr(new, name)
+            if old_section.tls_cert is not None and new_section.tls_cert is not None:
+                BuiltinSSLAdapter(str(new_section.tls_cert), str(new_section.tls_key or new_section.tls_cert))
+    except (GatewayError, OSError, ValueError) as exc:
+        raise ConfigError(f"{new.path}: {exc}") from None
 
 
 def reload_config(gateway: Gateway) -> None:

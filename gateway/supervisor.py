@@ -21,8 +21,9 @@ from types import MappingProxyType
 from typing import NoReturn
 
 from . import metrics
-from .config import Config, ConfigError, Listen
-from .server import FRONTENDS, Gateway, reopen_audit_log, run_gateway
+from .config import Config, ConfigError, Listen, load_config
+from .server import (FRONTENDS, Gateway, apply_log_level, check_reload, reloaded_config, reopen_audit_log,
+                     run_gateway)
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,24 @@ class Supervisor:
             elif signum == signal.SIGHUP:
                 # The workers inherited the audit log file; the parent lets go of a rotated one too.
                 reopen_audit_log(self.audit_handler)
+                self._reload()
                 log.info("SIGHUP: passing it on to the workers")
                 self._signal_workers(signal.SIGHUP)
+
+    def _reload(self) -> None:
+        """Keep what the workers' reload applies, for the workers started from now on.
+
+        A config the workers would refuse is refused here too: each worker
+        checks and logs it itself.
+        """
+        try:
+            new = load_config(self.config.path)
+            check_reload(self.config, new)
+        except ConfigError:
+            return
+        self.config = reloaded_config(self.config, new)
+        apply_log_level(self.config)
+        self.kill_after = self.config.server.drain_timeout + DRAIN_MARGIN
 
     def _stop(self, signum: int) -> None:
         if not self._stopping:

@@ -171,3 +171,58 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 def test_missing_config_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+# -- what a SIGHUP keeps: the supervisor starts later workers from it ------------
+
+RELOAD_BASE = """
+[server]
+state_dir = "state"
+log_level = "info"
+drain_timeout = 30
+[webdav]
+listen = "127.0.0.1:18080"
+max_header_size = 65536
+threads = 32
+[sftp]
+listen = "127.0.0.1:18022"
+idle_timeout = 900
+[defender]
+max_failures = 10
+[backends.local]
+type = "local"
+root = "data"
+"""
+
+
+def test_a_reloaded_config_takes_what_a_sighup_applies_and_keeps_the_rest(tmp_path):
+    from gateway.server import reloaded_config
+    old = load_config(write(tmp_path, RELOAD_BASE))
+    changed = (RELOAD_BASE.replace('"info"', '"debug"').replace("drain_timeout = 30", "drain_timeout = 5")
+               .replace(":18080", ":18081").replace("65536", "4096").replace("threads = 32", "threads = 8")
+               .replace(":18022", ":18023").replace("idle_timeout = 900", "idle_timeout = 60")
+               .replace("max_failures = 10", "max_failures = 3").replace('root = "data"', 'root = "moved"')
+               + '[backends.extra]\ntype = "local"\nroot = "data2"\n')
+    new = load_config(write(tmp_path, changed))
+    got = reloaded_config(old, new)
+    assert (got.server.log_level, got.server.drain_timeout) == ("debug", 5)
+    assert got.webdav.max_header_size == 4096
+    assert (got.webdav.listen, got.webdav.threads) == (old.webdav.listen, 32)
+    assert (got.sftp.listen, got.sftp.idle_timeout) == (old.sftp.listen, 60)
+    assert got.defender.max_failures == 3
+    # An added backend comes in; a changed one waits for a restart, as in the workers.
+    assert got.backends == {"local": old.backends["local"], "extra": new.backends["extra"]}
+
+
+def test_a_reload_whose_certificate_does_not_load_is_refused_before_anything_changes(tmp_path):
+    from gateway.server import check_reload
+    from tests.webdav.test_tls import self_signed
+    cert, key = self_signed(tmp_path)
+    tls = RELOAD_BASE.replace("threads = 32", f"threads = 32\ntls_cert = '{cert}'\ntls_key = '{key}'")
+    old = load_config(write(tmp_path, tls))
+    check_reload(old, old)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    new = load_config(write(tmp_path, tls.replace(str(cert), str(bad))))
+    with pytest.raises(ConfigError, match="gateway.toml"):
+        check_reload(old, new)

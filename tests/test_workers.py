@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import tomllib
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -264,6 +265,41 @@ def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, hos
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
     assert (served.home / "big.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
+
+
+def test_a_worker_started_after_sighup_runs_with_the_reloaded_config(tmp_path, host_key_dir):
+    with serving(tmp_path, host_key_dir, log_level="info") as served:
+        path = tmp_path / "gateway.toml"
+        config = tomllib.loads(path.read_text())
+        config["webdav"]["max_header_size"] = 4096       # 64 KiB before
+        path.write_text(tomli_w.dumps(config))
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: served.log.read_text().count("SIGHUP: reloaded") == 2, "both workers to reload")
+        survivor, victim = sorted(served.workers())
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(served.workers()) == 2 and victim not in served.workers(),
+                 "the killed worker to be replaced")
+        (replacement,) = served.workers() - {survivor}
+        served.wait_ready(replacement)
+        # Each worker answers a request with 8 KiB of headers on a connection it holds.
+        answers: dict[int, int] = {}
+        opened = []
+        try:
+            while set(answers) != {survivor, replacement} and len(opened) < 60:
+                conn = http.client.HTTPConnection("127.0.0.1", served.ports["webdav"], timeout=60)
+                opened.append(conn)
+                conn.request("PROPFIND", "/", headers={**AUTH, "Depth": "0"})
+                conn.getresponse().read()
+                owner = served.owner(conn.sock, "webdav")
+                if owner not in answers:
+                    conn.request("PROPFIND", "/", headers={**AUTH, "Depth": "0", "X-Padding": "x" * 8192})
+                    answers[owner] = conn.getresponse().status
+        finally:
+            for conn in opened:
+                conn.close()
+        assert answers == {survivor: 431, replacement: 431}
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=60) == 0, served.log.read_text()
 
 
 def test_sigterm_drains_workers_and_an_sftp_upload_in_flight_keeps_the_old_version(tmp_path, host_key_dir):
