@@ -231,6 +231,9 @@ class Supervisor:
             check_reload(self.config, new)
         except ConfigError:
             return
+        except Exception:     # the parent must outlive whatever a config file holds
+            log.exception("SIGHUP: the parent keeps its config")
+            return
         self.config = reloaded_config(self.config, new)
         apply_log_level(self.config)
         self.kill_after = self.config.server.drain_timeout + DRAIN_MARGIN
