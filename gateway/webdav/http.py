@@ -12,6 +12,12 @@ every thread. Here `HeaderGate` collects the headers in the connection
 manager's selector thread, within a size cap and a deadline, and a worker sees
 a connection only once its headers are complete. Connections are counted
 against the defender's limits when they are accepted, for their whole life.
+
+Stock cheroot also does the TLS handshake in that selector thread, blocking,
+for up to the socket timeout: one client that opens a connection and sends
+half a ClientHello stalled every other connection for a minute. Here the
+handshake is non-blocking too, driven by the same selector within the same
+deadline as the headers.
 """
 from __future__ import annotations
 
@@ -200,6 +206,8 @@ class GuardedGateway(wsgi.Gateway_10):
 _HEADER_END = (b"\r\n\r\n", b"\n\n")
 _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
               b"Content-Length: 29\r\nConnection: close\r\n\r\nrequest headers are too large")
+_PLAIN_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 37\r\n"
+                 b"Connection: close\r\n\r\nthis port speaks HTTPS, not plain HTTP")
 
 
 class _AdmittingSocket:
@@ -240,7 +248,10 @@ class HeaderGate(connections.ConnectionManager):
             return None
         listener = _AdmittingSocket(server_socket, self.server.admit_connection)
         try:
-            conn = super()._from_server_socket(listener)
+            if self.server.ssl_adapter is not None:
+                conn = self._accept_tls(listener)
+            else:
+                conn = super()._from_server_socket(listener)
         except BaseException:
             if listener.ip is not None:
                 self.server.release_connection(listener.ip)
@@ -256,6 +267,72 @@ class HeaderGate(connections.ConnectionManager):
         conn.header_deadline = time.monotonic() + self.server.header_timeout
         return conn
 
+    def _accept_tls(self, listener: "_AdmittingSocket"):
+        """Accept a connection and wrap it for TLS without a handshake yet (headers_complete drives it)."""
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, socket.timeout):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                return None   # as cheroot: the client left, or try again once descriptors free up
+            raise
+        connections.prevent_socket_inheritance(sock)
+        adapter = self.server.ssl_adapter
+        try:
+            tls = adapter.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            sock.close()
+            return None
+        conn = self.server.ConnectionClass(self.server, tls, adapter.makefile)
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            conn.remote_addr, conn.remote_port = addr[0], addr[1]
+        conn.ssl_env = {}
+        conn.tls_adapter = adapter
+        return conn
+
+    def _handshake_done(self, conn) -> bool:
+        """Advance `conn`'s TLS handshake without blocking; True once it is complete.
+
+        False: it waits for the client (registered for reading again) or it
+        failed (the connection is closed).
+        """
+        sock = conn.socket
+        try:
+            sock.setblocking(False)
+            if not getattr(conn, "tls_started", False):
+                # A TLS record starts with a byte below 0x20; a plain HTTP request with its method.
+                first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+                if not first:
+                    conn.close()
+                    return False
+                if first.isalpha():
+                    log.info("webdav connection from %s spoke plain HTTP to the TLS port", conn.client_ip)
+                    socket.socket.send(sock, _PLAIN_ON_TLS)   # below TLS, as the client speaks
+                    conn.close()
+                    return False
+                conn.tls_started = True
+            sock.do_handshake()
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            self._selector.register(sock.fileno(), connections.selectors.EVENT_READ, data=conn)
+            return False
+        except ssl.SSLError as exc:
+            log.info("webdav connection from %s closed: TLS handshake failed: %s", conn.client_ip, exc)
+            conn.close()
+            return False
+        except OSError as exc:
+            log.info("webdav connection from %s closed during the TLS handshake: %s", conn.client_ip, exc)
+            conn.close()
+            return False
+        finally:
+            try:
+                sock.settimeout(conn.server.timeout)
+            except OSError:
+                pass
+        conn.ssl_env = conn.tls_adapter.get_environ(sock)
+        conn.tls_adapter = None
+        return True
+
     def put(self, conn) -> None:
         """An idle keep-alive connection comes back: wait for its next request's headers."""
         conn.last_used = time.time()
@@ -269,6 +346,8 @@ class HeaderGate(connections.ConnectionManager):
         back); every read is non-blocking. A connection that is closed here,
         or must wait for more bytes, is handled and False returned.
         """
+        if getattr(conn, "tls_adapter", None) is not None and not self._handshake_done(conn):
+            return False
         rfile = conn.rfile
         fresh = conn.header_buffer is None
         buffer = bytearray() if fresh else conn.header_buffer

@@ -230,8 +230,9 @@ def test_tls_put_shorter_than_its_content_length_commits_nothing(tls_dav):
     # OpenSSL 3 takes an EOF without close_notify as the end of the session,
     # so the 400 may not be sent: what matters is that nothing is committed.
     assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    # Without the 400 the close can come before the abort has removed the temp file.
+    wait_for(lambda: not _leftovers(home), "the short upload to be aborted")
     assert (home / "keep.bin").read_bytes() == b"previous version"
-    assert _leftovers(home) == []
 
 
 def test_tls_client_resetting_mid_body_keeps_the_previous_version(tls_dav):

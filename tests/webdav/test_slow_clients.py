@@ -132,3 +132,70 @@ def test_an_oversized_header_line_gets_431_and_costs_no_memory(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+# -- TLS: the handshake is waited for as the headers are -------------------------
+
+def _tls_gateway(make_gateway, tmp_path, **webdav):
+    import ssl
+
+    from tests.webdav.test_tls import self_signed
+    cert, key = self_signed(tmp_path)
+    running = make_gateway(webdav=True, extra={"webdav": {"tls_cert": str(cert), "tls_key": str(key), **webdav}})
+    running.add_user("alice")
+    return running, ssl.create_default_context(cafile=str(cert))
+
+
+def _https_propfind(port: int, context, conn=None) -> int:
+    import base64
+    import http.client
+
+    from tests.conftest import PASSWORD
+    conn = conn or http.client.HTTPSConnection("localhost", port, context=context, timeout=20)
+    token = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    conn.request("PROPFIND", "/", headers={"Authorization": f"Basic {token}", "Depth": "0"})
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def test_stalled_tls_handshakes_hold_up_no_other_client(make_gateway, tmp_path):
+    # The socket timeout (60 s) is far above the clients' (20 s): a handshake
+    # done blocking in the selector thread would hold every client past it.
+    running, context = _tls_gateway(make_gateway, tmp_path, header_timeout=300)
+    import http.client
+    kept = http.client.HTTPSConnection("localhost", running.webdav_port, context=context, timeout=20)
+    try:
+        assert _https_propfind(running.webdav_port, context, kept) == 207
+        stalled = [connect_from(OTHER_ADDRESS, running.webdav_port) for _ in range(3)]
+        try:
+            for sock in stalled:
+                sock.sendall(b"\x16\x03\x01\x00")     # the start of a TLS record, then nothing
+            wait_for(lambda: running.gateway.defender._connections.get(OTHER_ADDRESS) == 3,
+                     "the stalled connections accepted")
+            assert _https_propfind(running.webdav_port, context) == 207
+            assert _https_propfind(running.webdav_port, context, kept) == 207
+            assert all(still_connected(sock) for sock in stalled)
+        finally:
+            for sock in stalled:
+                sock.close()
+    finally:
+        kept.close()
+
+
+def test_a_tls_handshake_not_finished_within_header_timeout_is_closed(make_gateway, tmp_path):
+    running, context = _tls_gateway(make_gateway, tmp_path, header_timeout=1)
+    with connect_from("127.0.0.1", running.webdav_port) as sock:
+        sock.sendall(b"\x16\x03\x01\x00")
+        assert read_until_closed(sock) == b""
+    wait_for(lambda: running.gateway.defender._total_connections == 0, "the slot given back")
+    assert _https_propfind(running.webdav_port, context) == 207
+
+
+def test_plain_http_on_the_tls_port_gets_a_plain_400(make_gateway, tmp_path):
+    running, _ = _tls_gateway(make_gateway, tmp_path)
+    with connect_from("127.0.0.1", running.webdav_port) as sock:
+        sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request"), reply[:200]
+    assert b"HTTPS" in reply
