@@ -14,7 +14,8 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .. import metrics
-from ..shared_listener import SharedListenerServer, reload_tls
+from ..shared_listener import reload_tls
+from ..webdav.http import make_server
 from .api import AdminApi
 from .health import Readiness
 from .router import Request, Response, Router, json_response
@@ -74,12 +75,14 @@ class AdminServer:
         if section.tls_cert is None and not section.listen.is_loopback:
             log.warning("the admin listener on %s has no TLS; set [admin] tls_cert and tls_key "
                         "or keep it on a loopback address", section.listen)
-        server = SharedListenerServer((section.listen.host, section.listen.port), self.build_app(),
-                                      numthreads=_THREADS, timeout=10, server_name="gateway-admin",
-                                      shutdown_timeout=5)
-        # In a worker process: the listener the supervisor bound for all of them.
-        server.shared_socket = self.gateway.listeners.get(self.name)
-        server.max_request_header_size = _MAX_HEADER_BYTES
+        # WebDAV's server: headers and the TLS handshake are waited for in its
+        # selector without blocking, so a stalled client cannot hold up health
+        # checks. In a worker process it accepts on the listener the supervisor
+        # bound for all of them.
+        server = make_server((section.listen.host, section.listen.port), self.build_app(),
+                             threads=_THREADS, timeout=10, header_timeout=10,
+                             max_header_size=_MAX_HEADER_BYTES, sock=self.gateway.listeners.get(self.name),
+                             name="admin", protocol=None)
         if section.tls_cert is not None:
             server.ssl_adapter = BuiltinSSLAdapter(str(section.tls_cert), str(section.tls_key))
         server.prepare()

@@ -100,9 +100,11 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._counted = True
-        metrics.CONNECTIONS.labels("webdav").inc()
-        metrics.CONNECTIONS_OPEN.labels("webdav").inc()
+        label = self.server.metrics_label
+        self._counted = label is not None
+        if label is not None:
+            metrics.CONNECTIONS.labels(label).inc()
+            metrics.CONNECTIONS_OPEN.labels(label).inc()
 
     def close(self) -> None:
         try:
@@ -114,7 +116,7 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
             # cheroot may close a connection more than once.
             if getattr(self, "_counted", False):
                 self._counted = False
-                metrics.CONNECTIONS_OPEN.labels("webdav").dec()
+                metrics.CONNECTIONS_OPEN.labels(self.server.metrics_label).dec()
 
 
 class _RequestBody:
@@ -213,16 +215,17 @@ _PLAIN_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConte
 class _AdmittingSocket:
     """The listening socket as HeaderGate lets cheroot see it: accept() refuses over the limits."""
 
-    def __init__(self, sock: socket.socket, admit: Callable[[str], bool]) -> None:
+    def __init__(self, sock: socket.socket, admit: Callable[[str], bool], name: str) -> None:
         self._sock = sock
         self._admit = admit
+        self._name = name
         self.ip: str | None = None
 
     def accept(self):
         sock, addr = self._sock.accept()
         ip = addr[0] if isinstance(addr, tuple) else ""
         if not self._admit(ip):
-            log.info("webdav connection from %s refused: connection limit", ip)
+            log.info("%s connection from %s refused: connection limit", self._name, ip)
             sock.close()
             # cheroot treats EAGAIN from accept() as "nothing to accept".
             raise BlockingIOError(errno.EAGAIN, "connection refused by limit")
@@ -246,7 +249,7 @@ class HeaderGate(connections.ConnectionManager):
         if server_socket is None:
             # stop_accepting() closed the listener after select() saw a connection.
             return None
-        listener = _AdmittingSocket(server_socket, self.server.admit_connection)
+        listener = _AdmittingSocket(server_socket, self.server.admit_connection, self.server.name)
         try:
             if self.server.ssl_adapter is not None:
                 conn = self._accept_tls(listener)
@@ -307,7 +310,7 @@ class HeaderGate(connections.ConnectionManager):
                     conn.close()
                     return False
                 if first.isalpha():
-                    log.info("webdav connection from %s spoke plain HTTP to the TLS port", conn.client_ip)
+                    log.info("%s connection from %s spoke plain HTTP to the TLS port", self.server.name, conn.client_ip)
                     socket.socket.send(sock, _PLAIN_ON_TLS)   # below TLS, as the client speaks
                     conn.close()
                     return False
@@ -317,11 +320,13 @@ class HeaderGate(connections.ConnectionManager):
             self._selector.register(sock.fileno(), connections.selectors.EVENT_READ, data=conn)
             return False
         except ssl.SSLError as exc:
-            log.info("webdav connection from %s closed: TLS handshake failed: %s", conn.client_ip, exc)
+            log.info("%s connection from %s closed: TLS handshake failed: %s", self.server.name, conn.client_ip,
+                     exc)
             conn.close()
             return False
         except OSError as exc:
-            log.info("webdav connection from %s closed during the TLS handshake: %s", conn.client_ip, exc)
+            log.info("%s connection from %s closed during the TLS handshake: %s", self.server.name,
+                     conn.client_ip, exc)
             conn.close()
             return False
         finally:
@@ -364,7 +369,8 @@ class HeaderGate(connections.ConnectionManager):
             conn.header_buffer = None
             return True
         if len(buffer) > limit:
-            log.info("webdav request from %s refused: headers over %d bytes", conn.client_ip, limit)
+            log.info("%s request from %s refused: headers over %d bytes", self.server.name, conn.client_ip,
+                     limit)
             self._answer_and_close(conn, _TOO_LARGE)
             return False
         if ended:
@@ -417,8 +423,8 @@ class HeaderGate(connections.ConnectionManager):
                 if conn is not self.server and conn.header_buffer is not None
                 and conn.header_deadline < now]
         for fd, conn in late:
-            log.info("webdav connection from %s closed: no complete request headers within %ds",
-                     conn.client_ip, self.server.header_timeout)
+            log.info("%s connection from %s closed: no complete request headers within %ds",
+                     self.server.name, conn.client_ip, self.server.header_timeout)
             self._selector.unregister(fd)
             conn.close()
 
@@ -437,6 +443,11 @@ class GatewayHTTPServer(SharedListenerServer):
     """cheroot's WSGI server with HeaderGate as its connection manager."""
 
     ConnectionClass = DeferredContinueConnection
+
+    # The label of its connections in the metrics (None: not counted), and its name in the log.
+    # (Not "protocol": cheroot's own attribute, "HTTP/1.1".)
+    metrics_label: str | None = "webdav"
+    name = "webdav"
 
     def __init__(self, *args, admit: Callable[[str], bool], release: Callable[[str], None],
                  header_timeout: int, max_header_size: int,
@@ -491,17 +502,21 @@ class GatewayHTTPServer(SharedListenerServer):
 def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, header_timeout: int,
                 max_header_size: int, admit: Callable[[str], bool] = lambda ip: True,
                 release: Callable[[str], None] = lambda ip: None,
-                sock: socket.socket | None = None) -> wsgi.Server:
+                sock: socket.socket | None = None, name: str = "webdav",
+                protocol: str | None = "webdav") -> wsgi.Server:
     """A cheroot WSGI server with the refinements above.
 
     `admit(ip)` decides at accept whether a connection may open (and counts
     it); `release(ip)` is called once when an admitted connection closes.
     With `sock` (a bound, listening socket that other worker processes share)
-    the server accepts on it instead of binding `bind`.
+    the server accepts on it instead of binding `bind`. `name` goes in log
+    lines; `protocol` labels its connections in the metrics (None: uncounted).
     """
-    server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout, server_name="gateway",
+    server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout,
+                               server_name="gateway" if name == "webdav" else f"gateway-{name}",
                                request_queue_size=64, shutdown_timeout=5, admit=admit,
                                release=release, header_timeout=header_timeout,
                                max_header_size=max_header_size, shared_socket=sock)
+    server.name, server.metrics_label = name, protocol
     server.gateway = GuardedGateway
     return server

@@ -20,11 +20,11 @@ class Answer:
 
 
 def admin_request(port: int, method: str, path: str, *, context: ssl.SSLContext | None = None,
-                  host: str = "127.0.0.1") -> Answer:
+                  host: str = "127.0.0.1", timeout: float = 60) -> Answer:
     if context is None:
-        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     else:
-        conn = http.client.HTTPSConnection(host, port, context=context, timeout=60)
+        conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
     try:
         conn.request(method, path)
         resp = conn.getresponse()

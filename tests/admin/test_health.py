@@ -1,6 +1,7 @@
 """The admin listener over real HTTP: /healthz, /readyz with failing backends, 404 and 405."""
 from __future__ import annotations
 
+import socket
 import ssl
 
 from gateway.config import load_config
@@ -92,6 +93,24 @@ def test_admin_listener_serves_https_with_its_certificate(make_gateway, tmp_path
     context = ssl.create_default_context(cafile=str(cert))
     answer = admin_request(running.admin_port, "GET", "/healthz", context=context, host="localhost")
     assert answer.status == 200
+
+
+def test_stalled_tls_handshakes_do_not_hold_up_health_checks(make_gateway, tmp_path):
+    # A load balancer's health check must not wait behind clients that never
+    # finish their handshake (cheroot would do each one blocking, 10 s apiece).
+    cert, key = self_signed(tmp_path)
+    running = make_gateway(admin=True, extra={"admin": {"tls_cert": str(cert), "tls_key": str(key)}})
+    context = ssl.create_default_context(cafile=str(cert))
+    stalled = [socket.create_connection(("127.0.0.1", running.admin_port), timeout=30) for _ in range(3)]
+    try:
+        for sock in stalled:
+            sock.sendall(b"\x16\x03\x01\x00")      # the start of a TLS record, then nothing
+        answer = admin_request(running.admin_port, "GET", "/healthz", context=context, host="localhost",
+                               timeout=8)
+        assert answer.status == 200
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_admin_listener_can_be_disabled(make_gateway):
