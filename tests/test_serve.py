@@ -125,7 +125,8 @@ def test_shutdown_with_uploads_in_flight_leaves_old_versions_and_no_partial_file
     import http.client
     import base64
     import paramiko
-    path = config(tmp_path, webdav=True, sftp=True)
+    # A short drain: the uploads never finish, so the default 30 s would only be waited out.
+    path = drain_config(tmp_path, drain_timeout=1)
     subprocess.run([sys.executable, "-m", "gateway", "user", "add", "alice", "--password-stdin",
                     "--config", str(path)], input="alice-password\n", text=True, check=True, cwd=REPO,
                    capture_output=True)
