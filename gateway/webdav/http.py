@@ -97,6 +97,10 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
     client_ip: str | None = None
     header_buffer: bytearray | None = None
     header_deadline = 0.0
+    # Set by HeaderGate on a TLS connection until its handshake is done: the
+    # adapter that wrapped it, and whether its first byte was TLS.
+    tls_adapter = None
+    tls_started = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -303,14 +307,15 @@ class HeaderGate(connections.ConnectionManager):
         sock = conn.socket
         try:
             sock.setblocking(False)
-            if not getattr(conn, "tls_started", False):
+            if not conn.tls_started:
                 # A TLS record starts with a byte below 0x20; a plain HTTP request with its method.
                 first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
                 if not first:
                     conn.close()
                     return False
                 if first.isalpha():
-                    log.info("%s connection from %s spoke plain HTTP to the TLS port", self.server.name, conn.client_ip)
+                    log.info("%s connection from %s spoke plain HTTP to the TLS port", self.server.name,
+                             conn.client_ip)
                     socket.socket.send(sock, _PLAIN_ON_TLS)   # below TLS, as the client speaks
                     conn.close()
                     return False
@@ -351,7 +356,7 @@ class HeaderGate(connections.ConnectionManager):
         back); every read is non-blocking. A connection that is closed here,
         or must wait for more bytes, is handled and False returned.
         """
-        if getattr(conn, "tls_adapter", None) is not None and not self._handshake_done(conn):
+        if conn.tls_adapter is not None and not self._handshake_done(conn):
             return False
         rfile = conn.rfile
         fresh = conn.header_buffer is None
