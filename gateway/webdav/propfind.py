@@ -88,8 +88,9 @@ def propname_for_wsgidav(environ: dict) -> None:
     The body is already buffered (guard.py caps and checks XML bodies); one
     that does not parse is left for wsgidav to refuse.
     """
-    if not isinstance(environ.get("wsgi.input"), io.BytesIO):
-        return      # no body
+    body = environ.get("wsgi.input")
+    if not isinstance(body, io.BytesIO) or b"propname" not in body.getvalue():
+        return      # no body, or none to rewrite: not parsed a second time
     try:
         request = util.parse_xml_body(environ, allow_empty=True)
     except DAVError:
