@@ -63,6 +63,21 @@ class Served:
             return set()
         return {int(pid) for pid in text.split()}
 
+    def wait_replaced(self, gone: int, others: set[int]) -> int:
+        """Wait until worker `gone` was reaped and a new one runs beside `others`; return its pid.
+
+        One read of the children list per check: two reads could see the killed worker
+        still listed in the first and reaped in the second."""
+        found: list[int] = []
+
+        def replaced() -> bool:
+            now = self.workers()
+            found[:] = sorted(now - others - {gone})
+            return gone not in now and now >= others and len(found) == 1
+
+        wait_for(replaced, f"worker {gone} to be replaced")
+        return found[0]
+
     def wait_ready(self, pid: int) -> None:
         """Wait until worker `pid` reported ready (its listeners serve); needs log_level "info"."""
         wait_for(lambda: f"(pid {pid}) ready" in self.log.read_text(), f"worker {pid} to be ready")
@@ -203,9 +218,7 @@ def test_a_killed_worker_is_restarted_and_service_continues(tmp_path, host_key_d
         # The survivor answers everything in the meantime.
         for i in range(5):
             _put(served.ports["webdav"], f"during-{i}.bin").close()
-        wait_for(lambda: len(served.workers()) == 2 and victim not in served.workers(),
-                 "the killed worker to be replaced")
-        (replacement,) = served.workers() - {survivor}
+        replacement = served.wait_replaced(victim, {survivor})
         assert survivor in served.workers()
         # Until then the survivor takes every connection, and refuses those
         # past its per-address limit.
@@ -250,10 +263,8 @@ def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, hos
             handle.write(b"a" * 100_000)
             handle.flush()
             os.kill(other, signal.SIGKILL)
-            wait_for(lambda: len(served.workers()) == 2 and other not in served.workers(),
-                     "the killed worker to be replaced")
             # The replacement is serving (so past its start-up) before the upload ends.
-            (replacement,) = served.workers() - {uploader}
+            replacement = served.wait_replaced(other, {uploader})
             served.wait_ready(replacement)
             assert _owners_until_all(served, lambda i: _put(served.ports["webdav"], f"probe-{i}.bin"),
                                      "webdav", 200) == {uploader, replacement}
@@ -277,9 +288,7 @@ def test_a_worker_started_after_sighup_runs_with_the_reloaded_config(tmp_path, h
         wait_for(lambda: served.log.read_text().count("SIGHUP: reloaded") == 2, "both workers to reload")
         survivor, victim = sorted(served.workers())
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(served.workers()) == 2 and victim not in served.workers(),
-                 "the killed worker to be replaced")
-        (replacement,) = served.workers() - {survivor}
+        replacement = served.wait_replaced(victim, {survivor})
         served.wait_ready(replacement)
         # Each worker answers a request with 8 KiB of headers on a connection it holds.
         answers: dict[int, int] = {}
