@@ -19,16 +19,26 @@ _ADVISORY_LOCK_KEY = 0x6761746577617901   # "gateway" + 1
 
 def _create_initial_tables(conn: sa.Connection) -> None:
     # Version 1 is schema.py as first released. When a later step alters one of
-    # these tables, freeze its version-1 definition here instead.
+    # these tables, freeze its version-1 definition here. A step that only adds
+    # an index may declare it in schema.py and create it with checkfirst: step 1
+    # then makes it on a new database.
     names = ("changes", "users", "admin_tokens", "locks", "properties", "failures", "bans",
              "quota_usage", "sessions", "revocations", "uploads", "nodes", "host_keys")
     schema.metadata.create_all(conn, tables=[schema.metadata.tables[n] for n in names])
     conn.execute(sa.insert(schema.changes).values(id=1, counter=0))
 
 
+def _index_lock_expiry(conn: sa.Connection) -> None:
+    # Every LOCK deletes the expired locks first: without an index that scans
+    # every lock held.
+    index = next(i for i in schema.locks.indexes if i.name == "locks_expire")
+    index.create(conn, checkfirst=True)
+
+
 # Step N (1-based) upgrades the schema from version N-1 to N. Append only.
 STEPS: list[Callable[[sa.Connection], None]] = [
     _create_initial_tables,
+    _index_lock_expiry,
 ]
 
 LATEST = len(STEPS)

@@ -56,6 +56,8 @@ locks = sa.Table(
     sa.Column("principal", sa.Text, nullable=False),
     sa.Column("timeout", sa.Float, nullable=False),
     sa.Column("expire", sa.Float, nullable=False),
+    # Every LOCK first deletes the expired locks (schema version 2).
+    sa.Index("locks_expire", "expire"),
 )
 
 properties = sa.Table(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.store import open_store
+from gateway.store import migrations, open_store
 from tests.test_config import GOOD, run_gateway, write
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop"
@@ -56,7 +56,7 @@ def stored(config_path: Path):
 
 def test_store_migrate_prints_the_schema_version(config_path, store_url):
     result = gateway(config_path, "store", "migrate")
-    assert result.stdout.strip().endswith("schema version 1")
+    assert result.stdout.strip().endswith(f"schema version {migrations.LATEST}")
     if store_url.startswith("postgresql"):
         assert "store-test-pw" not in result.stdout and "***" in result.stdout
 

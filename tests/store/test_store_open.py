@@ -76,6 +76,24 @@ def test_reopening_a_migrated_store_keeps_its_data(store, store_url, tmp_path):
         again.close()
 
 
+def test_a_version_1_store_gets_the_lock_expiry_index(store, store_url, tmp_path):
+    # Version 1 is the same tables without the index.
+    with store._engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX locks_expire"))
+        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version > 1))
+    store.close()
+    upgraded = open_store(store_url, tmp_path)
+    try:
+        assert upgraded.version == migrations.LATEST >= 2
+        with upgraded._engine.connect() as conn:
+            assert "locks_expire" in {index["name"] for index in sa.inspect(conn).get_indexes("locks")}
+            if conn.dialect.name == "sqlite":
+                plan = conn.execute(sa.text("EXPLAIN QUERY PLAN DELETE FROM locks WHERE expire < 1")).all()
+                assert "USING INDEX locks_expire" in " ".join(row[-1] for row in plan)
+    finally:
+        upgraded.close()
+
+
 def test_store_newer_than_the_gateway_is_refused(store, store_url, tmp_path):
     with store._engine.begin() as conn:
         conn.execute(sa.insert(schema.schema_version).values(version=migrations.LATEST + 1, applied=0))
