@@ -515,16 +515,26 @@ class Store:
         return bool(self._fetch("DELETE FROM locks WHERE token = ? RETURNING token", (token,), write=True))
 
     def find_locks(self, location: str, *, include_root: bool = True,
-                   include_children: bool = False) -> list[Lock]:
-        """Unexpired locks whose root is `location` and/or below it."""
+                   include_children: bool = False, children_only: bool = False) -> list[Lock]:
+        """Unexpired locks whose root is `location` and/or below it.
+
+        With `children_only`, of the locks below only those rooted at a direct
+        child (a PROPFIND of a folder asks which children have a lock of their own).
+        """
         clauses: list[str] = []
         params: list = []
         if include_root:
             clauses.append("root = ?")
             params.append(location)
         if include_children:
-            clauses.append("(root >= ? AND root < ?)")
-            params.extend(_below(location))
+            low, high = _below(location)
+            if children_only:
+                # Within the range every root starts with `low`: a "/" after it means deeper.
+                clauses.append("(root >= ? AND root < ? AND root NOT LIKE ? ESCAPE '\\')")
+                params.extend((low, high, _like_escape(low) + "%/%"))
+            else:
+                clauses.append("(root >= ? AND root < ?)")
+                params.extend((low, high))
         if not clauses:
             return []
         rows = self._fetch(f"SELECT {_LOCK_COLUMNS} FROM locks WHERE ({' OR '.join(clauses)}) AND expire >= ? "

@@ -213,12 +213,13 @@ class StoreLockStorage:
         return [lock.token for lock in locks] if token_only else [_lock_dict(lock) for lock in locks]
 
     def lock_roots_below(self, path: str) -> set[str]:
-        """The ref URLs of every resource strictly below `path` that has a lock of its own (one query)."""
+        """The ref URLs of the members of collection `path` that have a lock of their own (one query)."""
         location = url_to_location(normalize_lock_root(path))
         if location is None:
             return set()
         return {location_to_url(lock.root)
-                for lock in self._store.find_locks(location, include_root=False, include_children=True)}
+                for lock in self._store.find_locks(location, include_root=False, include_children=True,
+                                                   children_only=True)}
 
 
 class StorePropertyManager:

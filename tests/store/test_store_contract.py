@@ -275,6 +275,24 @@ def test_lock_is_found_by_token_and_location_until_removed(store):
     assert not store.remove_lock(lock.token)
 
 
+def test_find_locks_children_only_leaves_out_deeper_descendants(store):
+    # Names with LIKE's wildcards and its escape character must match only themselves.
+    for location in ("local:/d", "local:/d/a", "local:/d/a/deep", "local:/d/b_%\\", "local:/d/b_%\\/x",
+                     "local:/dx", "local:/dx/y", "other:/d/c"):
+        store.add_lock(make_lock(location, scope="shared", depth="0"))
+
+    def roots(location, **kwargs):
+        return [lock.root for lock in store.find_locks(location, include_children=True, **kwargs)]
+
+    assert roots("local:/d", include_root=False, children_only=True) == ["local:/d/a", "local:/d/b_%\\"]
+    assert roots("local:/d", children_only=True) == ["local:/d", "local:/d/a", "local:/d/b_%\\"]
+    assert roots("local:/d/b_%\\", include_root=False, children_only=True) == ["local:/d/b_%\\/x"]
+    assert roots("local:/", include_root=False, children_only=True) == ["local:/d", "local:/dx"]
+    assert roots("local:/d_", children_only=True) == []
+    assert roots("local:/d", include_root=False) == [
+        "local:/d/a", "local:/d/a/deep", "local:/d/b_%\\", "local:/d/b_%\\/x"]
+
+
 def test_a_lock_with_a_token_already_held_is_refused_and_the_held_one_kept(store):
     held = make_lock("local:/a", scope="shared")
     store.add_lock(held)
