@@ -174,6 +174,9 @@ class Backend(abc.ABC):
         """Open a file for reading from `offset`, at most `length` bytes.
 
         The stream is seekable where the backend allows (ranged reads on S3).
+        It may offer `send_to(sock, count) -> int`: send up to `count` bytes
+        from its position to a plain TCP socket without copying them through
+        Python (sendfile), moving past them; 0 at the end.
 
         Raises:
             NotFound: the file does not exist.

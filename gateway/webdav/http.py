@@ -178,9 +178,63 @@ class _HeldWrites:
 # two. Larger chunks are not worth copying.
 _COALESCE_BYTES = 65536
 
+# environ key: the download stream a GET opened (UserFS's metered reader), set
+# by the provider; the rest of its body may go out with sendfile.
+DOWNLOAD = "gateway.download"
+
 
 class GuardedGateway(wsgi.Gateway_10):
-    """WSGI 1.0 gateway with the deferred body and close-on-early-response."""
+    """WSGI 1.0 gateway with the deferred body and close-on-early-response.
+
+    A GET of a local file on plain HTTP sends its first block as wsgidav
+    yields it (headers, status and ranges stay wsgidav's), and the rest of its
+    Content-Length with sendfile: the bytes go from the page cache to the
+    socket without passing through Python.
+    """
+
+    content_length: int | None = None
+
+    def respond(self) -> None:
+        # cheroot's respond, plus the hand-off to sendfile after the first chunk.
+        response = self.req.server.wsgi_app(self.env, self.start_response)
+        try:
+            written = 0
+            for chunk in filter(None, response):
+                if not isinstance(chunk, bytes):
+                    raise ValueError("WSGI Applications must yield bytes")
+                self.write(chunk)
+                first = written == 0
+                written += len(chunk)
+                if first:
+                    written += self._send_rest(written)
+            length = self.content_length
+            if (length is not None and written < length and self.env.get("REQUEST_METHOD") != "HEAD"
+                    and not self.req.status.startswith((b"204", b"304"))):
+                # A body shorter than its Content-Length (the file shrank while
+                # it was read): the client would wait for the rest, or take the
+                # next response for it. End the connection instead.
+                log.warning("%s %s: the body ended %d bytes short of its Content-Length; closing the "
+                            "connection", self.env.get("REQUEST_METHOD"), self.env.get("PATH_INFO", ""),
+                            length - written)
+                self.req.close_connection = True
+        finally:
+            self.req.ensure_headers_sent()
+            if hasattr(response, "close"):
+                response.close()
+
+    def _send_rest(self, written: int) -> int:
+        """Send the body after its first `written` bytes with sendfile when it is all one local file."""
+        req, reader, length = self.req, self.env.get(DOWNLOAD), self.content_length
+        if (reader is None or length is None or length <= written or req.chunked_write
+                or not getattr(reader, "can_send", False)
+                # The body so far is exactly what was read from this file.
+                or reader.handed_out != written
+                or not req.status.startswith((b"200", b"206"))
+                # Plain TCP only: TLS needs the bytes in Python to encrypt them.
+                or type(req.conn.socket) is not socket.socket):
+            return 0
+        req.conn.wfile.flush()
+        return reader.send_to(req.conn.socket, length - written)
 
     def write(self, chunk: bytes) -> None:
         req = self.req
@@ -201,6 +255,8 @@ class GuardedGateway(wsgi.Gateway_10):
         return env
 
     def start_response(self, status, headers, exc_info=None):
+        self.content_length = next((int(value) for name, value in headers
+                                    if name.lower() == "content-length" and value.isdigit()), None)
         req = self.req
         if isinstance(req, DeferredContinueRequest) and req.body_unread():
             # Answering before the body is read: close rather than let cheroot

@@ -28,6 +28,7 @@ from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, Gate
 from ..vfs import Entry, Upload, UserFS
 from . import propfind
 from .error_page import UNEXPECTED_ERROR
+from .http import DOWNLOAD
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,10 @@ class FileResource(_Resource, DAVNonCollection):
 
     def get_content(self) -> BinaryIO:
         with self.mapped():
-            return self.fs.open_read(self.vpath)
+            stream = self.fs.open_read(self.vpath)
+        # The HTTP layer may send the rest of a GET's body from it zero-copy (http.py).
+        self.environ[DOWNLOAD] = stream
+        return stream
 
     def begin_write(self, *, content_type: str | None = None) -> _BodyWriter:
         with self.mapped():
