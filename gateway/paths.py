@@ -83,6 +83,24 @@ def normalize(path: str | bytes) -> str:
     return "/" + "/".join(parts)
 
 
+def check_name(name: str, path: str) -> None:
+    """Refuse `name`, the last name of the normalized path `path`, as `normalize(path)` would.
+
+    For names read from a listing (made outside the gateway): the checks of
+    one name and of the path's length, without rebuilding the whole path.
+
+    Raises:
+        InvalidPath: as `normalize`.
+    """
+    if len(path) * 4 > MAX_PATH_BYTES and len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidPath(path[:64] + "...", f"path longer than {MAX_PATH_BYTES} bytes")
+    if _SUSPECT.search(name) is not None or name in ("", ".", "..") or name.startswith(RESERVED_PREFIX) \
+            or (len(name) * 4 > MAX_SEGMENT_BYTES and len(name.encode("utf-8")) > MAX_SEGMENT_BYTES):
+        if name in ("", ".", ".."):
+            raise InvalidPath(path, f"'{name}' is not a name")
+        _check_segment(name, path)
+
+
 def split(path: str) -> tuple[str, str]:
     """Split a normalized path into (parent, name); the root splits into ("/", "")."""
     if path == "/":

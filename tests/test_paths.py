@@ -116,3 +116,22 @@ def test_rebase_moves_below_new_prefix():
     assert paths.rebase("/a/b/c", "/a", "/x") == "/x/b/c"
     assert paths.rebase("/a", "/a", "/x") == "/x"
     assert paths.rebase("/c", "/", "/home/u") == "/home/u/c"
+
+
+@pytest.mark.parametrize("name", [
+    "plain.txt", "ü-ß", "a b", "x\x00y", "tab\there", "del\x7f", "back\\slash", "lone\udc80", ".gw-upload-x",
+    "n" * 255, "n" * 256, "ü" * 127, "ü" * 128, ".", "..", "",
+])
+@pytest.mark.parametrize("parent", ["/", "/d", "/" + "p/" * 1900 + "p"])
+def test_check_name_refuses_exactly_what_normalize_refuses(parent, name):
+    path = parent.rstrip("/") + "/" + name
+    try:
+        # A name normalize would drop or resolve ("", ".", "..") is no name either.
+        plain = paths.normalize(path) == path and name not in ("", ".", "..")
+    except InvalidPath:
+        plain = False
+    if plain:
+        paths.check_name(name, path)
+    else:
+        with pytest.raises(InvalidPath):
+            paths.check_name(name, path)

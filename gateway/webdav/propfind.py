@@ -21,6 +21,7 @@ from wsgidav import util
 from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_NOT_FOUND, DAVError, get_http_status_string
 from wsgidav.xml_tools import etree, make_multistatus_el, string_to_xml
 
+from .. import paths
 from ..errors import InvalidPath
 
 if TYPE_CHECKING:
@@ -226,17 +227,21 @@ class _Children:
         base_path = folder.path.rstrip("/") + "/"
         base_vpath = folder.vpath.rstrip("/") + "/"
         href_base = quote(provider.mount_path + provider.share_path + base_path, safe=_HREF_SAFE)
+        # A member's state is keyed under the folder's location, except for a
+        # mount point's (its own location): no per-member lookup of where it is.
+        mount_points = {name for parent, name in (paths.split(m.path) for m in folder.fs.user.mounts)
+                        if parent == folder.vpath}
         for entry in folder._entries():
             child_path = base_path + entry.name
             vpath = base_vpath + entry.name
             try:
-                ref = provider.ref_url(folder.fs, vpath)
+                paths.check_name(entry.name, vpath)
             except InvalidPath as exc:
                 # A name made outside the gateway that no request could name (a
                 # control character): the 400 that wsgidav's path check gives.
                 raise DAVError(HTTP_BAD_REQUEST, context_info=exc.message) from None
-            if self.dead is None or self.locked is None or ref in self.locked \
-                    or ref != self.prefix + quote(entry.name):
+            ref = self.prefix + quote(entry.name)
+            if self.dead is None or self.locked is None or ref in self.locked or entry.name in mount_points:
                 # A lock of its own (lockdiscovery names its root), or a mount
                 # point (state under another location): ask the resource.
                 res = provider.make_resource(child_path, self.environ, folder.fs, vpath, entry)
