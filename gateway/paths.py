@@ -60,8 +60,7 @@ def normalize(path: str | bytes) -> str:
             path = path.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidPath(path.decode("utf-8", "replace"), "path is not valid UTF-8") from None
-    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise InvalidPath(path[:64] + "...", f"path longer than {MAX_PATH_BYTES} bytes")
+    _check_length(path)
     suspect = _SUSPECT.search(path) is not None
     parts: list[str] = []
     for segment in path.split("/"):
@@ -74,13 +73,21 @@ def normalize(path: str | bytes) -> str:
                 raise InvalidPath(path, "path climbs above the root")
             parts.pop()
             continue
-        if suspect:
-            _check_segment(segment, path)
-        elif (len(segment) * 4 > MAX_SEGMENT_BYTES and len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES) \
-                or segment.startswith(RESERVED_PREFIX):
-            _check_segment(segment, path)
+        _check_flagged(segment, path, suspect)
         parts.append(segment)
     return "/" + "/".join(parts)
+
+
+def _check_length(path: str) -> None:
+    if len(path) * 4 > MAX_PATH_BYTES and len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidPath(path[:64] + "...", f"path longer than {MAX_PATH_BYTES} bytes")
+
+
+def _check_flagged(segment: str, original: str, suspect: bool) -> None:
+    """_check_segment, for a name that `suspect` (a _SUSPECT match), its length or its prefix flags."""
+    if suspect or segment.startswith(RESERVED_PREFIX) \
+            or (len(segment) * 4 > MAX_SEGMENT_BYTES and len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES):
+        _check_segment(segment, original)
 
 
 def check_name(name: str, path: str) -> None:
@@ -92,13 +99,10 @@ def check_name(name: str, path: str) -> None:
     Raises:
         InvalidPath: as `normalize`.
     """
-    if len(path) * 4 > MAX_PATH_BYTES and len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise InvalidPath(path[:64] + "...", f"path longer than {MAX_PATH_BYTES} bytes")
-    if _SUSPECT.search(name) is not None or name in ("", ".", "..") or name.startswith(RESERVED_PREFIX) \
-            or (len(name) * 4 > MAX_SEGMENT_BYTES and len(name.encode("utf-8")) > MAX_SEGMENT_BYTES):
-        if name in ("", ".", ".."):
-            raise InvalidPath(path, f"'{name}' is not a name")
-        _check_segment(name, path)
+    _check_length(path)
+    if name in ("", ".", ".."):
+        raise InvalidPath(path, f"'{name}' is not a name")
+    _check_flagged(name, path, _SUSPECT.search(name) is not None)
 
 
 def split(path: str) -> tuple[str, str]:
