@@ -50,6 +50,15 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def _deeper(prefix: str) -> str:
+    """LIKE pattern (escape backslash) of the keys that start with `prefix` and have a "/" after it.
+
+    Within a `_below` range every key starts with the prefix, so NOT LIKE
+    this pattern keeps only the direct children.
+    """
+    return _like_escape(prefix) + "%/%"
+
+
 def _ancestors(location: str) -> list[str]:
     """The locations above "backend:/a/b": "backend:/a", "backend:/"."""
     backend, _, path = location.partition(":")
@@ -529,9 +538,8 @@ class Store:
         if include_children:
             low, high = _below(location)
             if children_only:
-                # Within the range every root starts with `low`: a "/" after it means deeper.
                 clauses.append("(root >= ? AND root < ? AND root NOT LIKE ? ESCAPE '\\')")
-                params.extend((low, high, _like_escape(low) + "%/%"))
+                params.extend((low, high, _deeper(low)))
             else:
                 clauses.append("(root >= ? AND root < ?)")
                 params.extend((low, high))
@@ -579,8 +587,7 @@ class Store:
         query = (sa.select(p.c.location, p.c.name, p.c.value)
                  .where(p.c.location >= low, p.c.location < high))
         if children_only:
-            # Within the range every key starts with `low`: a "/" after it means deeper.
-            query = query.where(p.c.location.not_like(_like_escape(low) + "%/%", escape="\\"))
+            query = query.where(p.c.location.not_like(_deeper(low), escape="\\"))
         with self._read() as conn:
             rows = conn.execute(query.order_by(p.c.location, p.c.name)).all()
         return [(row[0], row[1], bytes(row[2])) for row in rows]
