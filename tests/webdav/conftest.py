@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import base64
 import http.client
+import socket
+import ssl
 from dataclasses import dataclass
 
 import pytest
 
 from tests.conftest import PASSWORD, RunningGateway
+from tests.webdav.test_tls import self_signed
 
 
 @dataclass
@@ -95,3 +98,28 @@ def read_until_closed(sock) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+@pytest.fixture
+def tls_dav(make_gateway, tmp_path):
+    """A gateway serving WebDAV over TLS only, user alice, and a client context trusting it."""
+    cert, key = self_signed(tmp_path)
+    running = make_gateway(webdav=True, extra={"webdav": {"tls_cert": str(cert), "tls_key": str(key)}})
+    running.add_user("alice")
+    running.context = ssl.create_default_context(cafile=str(cert))
+    return running
+
+
+def tls_socket(running) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", running.webdav_port), timeout=60)
+    return running.context.wrap_socket(raw, server_hostname="localhost")
+
+
+def tls_read_until_closed(sock: ssl.SSLSocket) -> bytes:
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    return b"".join(chunks)

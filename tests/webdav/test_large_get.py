@@ -10,7 +10,8 @@ import socket
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.webdav.test_large_put import MiB, _auth, _tls_read_until_closed, _tls_socket, tls_dav  # noqa: F401
+from tests.webdav.conftest import tls_read_until_closed, tls_socket
+from tests.webdav.test_large_put import MiB, _auth
 
 # Not a multiple of the 1 MiB block, so the last sendfile step is a short one.
 SIZE = 20 * MiB + 4321
@@ -116,31 +117,31 @@ def test_a_file_that_shrinks_during_a_large_get_ends_the_connection(dav):
         conn.close()
 
 
-def test_tls_large_get_stays_in_python_and_is_exact(tls_dav, sendfile_bytes):  # noqa: F811
+def test_tls_large_get_stays_in_python_and_is_exact(tls_dav, sendfile_bytes):
     data = os.urandom(SIZE)
     _store(tls_dav, "big.bin", data)
-    with _tls_socket(tls_dav) as sock:
+    with tls_socket(tls_dav) as sock:
         sock.sendall(f"GET /big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {_auth()}\r\n"
                      f"Connection: close\r\n\r\n".encode())
-        reply = _tls_read_until_closed(sock)
+        reply = tls_read_until_closed(sock)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
     assert sendfile_bytes == []
 
 
-def test_a_file_that_shrinks_during_a_tls_get_ends_the_connection(tls_dav):  # noqa: F811
+def test_a_file_that_shrinks_during_a_tls_get_ends_the_connection(tls_dav):
     # The same on the path that reads through Python (TLS): before, the
     # connection stayed open and the client waited for bytes that never came.
     data = os.urandom(64 * MiB)
     _store(tls_dav, "shrinking.bin", data)
-    with _tls_socket(tls_dav) as sock:
+    with tls_socket(tls_dav) as sock:
         sock.sendall(f"GET /shrinking.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {_auth()}\r\n\r\n".encode())
         received = sock.recv(65536)
         assert received.startswith(b"HTTP/1.1 200"), received[:100]
         with open(tls_dav.data / "alice" / "shrinking.bin", "r+b") as handle:
             handle.truncate(2 * MiB)
-        received += _tls_read_until_closed(sock)
+        received += tls_read_until_closed(sock)
     head, _, body = received.partition(b"\r\n\r\n")
     assert len(body) < 64 * MiB
     assert body == data[:len(body)]

@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import os
 import socket
-import ssl
 import struct
 import threading
 
@@ -14,8 +13,7 @@ import pytest
 from cheroot import makefile
 
 from tests.conftest import PASSWORD, wait_for
-from tests.webdav.conftest import DavClient, read_until_closed
-from tests.webdav.test_tls import self_signed
+from tests.webdav.conftest import DavClient, read_until_closed, tls_read_until_closed, tls_socket
 
 MiB = 1024 * 1024
 # Not a multiple of the 1 MiB block, so the last block is a short one.
@@ -165,31 +163,6 @@ def test_chunked_large_put_is_stored_exactly(dav, alice):
     assert (dav.data / "alice" / "chunked.bin").read_bytes() == data
 
 
-@pytest.fixture
-def tls_dav(make_gateway, tmp_path):
-    """A gateway serving WebDAV over TLS only, user alice, and a client context trusting it."""
-    cert, key = self_signed(tmp_path)
-    running = make_gateway(webdav=True, extra={"webdav": {"tls_cert": str(cert), "tls_key": str(key)}})
-    running.add_user("alice")
-    running.context = ssl.create_default_context(cafile=str(cert))
-    return running
-
-
-def _tls_socket(running) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", running.webdav_port), timeout=60)
-    return running.context.wrap_socket(raw, server_hostname="localhost")
-
-
-def _tls_read_until_closed(sock: ssl.SSLSocket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except (ssl.SSLError, ConnectionError):
-        pass
-    return b"".join(chunks)
-
-
 def test_tls_large_put_skips_cheroots_reader_and_is_stored_exactly(tls_dav, body_reads):
     data = os.urandom(SIZE)
     conn = http.client.HTTPSConnection("localhost", tls_dav.webdav_port, context=tls_dav.context, timeout=60)
@@ -208,11 +181,11 @@ def test_tls_put_whose_body_comes_with_the_headers_and_a_pipelined_request_store
     small = b"second request"
     second = (f"PUT /two.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {_auth()}\r\n"
               f"Content-Length: {len(small)}\r\nConnection: close\r\n\r\n").encode() + small
-    with _tls_socket(tls_dav) as sock:
+    with tls_socket(tls_dav) as sock:
         # The head, the start of the body and the next request share TLS records.
         sock.sendall(_head("/one.bin", len(data)) + data[:1000])
         sock.sendall(data[1000:] + second)
-        replies = _tls_read_until_closed(sock)
+        replies = tls_read_until_closed(sock)
     assert replies.count(b"HTTP/1.1 201 Created") == 2, replies[:300]
     assert (tls_dav.data / "alice" / "one.bin").read_bytes() == data
     assert (tls_dav.data / "alice" / "two.bin").read_bytes() == small
@@ -222,11 +195,11 @@ def test_tls_put_shorter_than_its_content_length_commits_nothing(tls_dav):
     home = tls_dav.data / "alice"
     home.mkdir(exist_ok=True)
     (home / "keep.bin").write_bytes(b"previous version")
-    with _tls_socket(tls_dav) as sock:
+    with tls_socket(tls_dav) as sock:
         sock.sendall(_head("/keep.bin", SIZE) + os.urandom(SIZE - 1000))
         # A half close of the TCP stream under TLS (SSLSocket.shutdown would drop TLS for reading).
         socket.socket.shutdown(sock, socket.SHUT_WR)
-        reply = _tls_read_until_closed(sock)
+        reply = tls_read_until_closed(sock)
     # OpenSSL 3 takes an EOF without close_notify as the end of the session,
     # so the 400 may not be sent: what matters is that nothing is committed.
     assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply[:200]
@@ -239,7 +212,7 @@ def test_tls_client_resetting_mid_body_keeps_the_previous_version(tls_dav):
     home = tls_dav.data / "alice"
     home.mkdir(exist_ok=True)
     (home / "keep.bin").write_bytes(b"previous version")
-    _reset_mid_body(_tls_socket(tls_dav), home)
+    _reset_mid_body(tls_socket(tls_dav), home)
 
 
 def test_large_put_to_an_s3_home_is_stored_exactly(make_gateway, s3_backend_table):
