@@ -6,10 +6,12 @@ import hashlib
 import http.client
 import os
 import socket
+import subprocess
 
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.conftest import PASSWORD
 from tests.webdav.conftest import tls_read_until_closed, tls_socket
 from tests.webdav.test_large_put import MiB, _auth
 
@@ -145,3 +147,21 @@ def test_a_file_that_shrinks_during_a_tls_get_ends_the_connection(tls_dav):
     head, _, body = received.partition(b"\r\n\r\n")
     assert len(body) < 64 * MiB
     assert body == data[:len(body)]
+
+
+@pytest.mark.tools("curl")
+def test_curl_downloads_a_large_file_and_a_resumed_tail_exactly(dav, tmp_path, sendfile_bytes):
+    # The client the bench times: a whole download, then `curl -C` resuming from the middle
+    # (a Range request), both on one connection each, checked byte for byte.
+    data = os.urandom(SIZE)
+    _store(dav, "big.bin", data)
+    url = f"http://127.0.0.1:{dav.webdav_port}/big.bin"
+    whole = tmp_path / "whole.bin"
+    subprocess.run(["curl", "-sSf", "-u", f"alice:{PASSWORD}", "-o", str(whole), url], check=True, timeout=60)
+    assert hashlib.sha256(whole.read_bytes()).digest() == hashlib.sha256(data).digest()
+    partial = tmp_path / "partial.bin"
+    partial.write_bytes(data[:7 * MiB + 3])
+    subprocess.run(["curl", "-sSf", "-u", f"alice:{PASSWORD}", "-C", "-", "-o", str(partial), url],
+                   check=True, timeout=60)
+    assert hashlib.sha256(partial.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert sum(sendfile_bytes) == (SIZE - MiB) + (SIZE - 7 * MiB - 3 - MiB)
