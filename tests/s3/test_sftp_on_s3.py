@@ -18,9 +18,8 @@ from gateway.sftp.hostkey import load_host_keys
 from gateway.storage.s3 import MiB
 from tests.conftest import PASSWORD, RunningGateway, wait_for
 from tests.s3_server import count_calls, multipart_uploads
-from tests.sftp.helpers import (OpenSSH, known_hosts, make_tree, needs_sshfs, same_tree, sftp_client,
-                                sshfs_mount, start_sftp_gateway)
-from tests.sftp.test_protocol import raw_status
+from tests.sftp.helpers import (OpenSSH, known_hosts, make_tree, needs_sshfs, raw_status, same_tree,
+                                sftp_client, sshfs_mount, start_sftp_gateway)
 
 PART = 5 * MiB
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
+from paramiko.sftp import CMD_STATUS
 import pytest
 
 from gateway.config import load_config
@@ -210,3 +211,15 @@ def same_tree(left: Path, right: Path) -> bool:
     if mismatch or errors:
         return False
     return all(same_tree(left / d, right / d) for d in cmp.common_dirs)
+
+
+def raw_status(client: paramiko.SFTPClient, t: int, *args) -> tuple[int, str]:
+    """Send one request and return the STATUS reply's (code, message) as the server sent them.
+
+    paramiko's own calls turn statuses into exceptions (and SFTPFile.close swallows them).
+    """
+    num = client._async_request(type(None), t, *args)
+    reply, data = client._read_packet()
+    msg = paramiko.Message(data)
+    assert reply == CMD_STATUS and msg.get_int() == num
+    return msg.get_int(), msg.get_text()

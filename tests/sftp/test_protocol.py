@@ -14,7 +14,7 @@ from paramiko.sftp import (CMD_CLOSE, CMD_EXTENDED, CMD_INIT, CMD_MKDIR, CMD_OPE
 
 from gateway.storage.base import TEMP_PREFIX
 from tests.conftest import PASSWORD, wait_for
-from tests.sftp.helpers import sftp_client, start_sftp_gateway
+from tests.sftp.helpers import raw_status, sftp_client, start_sftp_gateway
 
 
 def _home(server, user="alice"):
@@ -72,18 +72,6 @@ def test_plain_rename_refuses_an_existing_target_and_posix_rename_replaces_it(sf
     assert "already exists" in str(info.value)
     sftp.posix_rename("/r1.txt", "/r2.txt")
     assert (home / "r2.txt").read_text() == "one"
-
-
-def raw_status(client: paramiko.SFTPClient, t: int, *args) -> tuple[int, str]:
-    """Send one request and return the STATUS reply's (code, message) as the server sent them.
-
-    paramiko's own calls turn statuses into exceptions (and SFTPFile.close swallows them).
-    """
-    num = client._async_request(type(None), t, *args)
-    reply, data = client._read_packet()
-    msg = paramiko.Message(data)
-    assert reply == CMD_STATUS and msg.get_int() == num
-    return msg.get_int(), msg.get_text()
 
 
 def test_readlink_and_symlink_answer_op_unsupported(sftp):

@@ -16,8 +16,7 @@ from paramiko.sftp import CMD_CLOSE, SFTP_FAILURE, SFTP_OK
 
 from gateway.storage.base import TEMP_PREFIX
 from tests.conftest import PASSWORD, wait_for
-from tests.sftp.helpers import needs_sshfs, sftp_client, sshfs_mount
-from tests.sftp.test_protocol import raw_status
+from tests.sftp.helpers import needs_sshfs, raw_status, sftp_client, sshfs_mount
 
 # What a legacy application does: open for append, write one line, close; again.
 APPEND_ROUND = """
