@@ -53,5 +53,11 @@ class QuotaExceeded(GatewayError):
     template = "quota exceeded writing '{path}'"
 
 
+class StorageFull(QuotaExceeded):
+    """The storage itself is out of space (a full disk): not the user's quota."""
+
+    template = "no space left on the storage writing '{path}'"
+
+
 class BackendUnavailable(GatewayError):
     template = "storage unavailable for '{path}'"

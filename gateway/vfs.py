@@ -247,7 +247,13 @@ class _Target:
 
 
 class GuardedUpload(Upload):
-    """Wraps a backend upload: enforces the quota while writing, counts and audits on commit."""
+    """Wraps a backend upload: enforces the quota while writing, counts and audits on commit.
+
+    Any failed write poisons the upload: the client's bytes are not all there,
+    and a pipelining client (paramiko, most SFTP clients) learns of a failed
+    WRITE only at CLOSE. Every later write and the commit raise the first
+    failure, and the commit aborts, so the previous version survives.
+    """
 
     def __init__(self, fs: "UserFS", vpath: str, inner: Upload, old_size: int | None,
                  track: bool, offset: int, record: str | None = None, checked: bool = False) -> None:
@@ -263,7 +269,28 @@ class GuardedUpload(Upload):
         self._settled = False
         self._record = record          # this upload in the store's uploads in flight
         self._checked = checked        # the quota was checked on current numbers once
+        self._failure: GatewayError | None = None
         metrics.child(metrics.UPLOADS_IN_FLIGHT, fs.protocol).inc()
+
+    @property
+    def failure(self) -> GatewayError | None:
+        """The first error a write raised, if any: such an upload can only be aborted."""
+        return self._failure
+
+    @contextlib.contextmanager
+    def _poisoning(self) -> Iterator[None]:
+        """Run a change to the content; if it fails, every later write and the commit fail too."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            yield
+        except GatewayError as exc:
+            self._failure = exc
+            raise
+        except BaseException:
+            # Not one of ours (a bug, an interrupted thread): still, the content is unknown.
+            self._failure = BackendUnavailable(self.path, f"writing '{self.path}' failed")
+            raise
 
     def _settle(self, result: str) -> None:
         """Audit and count the upload once, however it ends."""
@@ -299,17 +326,19 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def write(self, data: bytes) -> None:
-        self._fs._check_live()
-        self._check(self._pos, self._pos + len(data))
-        self._inner.write(data)
+        with self._poisoning():
+            self._fs._check_live()
+            self._check(self._pos, self._pos + len(data))
+            self._inner.write(data)
         self._pos += len(data)
         self._written += len(data)
 
     @_virtual_errors
     def write_at(self, offset: int, data: bytes) -> None:
-        self._fs._check_live()
-        self._check(offset, offset + len(data))
-        self._inner.write_at(offset, data)
+        with self._poisoning():
+            self._fs._check_live()
+            self._check(offset, offset + len(data))
+            self._inner.write_at(offset, data)
         self._pos = offset + len(data)
         self._written += len(data)
 
@@ -319,9 +348,10 @@ class GuardedUpload(Upload):
 
     @_virtual_errors
     def truncate(self, size: int) -> None:
-        self._fs._check_live()
-        self._check(size, size)
-        self._inner.truncate(size)
+        with self._poisoning():
+            self._fs._check_live()
+            self._check(size, size)
+            self._inner.truncate(size)
         self._high = size
 
     @property
@@ -337,6 +367,11 @@ class GuardedUpload(Upload):
         # The delta is taken from what the commit really replaces, not from what
         # was there at open: the file may have been deleted or replaced since
         # (an open without truncate, then a delete, must not shrink the count).
+        if self._failure is not None:
+            # Never commit what a failed write left behind: keep the previous version.
+            self._settle(audit.result_of(self._failure))
+            self.abort()
+            raise self._failure
         track = self._track and self._fs._quota.counting
         replaced = self._fs._replaced_size(self.path, self._old_size) if track else None
         try:

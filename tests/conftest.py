@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +62,44 @@ class RunningGateway:
         user = self.gateway.users.get(name)
         assert user is not None
         return self.gateway.open_fs(user, protocol, "127.0.0.1")
+
+
+@dataclass
+class SmallDisk:
+    """A small tmpfs: a real file system that runs out of space."""
+
+    root: Path
+
+    def fill(self) -> None:
+        """Take every free block with one file, `filler`, so the next write gets ENOSPC."""
+        fd = os.open(self.root / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            for size in (65536, 4096, 1):       # down to the last partial block
+                while True:
+                    try:
+                        os.write(fd, b"\0" * size)
+                    except OSError:
+                        break
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[SmallDisk]:
+    """A 4 MiB tmpfs under the test's directory (needs root, as CI has)."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        message = f"cannot mount a tmpfs: {mounted.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield SmallDisk(root)
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=True)
 
 
 def wait_for(condition, what: str, limit: float = 60.0) -> None:

@@ -580,18 +580,35 @@ def test_copy_tree_deeper_than_max_depth_raises_invalid_path():
     fs.make_dir("/d/d/d/d/x")
 
 
-def test_a_gap_past_the_end_over_max_hole_bytes_raises_quota_exceeded_and_writes_nothing():
+def test_a_gap_past_the_end_over_max_hole_bytes_raises_quota_exceeded_and_commits_nothing():
+    fs = UserFS(User("u", home=Location("mem", "/")), {"mem": MemoryBackend()},
+                limits=Limits(max_hole_bytes=10))
+    put(fs, "/f", b"abc")
+    up = fs.open_write("/f", truncate=False)
+    with pytest.raises(QuotaExceeded, match="11 bytes of zeros"):
+        up.write_at(14, b"x")
+    # The refused bytes are missing from the upload: it can no longer be committed.
+    with pytest.raises(QuotaExceeded, match="11 bytes of zeros"):
+        up.write_at(13, b"y")
+    with pytest.raises(QuotaExceeded, match="11 bytes of zeros"):
+        up.commit()
+    assert read(fs, "/f") == b"abc"
+    up = fs.open_write("/f", truncate=False)
+    with pytest.raises(QuotaExceeded):
+        up.truncate(14)
+    up.abort()
+    up = fs.open_write("/g", offset=11)
+    with pytest.raises(QuotaExceeded):
+        up.write(b"x")
+    up.abort()
+    assert not fs.exists("/g")
+
+
+def test_a_gap_past_the_end_up_to_max_hole_bytes_is_written_as_zeros():
     fs = UserFS(User("u", home=Location("mem", "/")), {"mem": MemoryBackend()},
                 limits=Limits(max_hole_bytes=10))
     put(fs, "/f", b"abc")
     with fs.open_write("/f", truncate=False) as up:
-        with pytest.raises(QuotaExceeded, match="11 bytes of zeros"):
-            up.write_at(14, b"x")
-        with pytest.raises(QuotaExceeded):
-            up.truncate(14)
         up.write_at(13, b"y")
         up.truncate(24)
     assert read(fs, "/f") == b"abc" + b"\0" * 10 + b"y" + b"\0" * 10
-    with fs.open_write("/g", offset=11) as up:
-        with pytest.raises(QuotaExceeded):
-            up.write(b"x")

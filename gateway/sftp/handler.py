@@ -13,7 +13,7 @@ import stat as stat_mod
 import struct
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from paramiko import SFTPAttributes, SFTPHandle, SFTPServer, SFTPServerInterface
@@ -175,6 +175,11 @@ class SharedUpload:
     handles: every handle of the session sees the bytes written so far, and the
     new version is committed when the last handle closes. Other sessions see
     the previous version until then.
+
+    A failed write or truncate poisons it: clients that pipeline WRITEs learn
+    of a failure only at CLOSE, so every later write, the RENAME that would
+    settle it and the last CLOSE fail with the first error, and the previous
+    version stays.
     """
 
     def __init__(self, fs: UserFS, path: str, *, truncate: bool, existed: bool,
@@ -191,6 +196,7 @@ class SharedUpload:
         self._refs = 0
         self._detached = False
         self._done = False
+        self._failure: GatewayError | None = None
 
     def _open(self, truncate: bool) -> Any:
         self._upload = self.fs.open_write(self.path, truncate=truncate)
@@ -202,7 +208,20 @@ class SharedUpload:
         """The upload, reopened from the stored file after settle() committed it."""
         if self._done:
             raise SFTPStatus(SFTP_FAILURE, f"'{self.path}' is closed")
+        if self._failure is not None:
+            raise self._failure
         return self._upload if self._upload is not None else self._open(False)
+
+    @contextmanager
+    def _changing(self) -> Iterator[Any]:
+        """The upload, for a change to its content; a change that fails poisons it."""
+        upload = self._current()
+        try:
+            yield upload
+        except GatewayError as exc:
+            self._failure = exc
+            raise
+        self._changed = True
 
     def join(self) -> "SharedUpload":
         self._refs += 1
@@ -217,27 +236,25 @@ class SharedUpload:
 
     def write(self, offset: int | None, data: bytes) -> None:
         """Write at `offset`, or at the end of the shared content when None (append)."""
-        upload = self._current()
-        if offset is None:
-            offset = self._size
-        if offset == self._pos:
-            upload.write(data)
-        else:
-            upload.write_at(offset, data)
+        with self._changing() as upload:
+            if offset is None:
+                offset = self._size
+            if offset == self._pos:
+                upload.write(data)
+            else:
+                upload.write_at(offset, data)
         self._pos = offset + len(data)
         self._size = max(self._size, self._pos)
-        self._changed = True
 
     def truncate(self, size: int) -> None:
-        if size == 0:
-            # A fresh empty upload instead: S3 cannot cut parts it already sent.
-            old = self._current()
-            self._open(True)
-            old.abort()
-        else:
-            self._current().truncate(size)
-            self._size = size
-        self._changed = True
+        with self._changing() as upload:
+            if size == 0:
+                # A fresh empty upload instead: S3 cannot cut parts it already sent.
+                self._open(True)
+                upload.abort()
+            else:
+                upload.truncate(size)
+                self._size = size
 
     def set_mtime(self, mtime: float) -> None:
         if self._upload is None and not (self._done or self._detached):
@@ -252,6 +269,8 @@ class SharedUpload:
 
     def settle(self) -> None:
         """Commit what is pending now (a RENAME needs the file in storage); later writes reopen it."""
+        if self._failure is not None:
+            raise self._failure
         upload, self._upload = self._upload, None
         if upload is None:
             return
@@ -282,8 +301,10 @@ class SharedUpload:
         upload, self._upload = self._upload, None
         if upload is None:
             return
-        if self._detached or not self._changed:
+        if self._detached or not self._changed or self._failure is not None:
             upload.abort()
+            if self._failure is not None and not self._detached:
+                raise self._failure
             return
         upload.commit()
         self._apply_mtime()

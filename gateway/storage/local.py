@@ -25,7 +25,7 @@ from typing import BinaryIO
 from .. import paths
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
-                      QuotaExceeded, Unsupported)
+                      StorageFull, Unsupported)
 from .base import TEMP_PREFIX, Backend, Capabilities, Entry, Upload, Usage, check_rename
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ _ERRNO_TABLE: dict[int, type[GatewayError]] = {
     errno.ENAMETOOLONG: InvalidPath,
     errno.EINVAL: InvalidPath,
     errno.EXDEV: Unsupported,
-    errno.ENOSPC: QuotaExceeded,
-    errno.EDQUOT: QuotaExceeded,
+    # A full disk (or the file system's own quota) is not the gateway's quota.
+    errno.ENOSPC: StorageFull,
+    errno.EDQUOT: StorageFull,
     errno.EIO: BackendUnavailable,
 }
 
