@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import queue
 import secrets
 import signal
@@ -68,6 +69,9 @@ class Gateway:
     # temp files of uploads other workers have in flight).
     listeners: Mapping[str, socket.socket] = MappingProxyType({})
     sweep_at_start = True
+    # A supervised worker keeps a journal of its young uploads (uploads.UploadJournal),
+    # so that what it leaves when killed is removed without waiting for a restart.
+    journal_uploads = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -86,7 +90,8 @@ class Gateway:
         self.store = open_store(config.store.url, self.state_dir)
         self.users = UserCache(self.store, backends=self.backends.keys())
         self.defender = Defender(config.defender, self.store)
-        self.uploads = InFlightUploads(self.store, self.node, self.backends)
+        self.uploads = InFlightUploads(self.store, self.node, self.backends,
+                                       journal_dir=self.state_dir / "uploads")
         self.keeper = NodeKeeper(self.store, self.node, self.backends, node_timeout=config.store.node_timeout,
                                  sweep_interval=config.store.sweep_interval, uploads=self.uploads)
         self.auth = Authenticator(self.users, self.defender)
@@ -201,6 +206,8 @@ class Gateway:
         self.handles.total = total
         log.info("open file limit %d; SFTP handles: %d in total, %d per user", limit, total,
                  self.handles.per_user)
+        if self.journal_uploads:
+            self.uploads.open_journal(os.getpid())
         self.keeper.start()
         for backend in self.backends.values() if self.sweep_at_start else ():
             thread = threading.Thread(target=backend.sweep_temp_files, args=(self._stopping,),
@@ -307,6 +314,7 @@ class Gateway:
             log.warning("aborting %d upload(s) still open; the previous versions stay", len(left))
         for upload in left:
             upload.abort()
+        self.uploads.close_journal()
         self.keeper.stop()
         # A sweep still walking a large tree stops at its next folder; the
         # backends it uses must outlive it.

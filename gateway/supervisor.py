@@ -24,6 +24,7 @@ from . import metrics
 from .config import Config, ConfigError, Listen, load_config
 from .server import (FRONTENDS, Gateway, apply_log_level, check_reload, reloaded_config, reopen_audit_log,
                      run_gateway)
+from .uploads import UploadJournal
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,10 @@ class Supervisor:
         Returns the lines to print under each listener.
         """
         gateway = Gateway(self.config)
+        # Journals of an earlier run's workers: the first worker's start-up sweep removes every
+        # temp file they could name.
+        for journal in (gateway.state_dir / "uploads").glob("*"):
+            journal.unlink(missing_ok=True)
         try:
             gateway.ensure_first_user()
             notices: dict[str, list[str]] = {}
@@ -271,6 +276,8 @@ class Supervisor:
             worker.pid = 0
             self._ready.discard(worker.index)
             metrics.forget_process(pid)
+            # A clean stop removed its journal; after a kill, another worker cleans up what it lists.
+            UploadJournal.mark_dead(self.config.server.state_dir / "uploads", pid)
             how = describe_exit(status)
             if self._stopping:
                 log.info("worker %d (pid %d) %s", worker.index, pid, how)
@@ -340,6 +347,7 @@ class Supervisor:
             gateway = Gateway(self.config)
             gateway.listeners = MappingProxyType(self.listeners)
             gateway.sweep_at_start = worker.index == 0 and worker.runs == 1
+            gateway.journal_uploads = True
             status = run_gateway(gateway, self.audit_handler,
                                  on_ready=lambda: os.write(self._ready_w, f"{worker.index}\n".encode()))
         except ConfigError as exc:

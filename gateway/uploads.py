@@ -10,13 +10,16 @@ the file stays) and its record dropped.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import secrets
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from .errors import GatewayError, InvalidPath
 from .storage.base import Backend, Upload
@@ -69,6 +72,79 @@ class _Entry:
         self.lock = threading.Lock()
 
 
+class UploadJournal:
+    """A worker's list of the uploads it has not recorded in the store yet, in a file its supervisor can see.
+
+    An upload younger than RECORD_AFTER and smaller than RECORD_BYTES is not
+    in the store, so no sweep would find its temp file if the worker were
+    killed. Appending one line per upload costs one write(2), no fsync: the
+    page cache survives the process (a crashed host is the start-up sweep's
+    job). When the supervisor reaps a worker that died, it marks the worker's
+    journal dead (`mark_dead`); any worker's keeper then removes what it lists
+    (`InFlightUploads.sweep_dead_journals`).
+    """
+
+    # Rewritten with only the live uploads once it holds this many lines.
+    COMPACT_AFTER = 4096
+
+    def __init__(self, directory: Path, pid: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / f"{pid}.journal"
+        self._lock = threading.Lock()
+        self._live: dict[str, InFlightUpload] = {}
+        self._lines = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
+                           0o600)
+
+    def add(self, record: InFlightUpload) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            self._live[record.id] = record
+            if self._lines >= self.COMPACT_AFTER:
+                self._compact()
+            os.write(self._fd, _line(record))
+            self._lines += 1
+
+    def drop(self, record_id: str) -> None:
+        """The upload ended (or is in the store now): the journal need not name it any more."""
+        with self._lock:
+            self._live.pop(record_id, None)
+
+    def _compact(self) -> None:
+        fresh = self.path.with_suffix(".compacting")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(_line(r) for r in self._live.values()))
+            os.replace(fresh, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        self._lines = len(self._live)
+
+    def close(self) -> None:
+        """A clean stop: every upload was committed or aborted, nothing is left to clean."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+                self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def mark_dead(directory: Path, pid: int) -> None:
+        """Called by the supervisor for a worker that died: its journal is now for others to clean."""
+        try:
+            os.rename(directory / f"{pid}.journal", directory / f"{pid}.dead")
+        except FileNotFoundError:
+            pass
+
+
+def _line(record: InFlightUpload) -> bytes:
+    return json.dumps(asdict(record), separators=(",", ":")).encode() + b"\n"
+
+
 class InFlightUploads:
     """This node's uploads, recorded in the store once they may leave something behind.
 
@@ -77,11 +153,15 @@ class InFlightUploads:
     old multipart uploads, `abandoned_upload_age`, still catches those).
     """
 
-    def __init__(self, store: Store, node: str, backends: Mapping[str, Backend]) -> None:
+    def __init__(self, store: Store, node: str, backends: Mapping[str, Backend],
+                 journal_dir: Path | None = None) -> None:
         self._store = store
+        self.journal_dir = journal_dir
         self.node = node
         self._names = {id(backend): name for name, backend in backends.items()}
+        self._backends = backends
         self._entries: dict[str, _Entry] = {}
+        self.journal: UploadJournal | None = None
 
     def register(self, backend: Backend, path: str, upload: Upload) -> str | None:
         """Track `upload` of `path` (recorded in the store later, see RECORD_AFTER); returns its id for `forget`."""
@@ -92,6 +172,9 @@ class InFlightUploads:
                                       time.time()))
         record_id = entry.record.id
         self._entries[record_id] = entry
+        if self.journal is not None and entry.record.upload_id:
+            # Not in the store before RECORD_AFTER or RECORD_BYTES: the journal covers that time.
+            self.journal.add(entry.record)
 
         def backend_id_known(backend_id: str) -> None:
             # The backend started something that outlives a crash (an S3 multipart upload): record it now.
@@ -126,10 +209,55 @@ class InFlightUploads:
         entry = self._entries.pop(record_id, None)
         if entry is None:
             return
+        if self.journal is not None:
+            self.journal.drop(record_id)
         with entry.lock:
             entry.ended = True
             if entry.stored:
                 self._write(record_id, None)
+
+    def open_journal(self, pid: int) -> None:
+        """Keep a journal (see UploadJournal): this process is a worker its supervisor may reap."""
+        if self.journal_dir is not None:
+            self.journal = UploadJournal(self.journal_dir, pid)
+
+    def close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+
+    def sweep_dead_journals(self) -> int:
+        """Remove the temp files of uploads listed in dead workers' journals; returns how many were looked at."""
+        if self.journal_dir is None:
+            return 0
+        checked = 0
+        try:
+            dead = sorted(self.journal_dir.glob("*.dead"))
+        except OSError:
+            return 0
+        for path in dead:
+            claimed = path.with_suffix(f".claimed-{os.getpid()}")
+            try:
+                os.rename(path, claimed)        # one worker takes each journal
+            except FileNotFoundError:
+                continue
+            for line in claimed.read_bytes().splitlines():
+                try:
+                    record = InFlightUpload(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue        # a line cut short by the kill
+                backend = self._backends.get(record.backend)
+                if backend is None or not record.upload_id:
+                    continue
+                try:
+                    # Most were committed or aborted before the death: removing those finds nothing.
+                    backend.abort_stale_upload(record.path, record.upload_id)
+                    checked += 1
+                except GatewayError as exc:
+                    log.warning("could not remove the upload %r of %r left by a dead worker: %s",
+                                record.upload_id, record.path, exc)
+            claimed.unlink(missing_ok=True)
+            log.info("removed what the uploads in flight of a dead worker left (%s)", path.name)
+        return checked
 
     def _record(self, entry: _Entry, backend_id: str | None = None) -> None:
         with entry.lock:
@@ -172,6 +300,8 @@ class NodeKeeper:
     def start(self) -> None:
         """Beat once now (before any upload is recorded under this node), then keep beating."""
         self._store.heartbeat(self.node)
+        if self._uploads is not None:
+            self._uploads.sweep_dead_journals()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="node-keeper", daemon=True)
         self._thread.start()
@@ -200,6 +330,8 @@ class NodeKeeper:
                         self._uploads.record_due()
                     next_beat = now + beat
                 if now >= next_sweep:
+                    if self._uploads is not None:
+                        self._uploads.sweep_dead_journals()
                     self.sweep()
                     next_sweep = time.monotonic() + self._jittered()
             except StoreError as exc:

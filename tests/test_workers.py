@@ -26,6 +26,7 @@ import pytest
 import tomli_w
 
 from gateway.config import MAX_WORKERS, ConfigError, load_config
+from gateway.storage.base import TEMP_PREFIX
 from tests.conftest import wait_for
 from tests.sftp.helpers import copy_host_keys
 
@@ -276,6 +277,36 @@ def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, hos
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
     assert (served.home / "big.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
+
+
+def test_the_temp_file_of_a_young_upload_of_a_killed_worker_is_removed_without_a_restart(
+        tmp_path, host_key_dir):
+    # Younger than RECORD_AFTER and smaller than RECORD_BYTES: not in the store,
+    # so only the worker's journal names it.
+    with serving(tmp_path, host_key_dir, log_level="info") as served:
+        transport = _sftp_login(served.ports["sftp"])
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+            uploader = served.owner(transport.sock, "sftp")
+            (other,) = served.workers() - {uploader}
+            (served.home / "kept.bin").write_bytes(b"version one")
+            handle = sftp.open("/kept.bin", "wb")
+            handle.write(b"a" * 100_000)
+            handle.flush()
+            temp = [p for p in served.home.iterdir() if p.name.startswith(TEMP_PREFIX)]
+            assert len(temp) == 1
+            os.kill(uploader, signal.SIGKILL)
+            replacement = served.wait_replaced(uploader, {other})
+            served.wait_ready(replacement)
+            wait_for(lambda: not temp[0].exists(), "the dead worker's temp file to be removed", limit=30)
+        finally:
+            transport.close()
+        assert (served.home / "kept.bin").read_bytes() == b"version one"
+        assert not list((tmp_path / "state" / "uploads").glob("*.dead"))
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=60) == 0, served.log.read_text()
+    # A clean stop leaves no journal behind.
+    assert not list((tmp_path / "state" / "uploads").iterdir())
 
 
 def test_a_worker_started_after_sighup_runs_with_the_reloaded_config(tmp_path, host_key_dir):
