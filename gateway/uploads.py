@@ -100,9 +100,9 @@ class UploadJournal:
         with self._lock:
             if self._fd < 0:
                 return
-            self._live[record.id] = record
             if self._lines >= self.COMPACT_AFTER:
                 self._compact()
+            self._live[record.id] = record
             os.write(self._fd, _line(record))
             self._lines += 1
 
