@@ -253,16 +253,28 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path, host_key_dir):
     assert (served.home / "before.bin").exists()
 
 
+@contextmanager
+def _sftp_upload(served: Served, path: str, first: bytes) -> Iterator[tuple]:
+    """An SFTP upload of `path` with `first` written and the handle left open.
+
+    Yields (client, handle, pid of the worker serving it, pid of the other worker).
+    """
+    transport = _sftp_login(served.ports["sftp"])
+    try:
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        uploader = served.owner(transport.sock, "sftp")
+        (other,) = served.workers() - {uploader}
+        handle = sftp.open(path, "wb")
+        handle.write(first)
+        handle.flush()
+        yield sftp, handle, uploader, other
+    finally:
+        transport.close()
+
+
 def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, host_key_dir):
     with serving(tmp_path, host_key_dir, log_level="info") as served:
-        transport = _sftp_login(served.ports["sftp"])
-        try:
-            sftp = paramiko.SFTPClient.from_transport(transport)
-            uploader = served.owner(transport.sock, "sftp")
-            (other,) = served.workers() - {uploader}
-            handle = sftp.open("/big.bin", "wb")
-            handle.write(b"a" * 100_000)
-            handle.flush()
+        with _sftp_upload(served, "/big.bin", b"a" * 100_000) as (sftp, handle, uploader, other):
             os.kill(other, signal.SIGKILL)
             # The replacement is serving (so past its start-up) before the upload ends.
             replacement = served.wait_replaced(other, {uploader})
@@ -272,8 +284,6 @@ def test_a_restarted_worker_leaves_the_uploads_of_the_others_alone(tmp_path, hos
             handle.write(b"b" * 100_000)
             handle.close()
             assert sftp.stat("/big.bin").st_size == 200_000
-        finally:
-            transport.close()
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=60) == 0, served.log.read_text()
     assert (served.home / "big.bin").read_bytes() == b"a" * 100_000 + b"b" * 100_000
@@ -284,23 +294,14 @@ def test_the_temp_file_of_a_young_upload_of_a_killed_worker_is_removed_without_a
     # Younger than RECORD_AFTER and smaller than RECORD_BYTES: not in the store,
     # so only the worker's journal names it.
     with serving(tmp_path, host_key_dir, log_level="info") as served:
-        transport = _sftp_login(served.ports["sftp"])
-        try:
-            sftp = paramiko.SFTPClient.from_transport(transport)
-            uploader = served.owner(transport.sock, "sftp")
-            (other,) = served.workers() - {uploader}
-            (served.home / "kept.bin").write_bytes(b"version one")
-            handle = sftp.open("/kept.bin", "wb")
-            handle.write(b"a" * 100_000)
-            handle.flush()
+        (served.home / "kept.bin").write_bytes(b"version one")
+        with _sftp_upload(served, "/kept.bin", b"a" * 100_000) as (_, _, uploader, other):
             temp = [p for p in served.home.iterdir() if p.name.startswith(TEMP_PREFIX)]
             assert len(temp) == 1
             os.kill(uploader, signal.SIGKILL)
             replacement = served.wait_replaced(uploader, {other})
             served.wait_ready(replacement)
             wait_for(lambda: not temp[0].exists(), "the dead worker's temp file to be removed", limit=30)
-        finally:
-            transport.close()
         assert (served.home / "kept.bin").read_bytes() == b"version one"
         assert not list((tmp_path / "state" / "uploads").glob("*.dead"))
         served.proc.send_signal(signal.SIGTERM)

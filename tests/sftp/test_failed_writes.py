@@ -52,6 +52,14 @@ def _close(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> tuple[int, str]:
     return status
 
 
+def _write_until_refused(f: paramiko.SFTPFile) -> None:
+    """Write and wait for each WRITE's status, as a careful client does, until the disk is full."""
+    with pytest.raises(OSError, match="no space left"):
+        for _ in range(64):
+            f.write(os.urandom(CHUNK))
+            f.flush()
+
+
 def _drain(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> list[str]:
     """Read every queued WRITE reply of a pipelined handle; the errors among them."""
     errors = []
@@ -66,10 +74,7 @@ def _drain(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> list[str]:
 def test_a_client_that_checks_every_write_is_told_the_disk_is_full_and_close_fails(full_server):
     with sftp_client(full_server.sftp_port) as sftp:
         f = sftp.open("/kept.bin", "w")
-        with pytest.raises(OSError, match="no space left"):
-            for _ in range(8):
-                f.write(os.urandom(CHUNK))
-                f.flush()
+        _write_until_refused(f)
         assert _close(sftp, f) == (SFTP_FAILURE, FULL)
     assert (full_server.home / "kept.bin").read_bytes() == OLD
     assert not _left_behind(full_server.home)
@@ -96,10 +101,7 @@ def test_a_resumed_upload_that_hits_a_full_disk_keeps_the_previous_version(full_
         f = sftp.open("/kept.bin", "r+")
         small_disk.fill()
         f.seek(len(OLD))
-        with pytest.raises(OSError, match="no space left"):
-            for _ in range(16):
-                f.write(os.urandom(CHUNK))
-                f.flush()
+        _write_until_refused(f)
         assert _close(sftp, f) == (SFTP_FAILURE, FULL)
     assert (full_server.home / "kept.bin").read_bytes() == OLD
     assert not _left_behind(full_server.home)
@@ -122,10 +124,7 @@ def test_openssh_sftp_put_onto_a_full_disk_fails_and_keeps_the_previous_version(
 def test_a_rename_after_a_failed_write_fails_and_nothing_is_committed(full_server):
     with sftp_client(full_server.sftp_port) as sftp:
         f = sftp.open("/kept.bin", "w")
-        with pytest.raises(OSError):
-            for _ in range(8):
-                f.write(os.urandom(CHUNK))
-                f.flush()
+        _write_until_refused(f)
         # WinSCP uploads as name.filepart and renames; the rename must not store the failed upload.
         assert raw_status(sftp, CMD_RENAME, "/kept.bin", "/moved.bin") == (SFTP_FAILURE, FULL)
         assert _close(sftp, f) == (SFTP_FAILURE, FULL)
