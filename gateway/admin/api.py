@@ -17,8 +17,9 @@ from urllib.parse import quote
 
 from ..permissions import format_perms
 from ..store import StoreUnavailable
-from ..users import (NoSuchUser, User, UserExists, UsersFileError, check_password, hash_password,
-                     parse_home, parse_mount, parse_perm_rule, parse_public_key, validate_name)
+from ..users import (NoSuchUser, User, UserExists, UsersFileError, check_new_name, check_password,
+                     check_quota, hash_password, parse_home, parse_mount, parse_perm_rule,
+                     parse_public_key)
 from . import openapi
 from .router import Handler, Request, Response, Router, json_response
 
@@ -112,6 +113,9 @@ def _read_json(request: Request) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # json's C decoder counts its depth against the interpreter's recursion limit.
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -185,9 +189,7 @@ class UserFields:
                     raise ValueError(f"mounts '{path}': {exc}") from None
             return {"mounts": tuple(mounts)}
         if key in ("quota_bytes", "quota_files"):
-            if value < 0:
-                raise ValueError(f"{key}: must be a whole number >= 0 (0 means no limit)")
-            return {key: value}
+            return {key: check_quota(key, value)}
         return {key: value}   # disabled: its type is all there is to check
 
 
@@ -271,7 +273,7 @@ class AdminApi:
         _check_types(body, set(_TYPES), required=("name",))
         name = body["name"]
         try:
-            validate_name(name)
+            check_new_name(name)
         except UsersFileError as exc:
             raise ApiError(422, f"name: {exc}", "name") from None
         default_home = f"{next(iter(self.gateway.backends))}:/{name}"
