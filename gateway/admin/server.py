@@ -2,6 +2,7 @@
 
 It runs beside the WebDAV and SFTP front-ends (`[admin]`, loopback by
 default) so a load balancer and Prometheus never need a user's credentials.
+`[admin] api = false` leaves the REST API out; `allow_networks` limits it.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class AdminServer:
         router.add("/healthz", "GET", self.healthz)
         router.add("/readyz", "GET", self.readyz)
         router.add("/metrics", "GET", self.metrics)
-        AdminApi(self.gateway).install(router)
+        if self.section.api:
+            AdminApi(self.gateway).install(router)
         return router
 
     # -- handlers ---------------------------------------------------------------
