@@ -475,7 +475,7 @@ def reloaded_config(old: Config, new: Config) -> Config:
         sftp=dataclasses.replace(new.sftp, listen=old.sftp.listen, proxy_protocol=old.sftp.proxy_protocol),
         webdav=dataclasses.replace(old.webdav, header_timeout=new.webdav.header_timeout,
                                    max_header_size=new.webdav.max_header_size, **tls(old.webdav, new.webdav)),
-        admin=dataclasses.replace(old.admin, **tls(old.admin, new.admin)),
+        admin=dataclasses.replace(old.admin, allow_networks=new.admin.allow_networks, **tls(old.admin, new.admin)),
         server=dataclasses.replace(old.server, log_level=new.server.log_level,
                                    drain_timeout=new.server.drain_timeout),
         backends={**old.backends, **{name: section for name, section in new.backends.items()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import http.client
+import tomllib
 
 import pytest
+import tomli_w
 
 from gateway.config import ConfigError, load_config
 from tests.admin.conftest import start_gateway
@@ -76,3 +78,14 @@ def test_a_malformed_allow_networks_entry_names_the_key(tmp_path):
     path = write_config(tmp_path, admin=True, extra={"admin": {"allow_networks": ["127.0.0.1", "10.0.0.1/8"]}})
     with pytest.raises(ConfigError, match=r"\[admin\] allow_networks\[1\]: '10.0.0.1/8'"):
         load_config(path)
+
+
+def test_a_reload_applies_new_allow_networks_to_the_running_api(only_local_host, tmp_path):
+    port, token = only_local_host.admin_port, only_local_host.token
+    assert api_request(port, "GET", "/users", token=token, source=OUTSIDER).status == 403
+    settings = tomllib.loads(only_local_host.config_path.read_text())
+    settings["admin"]["allow_networks"] = ["127.0.0.1", "127.0.0.2"]
+    only_local_host.config_path.write_text(tomli_w.dumps(settings))
+    only_local_host.gateway.reload(load_config(only_local_host.config_path))
+    assert api_request(port, "GET", "/users", token=token, source=OUTSIDER).status == 200
+    assert api_request(port, "GET", "/users", token=token, source="127.0.0.3").status == 403
