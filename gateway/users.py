@@ -318,7 +318,7 @@ def validate_name(name: str) -> str:
 _CONFUSABLE_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
 
 
-def name_key(name: str) -> str:
+def _name_key(name: str) -> str:
     """What two names must not share: their NFKC form, case-folded ("ＡＤＭＩＮ" -> "admin")."""
     return unicodedata.normalize("NFKC", name).casefold()
 
@@ -356,15 +356,16 @@ def check_new_names(names: Iterable[str], taken: Iterable[str]) -> None:
             or compatibility form ("Admin", "ａｄｍｉｎ" beside "admin").
     """
     taken = set(taken)
-    keys = {name_key(name): name for name in taken}
+    keys = {_name_key(name): name for name in taken}
     for name in names:
         if name in taken:
             continue
         check_new_name(name)
-        other = keys.get(name_key(name))
+        other = keys.get(_name_key(name))
         if other is not None and other != name:
-            raise UserExists(f"user name '{name}' is taken: user '{other}' differs from it only in case")
-        keys[name_key(name)] = name
+            raise UserExists(f"user name '{name}' is taken: user '{other}' differs from it "
+                             "only in case or Unicode form")
+        keys[_name_key(name)] = name
 
 
 def read_users_file(path: Path, backends: Iterable[str] | None = None) -> dict[str, User]:

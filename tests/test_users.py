@@ -14,7 +14,7 @@ import pytest
 
 from gateway.permissions import parse_perms
 from gateway.store import Store, UserCache, open_store
-from gateway.users import (Location, User, UsersFileError, hash_password, parse_public_key,
+from gateway.users import (Location, User, UserExists, UsersFileError, hash_password, parse_public_key,
                            read_users_file, verify_password)
 from tests.test_config import GOOD, REPO, run_gateway, write
 
@@ -253,7 +253,7 @@ def test_user_add_refuses_a_quota_past_64_bits(config_path, store, option):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("ALICE", "user name 'ALICE' is taken: user 'alice' differs from it only in case"),
+    ("ALICE", "user name 'ALICE' is taken: user 'alice' differs from it only in case or Unicode form"),
     ("ａｌｉｃｅ", "not in Unicode normal form NFKC (write it as 'alice')"),
     ("\u0430lice", "it mixes Latin, Greek or Cyrillic letters"),
 ])
@@ -274,7 +274,7 @@ def test_import_refuses_a_name_differing_only_in_case_and_imports_nothing(config
     result = run_gateway("user", "import", str(users_file), "--config", str(config_path))
     assert result.returncode == 2
     assert result.stderr == (f"gateway: {users_file}: user name 'Alice' is taken: "
-                             "user 'alice' differs from it only in case\n")
+                             "user 'alice' differs from it only in case or Unicode form\n")
     assert sorted(stored(store)) == ["alice"]
 
 
@@ -292,3 +292,10 @@ def test_a_look_alike_name_stored_before_the_rules_can_still_be_disabled(config_
     result = run_gateway("user", "disable", "ａｄｍｉｎ", "--config", str(config_path))
     assert result.returncode == 0, result.stderr
     assert stored(store)["ａｄｍｉｎ"].disabled
+
+
+def test_a_new_name_equal_to_the_nfkc_form_of_a_stored_look_alike_is_refused(store):
+    store.add_user(User("ａｄｍｉｎ", hash_password("s3cret-password")))
+    with pytest.raises(UserExists, match="user 'ａｄｍｉｎ' differs from it only in case or Unicode form"):
+        UserCache(store).add(User("Admin", hash_password("s3cret-password")))
+    assert sorted(stored(store)) == ["ａｄｍｉｎ"]
