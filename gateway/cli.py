@@ -17,8 +17,9 @@ from .config import Config, ConfigError, check_listeners, load_config
 from .errors import GatewayError
 from .permissions import ALL
 from .store import Store, StoreError, UserCache, open_store
-from .users import (User, UsersFileError, _user_to_toml, check_password, hash_password, parse_home,
-                    parse_mount, parse_perm_rule, parse_public_key, read_users_file, unknown_backend)
+from .users import (User, UsersFileError, _user_to_toml, check_new_names, check_password, check_quota,
+                    hash_password, parse_home, parse_mount, parse_perm_rule, parse_public_key,
+                    read_users_file, unknown_backend)
 
 
 # Where prometheus_client's multiprocess mode keeps each process's values (gateway.metrics).
@@ -31,7 +32,12 @@ class CommandError(Exception):
 
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        try:
+            password = sys.stdin.readline().rstrip("\r\n")
+        except UnicodeDecodeError:
+            # A strict stdin; with surrogateescape the bytes arrive as lone
+            # surrogates instead, and check_password says the same.
+            raise CommandError("the password on stdin is not UTF-8 text") from None
     else:
         if not sys.stdin.isatty():
             raise CommandError("no terminal to prompt for a password: use --password-stdin")
@@ -106,6 +112,11 @@ def cmd_user_add(args: argparse.Namespace, config: Config) -> int:
             raise CommandError(f"--mount {spec!r}: {exc}") from None
     perms = {"/": ALL}
     perms.update(_parse_perm_rules(args.perm))
+    for key in ("quota_bytes", "quota_files"):
+        try:
+            check_quota(key, getattr(args, key))
+        except ValueError as exc:
+            raise CommandError(f"--{key.replace('_', '-')}: {exc}") from None
     user = User(args.name, password_hash, tuple(keys), home, tuple(mounts), perms,
                 args.quota_bytes, args.quota_files, False)
     with _users(config) as users:
@@ -164,6 +175,11 @@ def cmd_user_import(args: argparse.Namespace, config: Config) -> int:
     # The same validation as every user change, and errors that name the key.
     users = read_users_file(path, backends=config.backends.keys())
     with _state_store(config) as store:
+        try:
+            # New names as strictly as `user add` checks them; existing ones are replaced.
+            check_new_names(users, (user.name for user in store.list_users()))
+        except UsersFileError as exc:
+            raise UsersFileError(f"{path}: {exc}") from None
         added, replaced = store.import_users(users.values())
     print(f"imported {len(users)} user(s) from {path}: {added} added, {replaced} replaced")
     return 0

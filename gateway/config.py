@@ -170,6 +170,11 @@ class AdminSection:
     listen: Listen = Listen("127.0.0.1", 8090)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # The REST API under /api/v1; /healthz, /readyz and /metrics answer either way.
+    api: bool = True
+    # Client addresses (IPs or CIDR networks) the REST API answers; any other gets 403
+    # before a token is read. Loopback only by default: open it to an admin network, with TLS.
+    allow_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1"])
 
 
 @dataclass
@@ -366,6 +371,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                           f"got {webdav.max_header_size}")
     for name, section in (("webdav", webdav), ("sftp", sftp)):
         _check_proxy_protocol(section, f"{where_file}: [{name}]")
+    try:
+        parse_networks(admin.allow_networks)
+    except ValueError as exc:
+        raise ConfigError(f"{where_file}: [admin] allow_networks{exc}") from None
     for name, section in (("webdav", webdav), ("admin", admin)):
         if bool(section.tls_cert) != bool(section.tls_key):
             raise ConfigError(f"{where_file}: [{name}] tls_key: tls_cert and tls_key go together")

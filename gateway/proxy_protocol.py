@@ -55,6 +55,16 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    """True when the address `ip` lies in one of `networks` (an IPv4-mapped IPv6 address counts
+    as its IPv4 address); False for anything that is not an address."""
+    try:
+        address = _canonical(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
 def _canonical(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     address = ipaddress.ip_address(ip)
     # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; bans and audit lines use a.b.c.d.
@@ -182,11 +192,7 @@ class ProxyProtocol:
         return cls(section.trusted_proxies, name)
 
     def trusts(self, ip: str) -> bool:
-        try:
-            address = _canonical(ip)
-        except ValueError:
-            return False
-        return any(address in network for network in self.networks)
+        return in_networks(ip, self.networks)
 
     def client_address(self, sock: socket.socket, peer: Address) -> Address | None:
         """The real client behind `peer`, read from its PROXY header.

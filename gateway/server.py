@@ -335,9 +335,28 @@ def apply_log_level(config: Config) -> None:
     logging.getLogger().setLevel(_log_level(config))
 
 
+# What ends or rewrites a line for a log reader: C0 controls but tab, DEL, C1, U+2028/9.
+_LINE_BREAKERS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if c != 0x09}
+_LINE_BREAKERS.update({0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, whatever values it carries; tracebacks keep theirs.
+
+    Security decision: our call sites log user-controlled values with %r; this
+    also holds for the ones that do not (paramiko logs a user name raw at debug),
+    so no client can forge a line of the main log.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_LINE_BREAKERS)
+
+
 def setup_logging(config: Config) -> logging.Handler | None:
     """The main log on stderr, and the audit log where the config says; returns the audit handler."""
-    logging.basicConfig(level=_log_level(config), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=_log_level(config), handlers=[handler])
     try:
         return setup_audit_log(config.server.audit_log)
     except OSError as exc:
@@ -464,7 +483,7 @@ def reloaded_config(old: Config, new: Config) -> Config:
         sftp=dataclasses.replace(new.sftp, listen=old.sftp.listen, proxy_protocol=old.sftp.proxy_protocol),
         webdav=dataclasses.replace(old.webdav, header_timeout=new.webdav.header_timeout,
                                    max_header_size=new.webdav.max_header_size, **tls(old.webdav, new.webdav)),
-        admin=dataclasses.replace(old.admin, **tls(old.admin, new.admin)),
+        admin=dataclasses.replace(old.admin, allow_networks=new.admin.allow_networks, **tls(old.admin, new.admin)),
         server=dataclasses.replace(old.server, log_level=new.server.log_level,
                                    drain_timeout=new.server.drain_timeout),
         backends={**old.backends, **{name: section for name, section in new.backends.items()

@@ -367,6 +367,6 @@ class NodeKeeper:
                 continue
             self._store.remove_upload(upload.id)
             removed += 1
-            log.info("aborted the upload of %s:%s left by node %s (silent for over %ss)",
-                     upload.backend, upload.path, upload.node, self.node_timeout)
+            log.info("aborted the upload of %r on %s left by node %s (silent for over %ss)",
+                     upload.path, upload.backend, upload.node, self.node_timeout)
         return removed

@@ -6,6 +6,7 @@ imported, exported and validated. Passwords are stored only as argon2id hashes.
 from __future__ import annotations
 
 import tomllib
+import unicodedata
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ class NoSuchUser(UsersFileError):
 
 
 MIN_PASSWORD_LENGTH = 8
+# Quotas are stored in a signed 64-bit column (SQLite INTEGER, PostgreSQL BIGINT).
+MAX_QUOTA = (1 << 63) - 1
 
 
 def hash_password(password: str) -> str:
@@ -105,11 +108,29 @@ def check_password(password: str) -> str:
     """Return `password` if it is acceptable for a new password.
 
     Raises:
-        ValueError: too short.
+        ValueError: too short, or not encodable as UTF-8 (a lone surrogate, from JSON
+            "\\ud800" or from undecodable bytes on stdin).
     """
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("password is not valid Unicode text (it holds a lone surrogate "
+                         "or bytes that are not UTF-8)") from None
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValueError(f"password too short: use at least {MIN_PASSWORD_LENGTH} characters")
     return password
+
+
+def check_quota(key: str, value: int) -> int:
+    """Return `value` if it fits `key` ("quota_bytes" or "quota_files").
+
+    Raises:
+        ValueError: negative, or beyond what the store's 64-bit column holds.
+    """
+    if not 0 <= value <= MAX_QUOTA:
+        raise ValueError(f"{key}: must be a whole number >= 0 (0 means no limit) "
+                         f"and at most {MAX_QUOTA}")
+    return value
 
 
 def parse_home(text: str, backends: Collection[str], config_name: str) -> Location:
@@ -245,8 +266,12 @@ def _user_from_toml(name: str, table: dict, where: str) -> User:
             raise fail(f"permissions.\"{ppath}\"", str(exc)) from None
     for key in ("quota_bytes", "quota_files"):
         value = table.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool):
             raise fail(key, "must be a whole number >= 0 (0 means no limit)")
+        try:
+            check_quota(key, value)
+        except ValueError as exc:
+            raise fail(key, str(exc).removeprefix(f"{key}: ")) from None
     disabled = table.get("disabled", False)
     if not isinstance(disabled, bool):
         raise fail("disabled", "must be true or false")
@@ -275,10 +300,72 @@ def _user_to_toml(user: User) -> dict:
 
 
 def validate_name(name: str) -> str:
+    """Return `name` if it is a well-formed user name (every stored name is).
+
+    New names must also pass `check_new_names`, which is stricter: names
+    stored before it existed stay usable (they can be disabled or removed).
+
+    Raises:
+        UsersFileError: empty, too long, or a character outside the set.
+    """
     if not name or len(name) > 64 or not all(c.isalnum() or c in "._-@" for c in name) \
             or name.startswith((".", "-")):
         raise UsersFileError(f"invalid user name '{name}': use letters, digits, '.', '_', '-', '@'")
     return name
+
+
+# Scripts whose letters look alike: a name mixing them ("аdmin" with a Cyrillic "а") is refused.
+_CONFUSABLE_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
+
+
+def _name_key(name: str) -> str:
+    """What two names must not share: their NFKC form, case-folded ("ＡＤＭＩＮ" -> "admin")."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def check_new_name(name: str) -> str:
+    """Return `name` if a new user may have it (whatever the users are: see `check_new_names`).
+
+    Raises:
+        UsersFileError: malformed, not NFKC-normal, or mixing look-alike scripts.
+    """
+    validate_name(name)
+    # Security decision: a new name is one a reader cannot mistake for another.
+    # Letters of any script, but digits only 0-9; no compatibility forms
+    # (fullwidth "ａｄｍｉｎ", superscripts, ligatures), which NFKC rewrites.
+    if not all(c in "._-@0123456789" or unicodedata.category(c).startswith("L") for c in name):
+        raise UsersFileError(f"invalid user name {name!r}: use letters, digits 0-9, '.', '_', '-', '@'")
+    normal = unicodedata.normalize("NFKC", name)
+    if normal != name:
+        raise UsersFileError(f"invalid user name {name!r}: not in Unicode normal form NFKC "
+                             f"(write it as {normal!r})")
+    scripts = {unicodedata.name(c, "").split(" ", 1)[0] for c in name if c.isalpha()}
+    if len(scripts & set(_CONFUSABLE_SCRIPTS)) > 1:
+        raise UsersFileError(f"invalid user name {name!r}: it mixes Latin, Greek or Cyrillic letters")
+    return name
+
+
+def check_new_names(names: Iterable[str], taken: Iterable[str]) -> None:
+    """Check names about to be added beside the `taken` ones (names in `taken` are replacements).
+
+    The one check of a new user's name, for `user add`, the admin API and `user import`.
+
+    Raises:
+        UsersFileError: a new name is malformed, not NFKC-normal, or mixes look-alike scripts.
+        UserExists: a new name differs from a taken one (or another new one) only in case
+            or compatibility form ("Admin", "ａｄｍｉｎ" beside "admin").
+    """
+    taken = set(taken)
+    keys = {_name_key(name): name for name in taken}
+    for name in names:
+        if name in taken:
+            continue
+        check_new_name(name)
+        other = keys.get(_name_key(name))
+        if other is not None and other != name:
+            raise UserExists(f"user name '{name}' is taken: user '{other}' differs from it "
+                             "only in case or Unicode form")
+        keys[_name_key(name)] = name
 
 
 def read_users_file(path: Path, backends: Iterable[str] | None = None) -> dict[str, User]:

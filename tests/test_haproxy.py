@@ -13,6 +13,7 @@ import logging
 import ssl
 import subprocess
 import threading
+import tomllib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,8 +23,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from gateway.config import load_config
+from gateway.config import Listen, load_config
 from gateway.server import Gateway
+from tests.admin.helpers import admin_request, api_request
 from tests.conftest import PASSWORD, RunningGateway, wait_for, write_config
 from tests.haproxy import CLIENT_IP, HAProxy, connect_from, needs_haproxy, run_example, run_haproxy
 from tests.sftp.helpers import OpenSSH, copy_host_keys, known_hosts
@@ -321,3 +323,29 @@ def test_example_haproxy_config_is_valid():
     result = subprocess.run(["haproxy", "-c", "-f", str(REPO / "config" / "haproxy.cfg")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def example_node_config() -> dict:
+    """The node config that config/haproxy.cfg's header comment gives, as TOML."""
+    lines = (REPO / "config" / "haproxy.cfg").read_text().split("On every node:\n", 1)[1].splitlines()
+    toml = []
+    for line in lines:
+        if line.startswith("#   "):
+            toml.append(line[4:])
+        elif line == "#":
+            toml.append("")
+        else:
+            break   # the prose after the block
+    return tomllib.loads("\n".join(toml))
+
+
+def test_the_example_node_config_keeps_the_admin_api_off_the_network_in_plain_text(make_gateway):
+    admin = example_node_config()["admin"]
+    if "tls_cert" not in admin and not Listen.parse(admin["listen"]).is_loopback:
+        assert admin.get("api", True) is False, admin
+    # The example's [admin] as a node runs it (on a free loopback port): HAProxy's check
+    # answers, the REST API does not exist.
+    running = make_gateway(admin=True, extra={"admin": {**admin, "listen": "127.0.0.1:0"}})
+    token = running.gateway.store.create_token("provisioning")
+    assert admin_request(running.admin_port, "GET", "/readyz").status == 200
+    assert api_request(running.admin_port, "GET", "/users", token=token).status == 404

@@ -447,3 +447,29 @@ def test_stopping_twice_closes_no_descriptor_the_gateway_no_longer_owns(make_gat
             os.close(root_fd)
     finally:
         os.close(other)
+
+
+def test_a_user_name_with_a_newline_cannot_forge_a_line_of_the_main_log(tmp_path):
+    # At debug, paramiko logs the user name of each auth request as it came.
+    forged = "2026-12-08 02:00:00,000 INFO gateway.audit: FORGED login of admin ok"
+    path = config(tmp_path, sftp=True)
+    settings = tomllib.loads(path.read_text())
+    settings["server"]["log_level"] = "debug"
+    path.write_text(tomli_w.dumps(settings))
+    proc = start(path)
+    try:
+        ports = _listening_ports(wait_for_line(proc, "gateway ready"))
+        transport = paramiko.Transport(("127.0.0.1", ports["sftp"]))
+        try:
+            with pytest.raises(paramiko.AuthenticationException):
+                transport.connect(username="eve\n" + forged, password="wrong password")
+        finally:
+            transport.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "eve\\n2026-12-08" in err
+    assert not [line for line in err.splitlines() if line.startswith("2026-12-08 02:00:00")]

@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 
 from gateway.permissions import parse_perms
 from gateway.store import Store, UserCache, open_store
-from gateway.users import (Location, User, UsersFileError, hash_password, parse_public_key,
+from gateway.users import (Location, User, UserExists, UsersFileError, hash_password, parse_public_key,
                            read_users_file, verify_password)
-from tests.test_config import GOOD, run_gateway, write
+from tests.test_config import GOOD, REPO, run_gateway, write
 
 
 @pytest.fixture
@@ -218,3 +219,83 @@ def test_parse_public_key_normalizes_whitespace(ssh_key):
     assert parse_public_key(f"  {kind}   {blob}  {comment} ") == f"{kind} {blob} {comment}"
     with pytest.raises(ValueError):
         parse_public_key("ssh-ed25519")
+
+
+# -- passwords and names that would pass for something else --------------------------
+
+def add_with_password_bytes(config_path: Path, password: bytes, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "user", "add", "bob", "--password-stdin",
+                           "--config", str(config_path)], cwd=REPO, input=password + b"\n",
+                          capture_output=True, timeout=60, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("encoding, message", [
+    ("utf-8:surrogateescape", "password is not valid Unicode text"),   # bytes arrive as surrogates
+    ("utf-8:strict", "the password on stdin is not UTF-8 text"),
+])
+def test_a_password_on_stdin_that_is_not_utf8_gets_a_clear_message(config_path, store, encoding, message):
+    result = add_with_password_bytes(config_path, b"long enough \xff\xfe", PYTHONIOENCODING=encoding)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.decode().startswith(f"gateway: {message}")
+    assert b"Traceback" not in result.stderr and b"codec" not in result.stderr
+    assert "bob" not in stored(store)
+
+
+@pytest.mark.parametrize("option", ["--quota-bytes", "--quota-files"])
+def test_user_add_refuses_a_quota_past_64_bits(config_path, store, option):
+    result = run_gateway("user", "add", "bob", "--password-stdin", option, str(1 << 63),
+                         "--config", str(config_path), stdin="s3cret-password\n")
+    assert result.returncode == 2, result.stderr
+    key = option.removeprefix("--").replace("-", "_")
+    assert result.stderr == (f"gateway: {option}: {key}: must be a whole number >= 0 (0 means no limit) "
+                             f"and at most {(1 << 63) - 1}\n")
+    assert "bob" not in stored(store)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("ALICE", "user name 'ALICE' is taken: user 'alice' differs from it only in case or Unicode form"),
+    ("ａｌｉｃｅ", "not in Unicode normal form NFKC (write it as 'alice')"),
+    ("\u0430lice", "it mixes Latin, Greek or Cyrillic letters"),
+])
+def test_user_add_refuses_a_name_that_passes_for_an_existing_one(config_path, store, name, words):
+    assert run_gateway("user", "add", "alice", "--password-stdin", "--config", str(config_path),
+                       stdin="s3cret-password\n").returncode == 0
+    result = run_gateway("user", "add", name, "--password-stdin", "--config", str(config_path),
+                         stdin="s3cret-password\n")
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert sorted(stored(store)) == ["alice"]
+
+
+def test_import_refuses_a_name_differing_only_in_case_and_imports_nothing(config_path, store, tmp_path):
+    UserCache(store).add(User("alice", hash_password("s3cret-password")))
+    users_file = tmp_path / "users.toml"
+    users_file.write_text('[users.carol]\nhome = "local:/carol"\n\n[users.Alice]\nhome = "local:/x"\n')
+    result = run_gateway("user", "import", str(users_file), "--config", str(config_path))
+    assert result.returncode == 2
+    assert result.stderr == (f"gateway: {users_file}: user name 'Alice' is taken: "
+                             "user 'alice' differs from it only in case or Unicode form\n")
+    assert sorted(stored(store)) == ["alice"]
+
+
+def test_import_still_replaces_a_user_of_the_very_same_name(config_path, store, tmp_path):
+    UserCache(store).add(User("alice", hash_password("s3cret-password")))
+    users_file = tmp_path / "users.toml"
+    users_file.write_text('[users.alice]\nhome = "local:/elsewhere"\n')
+    result = run_gateway("user", "import", str(users_file), "--config", str(config_path))
+    assert result.returncode == 0, result.stderr
+    assert str(stored(store)["alice"].home) == "local:/elsewhere"
+
+
+def test_a_look_alike_name_stored_before_the_rules_can_still_be_disabled(config_path, store):
+    store.add_user(User("ａｄｍｉｎ", hash_password("s3cret-password")))
+    result = run_gateway("user", "disable", "ａｄｍｉｎ", "--config", str(config_path))
+    assert result.returncode == 0, result.stderr
+    assert stored(store)["ａｄｍｉｎ"].disabled
+
+
+def test_a_new_name_equal_to_the_nfkc_form_of_a_stored_look_alike_is_refused(store):
+    store.add_user(User("ａｄｍｉｎ", hash_password("s3cret-password")))
+    with pytest.raises(UserExists, match="user 'ａｄｍｉｎ' differs from it only in case or Unicode form"):
+        UserCache(store).add(User("Admin", hash_password("s3cret-password")))
+    assert sorted(stored(store)) == ["ａｄｍｉｎ"]

@@ -1,10 +1,12 @@
 """The admin REST API under /api/v1: users, sessions and bans, behind bearer tokens.
 
 Users are checked field by field with the CLI's own functions (gateway/users.py),
-so both say the same thing about the same mistake. Tokens are checked against
-their hashes in the store; a failed check counts as a failed login of the
-client address in the defender, and a banned address is refused before any
-token is looked at. No answer carries a password hash or a token hash.
+so both say the same thing about the same mistake. Only addresses in
+`[admin] allow_networks` get an answer. Tokens are checked against their
+hashes in the store; a failed check is an audit line (op "login", protocol
+"admin", method "token") and counts as a failed login of the client address
+in the defender, and a banned address is refused before any token is looked
+at. No answer carries a password hash or a token hash.
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from .. import audit
 from ..permissions import format_perms
+from ..proxy_protocol import in_networks, parse_networks
 from ..store import StoreUnavailable
-from ..users import (NoSuchUser, User, UserExists, UsersFileError, check_password, hash_password,
-                     parse_home, parse_mount, parse_perm_rule, parse_public_key, validate_name)
+from ..users import (NoSuchUser, User, UserExists, UsersFileError, check_new_name, check_password,
+                     check_quota, hash_password, parse_home, parse_mount, parse_perm_rule,
+                     parse_public_key)
 from . import openapi
 from .router import Handler, Request, Response, Router, json_response
 
@@ -112,6 +117,9 @@ def _read_json(request: Request) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # json's C decoder counts its depth against the interpreter's recursion limit.
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -185,9 +193,7 @@ class UserFields:
                     raise ValueError(f"mounts '{path}': {exc}") from None
             return {"mounts": tuple(mounts)}
         if key in ("quota_bytes", "quota_files"):
-            if value < 0:
-                raise ValueError(f"{key}: must be a whole number >= 0 (0 means no limit)")
-            return {key: value}
+            return {key: check_quota(key, value)}
         return {key: value}   # disabled: its type is all there is to check
 
 
@@ -202,10 +208,11 @@ class AdminApi:
     def __init__(self, gateway: "Gateway") -> None:
         self.gateway = gateway
         self.fields = UserFields(set(gateway.backends), str(gateway.config.path))
+        self.networks = parse_networks(gateway.config.admin.allow_networks)
 
     def install(self, router: Router) -> None:
         guarded = self.guarded
-        router.add(f"{PREFIX}/openapi.json", "GET", self.openapi)
+        router.add(f"{PREFIX}/openapi.json", "GET", self.allowed(self.openapi))
         router.add(f"{PREFIX}/users", "GET", guarded(self.list_users))
         router.add(f"{PREFIX}/users", "POST", guarded(self.create_user))
         router.add(f"{PREFIX}/users/{{name}}", "GET", guarded(self.get_user))
@@ -218,8 +225,20 @@ class AdminApi:
 
     # -- authentication ---------------------------------------------------------
 
+    def allowed(self, handler: Handler) -> Handler:
+        """`handler` for addresses in [admin] allow_networks; 403 for the others."""
+        def run(request: Request) -> Response:
+            # Security decision: checked first, so other addresses learn nothing of bans or tokens.
+            if not in_networks(request.environ.get("REMOTE_ADDR", ""), self.networks):
+                return json_response(403, {"error": "the admin API does not answer this address "
+                                                    "([admin] allow_networks)"})
+            return handler(request)
+        return run
+
     def guarded(self, handler: Handler) -> Handler:
-        """`handler` behind the ban check and a bearer token; ApiError and store outages become JSON."""
+        """`handler` behind allow_networks, the ban check and a bearer token; ApiError and store
+        outages become JSON."""
+        @self.allowed
         def run(request: Request) -> Response:
             try:
                 self._authenticate(request)
@@ -244,6 +263,7 @@ class AdminApi:
                            headers=[("WWW-Authenticate", _REALM)])
         name = self.gateway.store.verify_token(token)
         if name is None:
+            audit.record_login(user="", protocol="admin", ip=ip, method="token", ok=False)
             defender.record_failure(ip, None)
             raise ApiError(401, "invalid or revoked token",
                            headers=[("WWW-Authenticate", f'{_REALM}, error="invalid_token"')])
@@ -271,7 +291,7 @@ class AdminApi:
         _check_types(body, set(_TYPES), required=("name",))
         name = body["name"]
         try:
-            validate_name(name)
+            check_new_name(name)
         except UsersFileError as exc:
             raise ApiError(422, f"name: {exc}", "name") from None
         default_home = f"{next(iter(self.gateway.backends))}:/{name}"

@@ -38,7 +38,8 @@ _USER_FIELDS: dict[str, Any] = {
     "quota_files": {"type": "integer", "description": "0 means no limit; >= 0"},
     "disabled": {"type": "boolean"},
 }
-_NAME = {"type": "string", "description": "letters, digits, '.', '_', '-', '@'; at most 64"}
+_NAME = {"type": "string", "description": "letters, digits 0-9, '.', '_', '-', '@'; at most 64; "
+                                          "in Unicode NFKC form, Latin, Greek and Cyrillic not mixed"}
 
 SCHEMAS: dict[str, Any] = {
     "User": {
@@ -106,7 +107,8 @@ def _error(description: str) -> dict:
 _GUARDED = {
     "401": {**_error("no valid bearer token"),
             "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
-    "403": _error("the client address is banned (failed token checks count as failed logins)"),
+    "403": _error("the client address is outside [admin] allow_networks, or banned "
+                  "(failed token checks count as failed logins)"),
     "503": _error("the state store cannot be reached"),
 }
 _BODY_ERRORS = {
@@ -149,7 +151,7 @@ def document() -> dict:
                 "post": _op("create a user", {
                     "201": {**_json(_ref("User"), "created"),
                             "headers": {"Location": {"schema": {"type": "string"}}}},
-                    "409": _error("a user of that name exists"),
+                    "409": _error("a user of that name exists, or of one that differs only in case"),
                 }, body="NewUser"),
             },
             "/users/{name}": {
@@ -183,7 +185,9 @@ def document() -> dict:
             },
             "/openapi.json": {
                 "get": _op("this document", {"200": {"description": "OpenAPI 3.1",
-                                                     "content": {"application/json": {}}}},
+                                                     "content": {"application/json": {}}},
+                                             "403": _error("the client address is outside "
+                                                           "[admin] allow_networks")},
                            public=True),
             },
         },

@@ -88,7 +88,8 @@ class Router:
         try:
             response = self._dispatch(environ)
         except Exception:
-            log.exception("admin request %s %s failed", environ.get("REQUEST_METHOD"),
+            # The path is the client's, decoded: %r keeps a "%0a" in it from starting a log line.
+            log.exception("admin request %r %r failed", environ.get("REQUEST_METHOD"),
                           environ.get("PATH_INFO"))
             response = json_response(500, {"error": "internal error; see the gateway's log"})
         headers = [("Content-Type", response.content_type),

@@ -2,6 +2,7 @@
 
 It runs beside the WebDAV and SFTP front-ends (`[admin]`, loopback by
 default) so a load balancer and Prometheus never need a user's credentials.
+`[admin] api = false` leaves the REST API out; `allow_networks` limits it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from .. import metrics
+from ..proxy_protocol import parse_networks
 from ..shared_listener import reload_tls
 from ..webdav.http import make_server
 from .api import AdminApi
@@ -44,13 +46,16 @@ class AdminServer:
             self.readiness.add(name, probe)
         self._server: wsgi.Server | None = None
         self._thread: threading.Thread | None = None
+        self._api: AdminApi | None = None
 
     def build_app(self) -> Router:
         router = Router()
         router.add("/healthz", "GET", self.healthz)
         router.add("/readyz", "GET", self.readyz)
         router.add("/metrics", "GET", self.metrics)
-        AdminApi(self.gateway).install(router)
+        if self.section.api:
+            self._api = AdminApi(self.gateway)
+            self._api.install(router)
         return router
 
     # -- handlers ---------------------------------------------------------------
@@ -92,13 +97,17 @@ class AdminServer:
         self._thread.start()
 
     def reload(self, config) -> Callable[[], None]:
-        """SIGHUP: the TLS certificate and key for new connections; returns the step that applies them."""
-        server = self._server
+        """SIGHUP: the TLS certificate and key for new connections, and the REST API's
+        allow_networks (`api` itself waits for a restart); returns the step that applies them."""
+        server, api = self._server, self._api
         adapter = reload_tls(self.section, config.admin, "admin")
+        networks = parse_networks(config.admin.allow_networks)
 
         def apply() -> None:
             if server is not None and adapter is not None:
                 server.ssl_adapter = adapter
+            if api is not None:
+                api.networks = networks
         return apply
 
     def stop(self) -> None:

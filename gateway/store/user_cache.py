@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from ..sessions import revokes
-from ..users import NoSuchUser, User, UserExists, UsersFileError, unknown_backend
+from ..users import NoSuchUser, User, UserExists, UsersFileError, check_new_names, unknown_backend
 from .errors import Conflict, Missing, StoreUnavailable
 from .store import Store
 
@@ -99,7 +99,7 @@ class UserCache:
                 missing = unknown_backend(user, self._backends) if self._backends is not None else None
                 if missing:
                     # Another node's config may define it; here the user cannot log in.
-                    log.warning("user '%s' left out: %s", user.name, missing)
+                    log.warning("user %r left out: %s", user.name, missing)
                     continue
                 users[user.name] = user
             with self._lock:
@@ -154,9 +154,11 @@ class UserCache:
         """Add a user.
 
         Raises:
-            UsersFileError: invalid; UserExists: the name is taken.
+            UsersFileError: invalid; UserExists: the name is taken, or one that differs
+                from it only in case or compatibility form (users.check_new_names).
         """
         self._check_backends(user)
+        check_new_names([user.name], (u.name for u in self.store.list_users()))
         try:
             self.store.add_user(user)
         except Conflict as exc:

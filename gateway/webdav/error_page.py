@@ -36,7 +36,8 @@ def _request_line(environ: dict) -> str:
 def _log_unexpected(environ: dict) -> None:
     """Log the request's unexpected exception, if any, once: the request line and its traceback."""
     if UNEXPECTED_ERROR in environ:
-        log.error("%s: internal error", _request_line(environ), exc_info=environ.pop(UNEXPECTED_ERROR))
+        # The request line is the client's, decoded: %r keeps a "%0a" in it from starting a log line.
+        log.error("%r: internal error", _request_line(environ), exc_info=environ.pop(UNEXPECTED_ERROR))
 
 
 class _Captured:

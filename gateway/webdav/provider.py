@@ -480,7 +480,7 @@ class FileResource(_Resource, DAVNonCollection):
             self.fs.set_mtime(self.vpath, mtime)
         except GatewayError as exc:
             # The content is stored; a refused time is not worth failing the PUT for.
-            log.info("X-OC-Mtime on %s not applied: %s", self.vpath, exc)
+            log.info("X-OC-Mtime on %r not applied: %s", self.vpath, exc)
             return
         self.environ["gateway.mtime_accepted"] = True
         with self.mapped():

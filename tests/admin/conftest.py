@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -35,20 +36,40 @@ def full_gateway(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]
     running.gateway.stop()
 
 
-@pytest.fixture
-def api(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
-    """WebDAV, SFTP and the admin API, a ban after 3 failures; `api.token` is a valid admin token.
+@contextmanager
+def api_gateway(tmp_path, host_key_dir, client_key, extra: dict | None = None) -> Iterator[RunningGateway]:
+    """WebDAV, SFTP and the admin API, a ban after 3 failures; `.token` is a valid admin token.
 
-    On teardown: no API answer of the test carried a password hash or the token's hash.
+    On exit: no API answer meanwhile carried a password hash or the token's hash.
     """
     running = start_gateway(tmp_path, host_key_dir, extra={"defender": {"max_failures": 3,
-                                                                        "failure_delay": 0}})
+                                                                        "failure_delay": 0},
+                                                           **(extra or {})})
     running.token = running.gateway.store.create_token("provisioning")
     running.add_user("alice", keys=(client_key.public_line,))
     before = len(API_ANSWERS)
-    yield running
-    running.gateway.stop()
+    try:
+        yield running
+    finally:
+        running.gateway.stop()
     token_hash = hashlib.sha256(running.token.encode()).hexdigest().encode()
     for answer in API_ANSWERS[before:]:
         assert b"$argon2" not in answer.body
         assert token_hash not in answer.body
+
+
+@pytest.fixture
+def api(tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
+    """The admin API on the default SQLite store (see api_gateway)."""
+    with api_gateway(tmp_path, host_key_dir, client_key) as running:
+        yield running
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def api_on_each_store(request, tmp_path, host_key_dir, client_key) -> Iterator[RunningGateway]:
+    """The admin API (see api_gateway) on SQLite, then on PostgreSQL (tests/postgres.py)."""
+    extra = {}
+    if request.param == "postgresql":
+        extra["store"] = {"url": request.getfixturevalue("postgres").create_database()}
+    with api_gateway(tmp_path, host_key_dir, client_key, extra) as running:
+        yield running

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from gateway.vfs import UserFS
+from gateway.webdav.provider import UserFSProvider
 from tests.webdav.conftest import LOCK_BODY, DavClient, Response, read_until_closed
 
 BAD_MTIMES = ["nan", "inf", "-inf", "1e300", "garbage", "-1", "4294967296", "0x10"]
@@ -158,3 +159,23 @@ def test_exception_wsgidav_catches_itself_answers_a_short_500_and_is_logged(dav,
     assert any(r.levelno == logging.ERROR and "DELETE /d" in r.getMessage() for r in caplog.records), \
         caplog.text
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
+
+
+# A line that, written raw after a newline, would pass for one of the gateway's own.
+FORGED = "2026-12-08 02:00:00,000 INFO gateway.audit: FORGED login of admin ok"
+
+
+def test_a_newline_in_the_path_of_a_failing_request_does_not_forge_a_log_line(dav, alice, monkeypatch,
+                                                                                caplog):
+    def broken(self, environ):
+        raise RuntimeError("fault before the path is checked")
+
+    # A fault before the normalizer refuses the newline: the raw path reaches the log.
+    monkeypatch.setattr(UserFSProvider, "fs_for", broken)
+    with caplog.at_level(logging.ERROR):
+        reply = alice.propfind("/report%0a" + FORGED.replace(" ", "%20"), "0")
+    assert reply.status == 500
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR and "PROPFIND" in r.getMessage()]
+    assert "\n" not in record.getMessage()
+    assert r"/report\n2026-12-08" in record.getMessage()
+    assert not [line for line in caplog.text.splitlines() if line.startswith("2026-12-08")]
