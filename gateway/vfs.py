@@ -222,7 +222,7 @@ class QuotaTracker:
                     stored = self._store.add_usage(self._user, -min(0, stored.bytes), -min(0, stored.files))
             except StoreError as exc:
                 # The change is done in storage; only the count misses it.
-                log.warning("quota usage of '%s' not updated by (%d bytes, %d files): %s",
+                log.warning("quota usage of %r not updated by (%d bytes, %d files): %s",
                             self._user, delta_bytes, delta_files, exc)
                 return
             self._remember(stored)

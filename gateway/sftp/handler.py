@@ -316,7 +316,7 @@ class SharedUpload:
             self.fs.set_mtime(self.path, self._mtime)
         except GatewayError as exc:
             # The data is committed; a time the user may not set is not worth failing for.
-            log.info("not applying the mtime of %s: %s", self.path, exc)
+            log.info("not applying the mtime of %r: %s", self.path, exc)
 
     def abort(self) -> None:
         """The session ended with handles open: drop everything pending."""
@@ -696,7 +696,7 @@ class GatewaySFTPServer(SFTPServer):
         except EOFError:
             return
         except (OSError, SFTPError) as exc:
-            log.info("SFTP session of %s from %s ended: %s", self.session.username,
+            log.info("SFTP session of %r from %s ended: %s", self.session.username,
                      self.session.ip, exc)
 
     def finish_subsystem(self) -> None:

@@ -609,7 +609,7 @@ class LocalBackend(Backend):
                                 os.unlink(item.name, dir_fd=fd)
                                 removed += 1
             except OSError as exc:
-                log.warning("sweeping temp files: cannot list %s: %s", path, exc)
+                log.warning("sweeping temp files: cannot list %r: %s", path, exc)
             finally:
                 os.close(fd)
         if removed:
