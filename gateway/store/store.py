@@ -577,6 +577,22 @@ class Store:
                            f"ORDER BY root, token", (*locations, time.time()))
         return [_tuple_lock(row) for row in rows]
 
+    def limit_locks(self, longest: float, max_owner_bytes: int) -> tuple[int, int]:
+        """Bring locks granted under looser limits within these; return (shortened, removed).
+
+        A lock expiring more than `longest` seconds from now is shortened to
+        that (0: none is); one whose owner is over `max_owner_bytes` is removed (0: none is).
+        """
+        now = time.time()
+        with self._raw(write=True) as run:
+            shortened = removed = []
+            if longest > 0:
+                shortened = run("UPDATE locks SET timeout = ?, expire = ? WHERE expire > ? RETURNING token",
+                                (longest, now + longest, now + longest))
+            if max_owner_bytes > 0:
+                removed = run("DELETE FROM locks WHERE length(owner) > ? RETURNING token", (max_owner_bytes,))
+        return len(shortened), len(removed)
+
     def purge_expired_locks(self) -> int:
         """Remove expired locks; return how many."""
         with self._write() as conn:

@@ -377,7 +377,16 @@ def _budget_message(exc: OverBudget) -> str:
 
 def open_state(store: Store, lock_limits: LockLimits = LockLimits(),
                property_bytes_per_user: int = 0) -> tuple[StoreLockStorage, StorePropertyManager]:
-    """The lock storage and property manager over the gateway's store, with their limits."""
+    """The lock storage and property manager over the gateway's store, with their limits.
+
+    Locks granted before under looser limits (a timeout of weeks, an owner
+    of megabytes) are brought within these now, not left to lapse.
+    """
+    shortened, removed = store.limit_locks(lock_limits.max_timeout, lock_limits.max_owner_bytes)
+    if shortened or removed:
+        log.warning("WebDAV locks granted under looser limits: %d shortened to %d s, %d removed "
+                    "(owner over %d bytes)", shortened, lock_limits.max_timeout, removed,
+                    lock_limits.max_owner_bytes)
     return StoreLockStorage(store, lock_limits), StorePropertyManager(store, property_bytes_per_user)
 
 

@@ -397,6 +397,19 @@ def test_one_users_locks_stop_at_the_limit_and_expired_ones_do_not_count(store):
         "local:/b", "local:/c", "local:/d"]
 
 
+def test_limit_locks_shortens_long_ones_and_removes_those_with_a_huge_owner(store):
+    store.add_lock(make_lock("local:/long", timeout=28 * 86400))
+    store.add_lock(make_lock("local:/short", timeout=600))
+    huge = Lock("opaquelocktoken:huge", "local:/huge", b"o" * 900_000, "shared", "0", "alice", 600,
+                time.time() + 600)
+    store.add_lock(huge)
+    assert store.limit_locks(86400, 4096) == (1, 1)
+    [long] = store.find_locks("local:/long")
+    assert long.timeout == 86400 and long.expire <= time.time() + 86400
+    assert store.find_locks("local:/short")[0].timeout == 600
+    assert store.get_lock("opaquelocktoken:huge") is None
+
+
 # -- dead properties ---------------------------------------------------------
 
 def test_properties_count_toward_the_budget_of_the_user_who_set_them(store):
