@@ -225,3 +225,17 @@ def test_a_copy_past_the_budget_copies_the_content_without_its_properties(make_g
     assert alice.get("/b.txt").body == b"a"
     assert running.gateway.store.property_names("local:/alice/b.txt") == []
     assert running.gateway.store.property_bytes("alice") <= 100_000
+
+
+def test_mkcol_past_quota_files_is_507_and_the_stored_count_matches_a_scan(make_gateway):
+    # Issue 15: a user with quota_files = 3 made 8 folders (folders were not counted).
+    running = make_gateway(webdav=True)
+    running.add_user("alice", quota_bytes=100_000, quota_files=3)
+    alice = DavClient(running.webdav_port, "alice")
+    assert [alice.request("MKCOL", f"/f{n}").status for n in range(5)] == [201, 201, 201, 507, 507]
+    assert alice.put("/f0/a.txt", b"a").status == 507
+    assert alice.request("DELETE", "/f2").status == 204
+    assert alice.put("/f0/a.txt", b"a").status == 201
+    stored = running.gateway.store.get_usage("alice")
+    scanned = running.gateway.backends["local"].usage("/alice")
+    assert (stored.bytes, stored.files) == (scanned.used_bytes, scanned.used_files) == (1, 3)
