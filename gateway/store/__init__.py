@@ -21,8 +21,8 @@ from .store import Store
 from .user_cache import UserCache
 
 __all__ = ["open_store", "check_url", "Store", "UserCache", "StoreError", "StoreUnavailable", "Conflict",
-           "LockConflict", "Missing", "OverBudget", "TooManyLocks", "Ban", "InFlightUpload", "Lock", "Revocation", "Session",
-           "TokenInfo", "Usage"]
+           "LockConflict", "Missing", "OverBudget", "TooManyLocks", "Ban", "InFlightUpload", "Lock",
+           "Revocation", "Session", "TokenInfo", "Usage"]
 
 _SQLITE_DRIVERS = ("sqlite", "sqlite+pysqlite")
 _PG_DRIVERS = ("postgresql", "postgresql+psycopg")

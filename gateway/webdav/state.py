@@ -21,10 +21,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
-
-from dataclasses import dataclass
 
 from wsgidav.dav_error import (HTTP_BAD_REQUEST, HTTP_INSUFFICIENT_STORAGE, HTTP_LOCKED,
                                PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition)
