@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "gateway_changes"
 # Serializes lock creation across nodes on PostgreSQL (SQLite's write lock does it there).
 _LOCKS_ADVISORY_KEY = 0x6761746577617902
+# With a user's name hashed to the second key: serializes the budget check and
+# write of one user's properties across nodes on PostgreSQL.
+_PROPERTIES_ADVISORY_CLASS = 0x67617465
 # Revocations are read by nodes within seconds; older ones only take space.
 _REVOCATION_KEEP = 3600.0
 
@@ -642,6 +645,8 @@ class Store:
         """
         with self._raw(write=True) as run:
             if budget:
+                if self._pg:
+                    run("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_PROPERTIES_ADVISORY_CLASS, owner))
                 used = self._owner_bytes(run, owner, location, name)
                 if used + len(value) > budget:
                     raise OverBudget(owner, used, budget)
@@ -692,6 +697,9 @@ class Store:
         with self._write() as conn:
             conn.execute(sa.delete(p).where(p.c.location == dest))
             if budget:
+                if self._pg:
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PROPERTIES_ADVISORY_CLASS,
+                                                                          sa.func.hashtext(owner))))
                 used = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(p.c.value)), 0))
                                     .where(p.c.owner == owner)).scalar()
                 adding = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(p.c.value)), 0))

@@ -426,6 +426,24 @@ def test_properties_count_toward_the_budget_of_the_user_who_set_them(store):
     assert store.property_bytes("alice") == 0 and store.property_bytes("bob") == 16
 
 
+def test_property_writes_racing_from_two_processes_stay_within_the_budget_together(store, open_another):
+    stores = [store, open_another()]
+    start = threading.Barrier(12)
+
+    def write(i: int) -> bool:
+        start.wait(timeout=30)
+        try:
+            stores[i % 2].set_property(f"local:/f{i}", "p", b"x" * 20, owner="alice", budget=100)
+        except OverBudget:
+            return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        written = list(pool.map(write, range(12)))
+    assert written.count(True) == 5
+    assert store.property_bytes("alice") == 100
+
+
 def test_copy_properties_past_the_budget_changes_nothing(store):
     store.set_property("local:/src", "a", b"1" * 60, owner="alice")
     store.set_property("local:/dst", "old", b"0", owner="alice")
