@@ -372,10 +372,6 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                                ("sftp", sftp, "channel_setup_timeout"), ("sftp", sftp, "max_handles_per_user")):
         if getattr(section, key) < 1:
             raise ConfigError(f"{where_file}: [{name}] {key}: must be at least 1, got {getattr(section, key)}")
-    for key in ("max_property_bytes_per_user", "max_lock_timeout", "max_lock_owner_bytes",
-                "max_locks_per_resource", "max_locks_per_user"):
-        if getattr(webdav, key) < 0:
-            raise ConfigError(f"{where_file}: [webdav] {key}: must be 0 or more, got {getattr(webdav, key)}")
     if webdav.max_header_size < 1024:
         raise ConfigError(f"{where_file}: [webdav] max_header_size: must be at least 1024, "
                           f"got {webdav.max_header_size}")
