@@ -122,6 +122,17 @@ class WebDAVSection:
     # past either the property is refused with 507. 0 refuses all dead properties.
     max_properties: int = 100
     max_property_bytes: int = 64 * 1024
+    # Bytes of dead properties one user may keep over all files and folders (never
+    # more than the user's quota_bytes when set); past it 507. 0: no such budget.
+    max_property_bytes_per_user: int = 1024 * 1024
+    # Locks: the longest timeout granted (longer ones and "Infinite" get this), the
+    # largest <owner> kept (400 beyond), locks on one resource (423 beyond) and
+    # locks one user holds (507 beyond). Every lock a resource holds is listed in
+    # full by PROPFIND to everyone who sees it. 0: no limit (timeout: 4 weeks).
+    max_lock_timeout: int = 86400
+    max_lock_owner_bytes: int = 4096
+    max_locks_per_resource: int = 16
+    max_locks_per_user: int = 1000
     # Request line and headers together; larger ones get 431 and the connection closes.
     max_header_size: int = 64 * 1024
     # Seconds a request's complete headers may take to arrive (counted from the

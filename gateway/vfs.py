@@ -89,7 +89,11 @@ def _audited(method: Callable, op: str) -> Callable:
 
 
 class QuotaTracker:
-    """Bytes and files used in one user's home, shared by all of that user's sessions.
+    """Bytes, and files and folders, used in one user's home, shared by all of that user's sessions.
+
+    Folders count toward limit_files like files (the backends' usage() counts
+    both; on S3 a folder counts once whether a marker key or only the keys
+    below it make it).
 
     With a store, the store's numbers are the truth, shared by every worker
     and node: the first count of the home (a scan) is stored once, and every
@@ -201,7 +205,7 @@ class QuotaTracker:
             if self.limit_bytes and add_bytes > 0 and used[0] + add_bytes > self.limit_bytes:
                 raise QuotaExceeded(path, f"quota of {self.limit_bytes} bytes exceeded writing '{path}'")
             if self.limit_files and add_files > 0 and used[1] + add_files > self.limit_files:
-                raise QuotaExceeded(path, f"quota of {self.limit_files} files exceeded creating '{path}'")
+                raise QuotaExceeded(path, f"quota of {self.limit_files} files and folders exceeded creating '{path}'")
 
     def _over(self, used: tuple[int, int], add_bytes: int, add_files: int) -> bool:
         return bool((self.limit_bytes and add_bytes > 0 and used[0] + add_bytes > self.limit_bytes)
@@ -889,10 +893,10 @@ class UserFS:
             upload.truncate(size)
 
     def make_dir(self, path: str | bytes) -> None:
-        """Create one folder; needs `mkdir`.
+        """Create one folder; needs `mkdir`. In the home it counts toward quota_files, as a file does.
 
         Raises:
-            AlreadyExists, NotFound (parent), PermissionDenied, InvalidPath
+            AlreadyExists, NotFound (parent), PermissionDenied, QuotaExceeded, InvalidPath
         """
         vpath = paths.normalize(path)
         if vpath == "/" or self._is_mount_point(vpath) or self._is_mount_ancestor(vpath):
@@ -900,7 +904,13 @@ class UserFS:
         self._policy.require(Perm.MKDIR, vpath)
         self._refuse_too_deep(vpath)
         target = self._resolve(vpath)
+        if target.in_home:
+            # A folder costs the store what a file does (WebDAV locks and dead
+            # properties on it): uncounted, they were a way around the quota.
+            self._quota.check(vpath, 0, 1)
         target.backend.make_dir(target.path)
+        if target.in_home:
+            self._quota.apply(0, 1)
         self._audit("mkdir", vpath, "ok")
 
     def remove_file(self, path: str | bytes) -> None:
@@ -922,6 +932,8 @@ class UserFS:
         self._policy.require(Perm.DELETE, vpath)
         target = self._resolve(vpath)
         target.backend.remove_dir(target.path)
+        if target.in_home:
+            self._quota.apply(0, -1)
         self._audit("rmdir", vpath, "ok")
 
     def remove_tree(self, path: str | bytes) -> None:
@@ -947,6 +959,8 @@ class UserFS:
                 self._audit("delete", vp, "ok", entry.size)
             elif emptied:
                 backend.remove_dir(path)
+                if target.in_home:
+                    self._quota.apply(0, -1)
                 self._audit("rmdir", vp, "ok")
             else:
                 # The folder comes back once everything pushed after it is gone.
@@ -1011,10 +1025,11 @@ class UserFS:
         self._audit("rename", vsrc, "ok", target=vdst)
 
     def _tree_usage(self, target: _Target, entry: Entry) -> tuple[int, int]:
+        """(bytes, files and folders) of a file or of a folder with all it holds, itself included."""
         if not entry.is_dir:
             return entry.size, 1
         usage = target.backend.usage(target.path)
-        return usage.used_bytes, usage.used_files
+        return usage.used_bytes, usage.used_files + 1
 
     def _quota_move(self, st: _Target, dt: _Target, vdst: str, entry: Entry) -> None:
         size, files = self._tree_usage(dt, entry)

@@ -448,6 +448,44 @@ def test_quota_files_refuses_a_new_file():
     put(fs, "/a", b"overwrite is fine")
 
 
+def test_folders_count_toward_quota_files_and_removing_them_gives_the_room_back():
+    # Issue 15: uncounted folders, each carrying WebDAV locks and dead properties,
+    # were a way around quota_files.
+    fs = make_fs(User("q", home=Location("mem", "/"), quota_files=3))
+    fs.make_dir("/a")
+    fs.make_dir("/a/b")
+    put(fs, "/a/f")
+    with pytest.raises(QuotaExceeded):
+        fs.make_dir("/c")
+    with pytest.raises(QuotaExceeded):
+        put(fs, "/g")
+    assert not fs.exists("/c")
+    fs.remove_dir("/a/b")
+    fs.make_dir("/c")
+    fs.remove_tree("/a")
+    assert fs.usage().used_files == 1
+    fs.make_dir("/d")
+    put(fs, "/e")
+
+
+def test_the_running_count_of_files_and_folders_agrees_with_a_fresh_scan():
+    home, other = MemoryBackend(), MemoryBackend()
+    user = User("q", home=Location("home", "/"), quota_files=100,
+                mounts=(Mount("/ext", Location("other", "/"), ALL),))
+    fs = UserFS(user, {"home": home, "other": other})
+    fs.make_dir("/d")
+    fs.make_dir("/d/e")
+    put(fs, "/d/e/f")
+    fs.copy_tree("/d", "/copy")
+    fs.make_dir("/ext/m")
+    fs.make_dir("/ext/m/n")
+    put(fs, "/ext/m/n/x")
+    fs.rename("/ext/m", "/m")             # into the home from a mount: m, n and x
+    fs.rename("/d/e", "/ext/e")           # out of it: e and f
+    fs.remove_tree("/copy/e")
+    assert fs.usage().used_files == home.usage("/").used_files == 5   # d, copy, m, m/n, m/n/x
+
+
 def test_quota_is_scanned_from_existing_content():
     backend = MemoryBackend()
     with backend.open_write("/old") as up:

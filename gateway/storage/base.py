@@ -46,7 +46,11 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Usage:
-    """Space used below a path, and the backend's capacity where it has one."""
+    """Space used below a path, and the backend's capacity where it has one.
+
+    `used_files` counts files and folders (not the path itself): folders
+    count toward a user's quota_files like files.
+    """
 
     used_bytes: int
     used_files: int
@@ -282,10 +286,11 @@ class Backend(abc.ABC):
         """
 
     def usage(self, path: str = "/") -> Usage:
-        """Bytes and files below `path`; capacity where the backend knows it.
+        """Bytes of the files below `path`, and how many files and folders are there; capacity where known.
 
-        The default walks the tree with list_dir; backends override it with
-        something cheaper.
+        `path` itself is not counted. The default walks the tree with
+        list_dir; backends override it with something cheaper, counting
+        the same entries a list_dir walk shows.
         """
         used_bytes = used_files = 0
         pending = [path]
@@ -296,11 +301,11 @@ class Backend(abc.ABC):
             except (NotFound, NotADirectory, PermissionDenied):
                 continue
             for entry in entries:
+                used_files += 1
                 if entry.is_dir:
                     pending.append(paths.join(current, entry.name))
                 else:
                     used_bytes += entry.size
-                    used_files += 1
         return Usage(used_bytes, used_files)
 
     def sweep_temp_files(self, stop: threading.Event | None = None) -> int:

@@ -413,15 +413,33 @@ class S3Backend(Backend):
         return io.BufferedReader(raw, buffer_size=256 * 1024)  # type: ignore[return-value]
 
     def usage(self, path: str = "/") -> Usage:
+        """One listing of every key below `path`: the files, and the folders a listing shows.
+
+        A folder counts once whether it has a marker key ("d/") or is only
+        implied by the keys below it ("d/f" with no "d/"): list_dir shows
+        both, and a tool other than the gateway makes the second kind. Keys
+        no path can name ("//", ".", "..") are not counted, as list_dir
+        does not show them; an upload's temp object counts as neither.
+        """
         used_bytes = used_files = 0
+        folders: set[str] = set()
         prefix = self.dir_prefix(path)
         for page in self.pages(prefix, path, delimiter=None):
             for item in page.get("Contents", []):
                 name = item["Key"][len(prefix):]
-                if name and not name.endswith("/") and not name.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
+                segments = name.split("/")
+                is_marker = name.endswith("/")
+                if is_marker:
+                    segments.pop()
+                if not name or any(s in ("", ".", "..") for s in segments):
+                    continue
+                # Every folder on the way, and the marker's own folder.
+                for depth in range(1, len(segments) + (1 if is_marker else 0)):
+                    folders.add("/".join(segments[:depth]))
+                if not is_marker and not segments[-1].startswith(TEMP_PREFIX):
                     used_bytes += int(item["Size"])
                     used_files += 1
-        return Usage(used_bytes, used_files)
+        return Usage(used_bytes, used_files + len(folders))
 
     # -- contract: writing ----------------------------------------------------
 

@@ -15,14 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from . import migrations
-from .errors import Conflict, LockConflict, Missing, StoreError, StoreUnavailable
+from .errors import Conflict, LockConflict, Missing, OverBudget, StoreError, StoreUnavailable, TooManyLocks
 from .records import Ban, InFlightUpload, Lock, Revocation, Session, TokenInfo, Usage
 from .store import Store
 from .user_cache import UserCache
 
 __all__ = ["open_store", "check_url", "Store", "UserCache", "StoreError", "StoreUnavailable", "Conflict",
-           "LockConflict", "Missing", "Ban", "InFlightUpload", "Lock", "Revocation", "Session",
-           "TokenInfo", "Usage"]
+           "LockConflict", "Missing", "OverBudget", "TooManyLocks", "Ban", "InFlightUpload", "Lock",
+           "Revocation", "Session", "TokenInfo", "Usage"]
 
 _SQLITE_DRIVERS = ("sqlite", "sqlite+pysqlite")
 _PG_DRIVERS = ("postgresql", "postgresql+psycopg")

@@ -24,3 +24,22 @@ class LockConflict(Conflict):
     def __init__(self, root: str, roots: list[str]) -> None:
         super().__init__(f"'{root}' is locked: conflicts with the lock(s) on {', '.join(roots)}")
         self.roots = roots
+
+
+class TooManyLocks(StoreError):
+    """A lock would pass a limit: `per` is "location" (locks on one resource) or "principal" (one user's)."""
+
+    def __init__(self, root: str, per: str, limit: int) -> None:
+        what = f"'{root}' holds" if per == "location" else "the user holds"
+        super().__init__(f"{what} {limit} lock(s) already, the most allowed")
+        self.per = per
+        self.limit = limit
+
+
+class OverBudget(StoreError):
+    """A property write would take its owner past their budget of `budget` bytes (`used` in use before it)."""
+
+    def __init__(self, owner: str, used: int, budget: int) -> None:
+        super().__init__(f"the dead properties of '{owner}' would pass {budget} bytes ({used} in use)")
+        self.used = used
+        self.budget = budget

@@ -17,14 +17,25 @@ from .errors import StoreError
 _ADVISORY_LOCK_KEY = 0x6761746577617901   # "gateway" + 1
 
 
+# Version 1 of the tables that later steps altered (step 3: properties.owner).
+_V1 = sa.MetaData()
+_V1_PROPERTIES = sa.Table(
+    "properties", _V1,
+    sa.Column("location", schema.Location, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
+
+
 def _create_initial_tables(conn: sa.Connection) -> None:
     # Version 1 is schema.py as first released. When a later step alters one of
-    # these tables, freeze its version-1 definition here. A step that only adds
-    # an index may declare it in schema.py and create it with checkfirst: step 1
-    # then makes it on a new database.
-    names = ("changes", "users", "admin_tokens", "locks", "properties", "failures", "bans",
+    # these tables, freeze its version-1 definition here (_V1). A step that only
+    # adds an index may declare it in schema.py and create it with checkfirst:
+    # step 1 then makes it on a new database.
+    names = ("changes", "users", "admin_tokens", "locks", "failures", "bans",
              "quota_usage", "sessions", "revocations", "uploads", "nodes", "host_keys")
     schema.metadata.create_all(conn, tables=[schema.metadata.tables[n] for n in names])
+    _V1.create_all(conn, tables=[_V1_PROPERTIES])
     conn.execute(sa.insert(schema.changes).values(id=1, counter=0))
 
 
@@ -35,10 +46,23 @@ def _index_lock_expiry(conn: sa.Connection) -> None:
     index.create(conn, checkfirst=True)
 
 
+def _owners_and_folder_counts(conn: sa.Connection) -> None:
+    # Locks are counted per user on every LOCK; properties get the user who set
+    # them, for a per-user budget (rows from before belong to nobody: "").
+    next(i for i in schema.locks.indexes if i.name == "locks_principal").create(conn, checkfirst=True)
+    if "owner" not in {column["name"] for column in sa.inspect(conn).get_columns("properties")}:
+        conn.execute(sa.text("ALTER TABLE properties ADD COLUMN owner TEXT NOT NULL DEFAULT ''"))
+    next(i for i in schema.properties.indexes if i.name == "properties_owner").create(conn, checkfirst=True)
+    # Folders count toward quota_files now: the stored counts (files only) are
+    # dropped, and each user's home is counted again at its next use.
+    conn.execute(sa.delete(schema.quota_usage))
+
+
 # Step N (1-based) upgrades the schema from version N-1 to N. Append only.
 STEPS: list[Callable[[sa.Connection], None]] = [
     _create_initial_tables,
     _index_lock_expiry,
+    _owners_and_folder_counts,
 ]
 
 LATEST = len(STEPS)

@@ -56,8 +56,10 @@ locks = sa.Table(
     sa.Column("principal", sa.Text, nullable=False),
     sa.Column("timeout", sa.Float, nullable=False),
     sa.Column("expire", sa.Float, nullable=False),
-    # Every LOCK first deletes the expired locks (schema version 2).
+    # Every LOCK first deletes the expired locks (schema version 2), and
+    # counts the locks its user holds (version 3).
     sa.Index("locks_expire", "expire"),
+    sa.Index("locks_principal", "principal"),
 )
 
 properties = sa.Table(
@@ -65,6 +67,11 @@ properties = sa.Table(
     sa.Column("location", Location, primary_key=True),
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("value", sa.LargeBinary, nullable=False),
+    # The user who set it (schema version 3; "" before): each user's properties
+    # have a budget in bytes. Not a foreign key: a removed user's rows stay with
+    # the files they describe.
+    sa.Column("owner", sa.Text, nullable=False, server_default=""),
+    sa.Index("properties_owner", "owner"),
 )
 
 failures = sa.Table(

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..users import User, _user_from_toml, _user_to_toml, validate_name
 from . import schema
-from .errors import Conflict, LockConflict, Missing, StoreError, StoreUnavailable
+from .errors import Conflict, LockConflict, Missing, OverBudget, StoreError, StoreUnavailable, TooManyLocks
 from .records import Ban, InFlightUpload, Lock, Revocation, Session, TokenInfo, Usage
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "gateway_changes"
 # Serializes lock creation across nodes on PostgreSQL (SQLite's write lock does it there).
 _LOCKS_ADVISORY_KEY = 0x6761746577617902
+# With a user's name hashed to the second key: serializes the budget check and
+# write of one user's properties across nodes on PostgreSQL.
+_PROPERTIES_ADVISORY_CLASS = 0x67617465
 # Revocations are read by nodes within seconds; older ones only take space.
 _REVOCATION_KEEP = 3600.0
 
@@ -459,16 +462,19 @@ class Store:
 
     # -- locks ----------------------------------------------------------------
 
-    def add_lock(self, lock: Lock) -> None:
-        """Store `lock` unless a held lock conflicts with it.
+    def add_lock(self, lock: Lock, *, max_per_location: int = 0, max_per_principal: int = 0) -> None:
+        """Store `lock` unless a held lock conflicts with it or it would pass a limit.
 
         A lock conflicts with another on the same location, on an ancestor
         with depth "infinity", or (when it has depth "infinity" itself) on any
         descendant; two shared locks on the same or an ancestor location do
-        not conflict. Expired locks are removed first.
+        not conflict. Expired locks are removed first. A limit of 0 is none:
+        `max_per_location` locks on `lock.root` (shared ones pile up there),
+        `max_per_principal` locks held by `lock.principal` anywhere.
 
         Raises:
             LockConflict: naming the roots of the conflicting locks.
+            TooManyLocks: a limit would be passed (checked after conflicts).
             Conflict: the token exists.
         """
         # Every WebDAV LOCK runs this: plain SQL in one transaction (see _fetch).
@@ -485,14 +491,28 @@ class Store:
             if lock.depth == "infinity":
                 where += " OR (root >= ? AND root < ?)"
                 params += _below(lock.root)
+            sql = f"SELECT root, scope, depth FROM locks WHERE {where}"
+            if max_per_principal:
+                # The user's locks in the same round trip: one row with no root.
+                sql += " UNION ALL SELECT NULL, NULL, CAST(COUNT(*) AS TEXT) FROM locks WHERE principal = ?"
+                params += (lock.principal,)
             conflicts = []
-            for root, scope, depth in run(f"SELECT root, scope, depth FROM locks WHERE {where}", params):
+            on_root = held = 0
+            for root, scope, depth in run(sql, params):
+                if root is None:
+                    held = int(depth)
+                    continue
+                on_root += root == lock.root
                 if root not in above:   # below: any lock there conflicts with a depth-infinity one
                     conflicts.append(root)
                 elif (root == lock.root or depth == "infinity") and not (scope == "shared" and lock.scope == "shared"):
                     conflicts.append(root)
             if conflicts:
                 raise LockConflict(lock.root, sorted(set(conflicts)))
+            if max_per_location and on_root >= max_per_location:
+                raise TooManyLocks(lock.root, "location", max_per_location)
+            if max_per_principal and held >= max_per_principal:
+                raise TooManyLocks(lock.root, "principal", max_per_principal)
             try:
                 run(f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (lock.token, lock.root, lock.owner, lock.scope, lock.depth, lock.principal,
@@ -560,6 +580,22 @@ class Store:
                            f"ORDER BY root, token", (*locations, time.time()))
         return [_tuple_lock(row) for row in rows]
 
+    def limit_locks(self, longest: float, max_owner_bytes: int) -> tuple[int, int]:
+        """Bring locks granted under looser limits within these; return (shortened, removed).
+
+        A lock expiring more than `longest` seconds from now is shortened to
+        that (0: none is); one whose owner is over `max_owner_bytes` is removed (0: none is).
+        """
+        now = time.time()
+        with self._raw(write=True) as run:
+            shortened = removed = []
+            if longest > 0:
+                shortened = run("UPDATE locks SET timeout = ?, expire = ? WHERE expire > ? RETURNING token",
+                                (longest, now + longest, now + longest))
+            if max_owner_bytes > 0:
+                removed = run("DELETE FROM locks WHERE length(owner) > ? RETURNING token", (max_owner_bytes,))
+        return len(shortened), len(removed)
+
     def purge_expired_locks(self) -> int:
         """Remove expired locks; return how many."""
         with self._write() as conn:
@@ -597,11 +633,45 @@ class Store:
         rows = self._fetch("SELECT value FROM properties WHERE location = ? AND name = ?", (location, name))
         return bytes(rows[0][0]) if rows else None
 
-    def set_property(self, location: str, name: str, value: bytes) -> None:
-        """Create or replace one property."""
-        self._fetch("INSERT INTO properties (location, name, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT (location, name) DO UPDATE SET value = excluded.value",
-                    (location, name, value), write=True)
+    def set_property(self, location: str, name: str, value: bytes, *, owner: str = "", budget: int = 0) -> None:
+        """Create or replace one property, set by `owner`.
+
+        With a `budget`, the bytes of all properties `owner` set (the one
+        this replaces not counted) must stay within it; checked and written
+        in one transaction, so writes racing on other nodes cannot pass it together.
+
+        Raises:
+            OverBudget: the write would take `owner` past `budget`.
+        """
+        with self._raw(write=True) as run:
+            if budget:
+                if self._pg:
+                    run("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_PROPERTIES_ADVISORY_CLASS, owner))
+                used = self._owner_bytes(run, owner, location, name)
+                if used + len(value) > budget:
+                    raise OverBudget(owner, used, budget)
+            run("INSERT INTO properties (location, name, value, owner) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (location, name) DO UPDATE SET value = excluded.value, owner = excluded.owner",
+                (location, name, value, owner))
+
+    @staticmethod
+    def _owner_bytes(run: Callable[[str, tuple], list[tuple]], owner: str, location: str = "",
+                     name: str = "") -> int:
+        # length() is bytes for a BLOB (SQLite) and a bytea (PostgreSQL).
+        [(used,)] = run("SELECT COALESCE(SUM(length(value)), 0) FROM properties "
+                        "WHERE owner = ? AND NOT (location = ? AND name = ?)", (owner, location, name))
+        return int(used)
+
+    def property_bytes(self, owner: str) -> int:
+        """Bytes of the values of every property `owner` set."""
+        with self._raw() as run:
+            return self._owner_bytes(run, owner)
+
+    def owned_property_bytes(self, owner: str, location: str, name: str) -> int:
+        """Bytes of the value of one property if `owner` set it, else 0 (none there, or another's)."""
+        rows = self._fetch("SELECT length(value) FROM properties WHERE location = ? AND name = ? AND owner = ?",
+                           (location, name, owner))
+        return int(rows[0][0]) if rows else 0
 
     def remove_property(self, location: str, name: str) -> None:
         """Remove one property (no error if it is not set)."""
@@ -616,14 +686,30 @@ class Store:
                 low, high = _below(location)
                 conn.execute(sa.delete(p).where(p.c.location >= low, p.c.location < high))
 
-    def copy_properties(self, source: str, dest: str) -> None:
-        """Replace the properties of `dest` with a copy of those of `source` (not recursive)."""
+    def copy_properties(self, source: str, dest: str, *, owner: str = "", budget: int = 0) -> None:
+        """Replace the properties of `dest` with a copy of those of `source` (not recursive), set by `owner`.
+
+        Raises:
+            OverBudget: with a `budget`, the copies would take `owner` past it
+                (then nothing changes).
+        """
         p = schema.properties
         with self._write() as conn:
             conn.execute(sa.delete(p).where(p.c.location == dest))
+            if budget:
+                if self._pg:
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PROPERTIES_ADVISORY_CLASS,
+                                                                          sa.func.hashtext(owner))))
+                used = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(p.c.value)), 0))
+                                    .where(p.c.owner == owner)).scalar()
+                adding = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(p.c.value)), 0))
+                                      .where(p.c.location == source)).scalar()
+                if adding and used + adding > budget:
+                    raise OverBudget(owner, int(used), budget)
             conn.execute(sa.insert(p).from_select(
-                ["location", "name", "value"],
-                sa.select(sa.literal(dest, schema.Location), p.c.name, p.c.value).where(p.c.location == source)))
+                ["location", "name", "value", "owner"],
+                sa.select(sa.literal(dest, schema.Location), p.c.name, p.c.value, sa.literal(owner, sa.Text))
+                .where(p.c.location == source)))
 
     def move_properties(self, source: str, dest: str, *, with_children: bool = False) -> None:
         """Move the properties of `source` (and with `with_children` of everything below it) to `dest`."""

@@ -22,7 +22,6 @@ from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_NOT_FOUND, DAVError, get_ht
 from wsgidav.xml_tools import etree, make_multistatus_el, string_to_xml
 
 from .. import paths
-from ..errors import InvalidPath
 
 if TYPE_CHECKING:
     from ..vfs import Entry
@@ -233,13 +232,7 @@ class _Children:
                         if parent == folder.vpath}
         for entry in folder._entries():
             child_path = base_path + entry.name
-            vpath = base_vpath + entry.name
-            try:
-                paths.check_name(entry.name, vpath)
-            except InvalidPath as exc:
-                # A name made outside the gateway that no request could name (a
-                # control character): the 400 that wsgidav's path check gives.
-                raise DAVError(HTTP_BAD_REQUEST, context_info=exc.message) from None
+            vpath = base_vpath + entry.name   # _entries() left out the names no path can carry
             ref = self.prefix + quote(entry.name)
             if self.dead is None or self.locked is None or ref in self.locked or entry.name in mount_points:
                 # A lock of its own (lockdiscovery names its root), or a mount

@@ -22,6 +22,7 @@ from wsgidav.dav_error import PRECONDITION_CODE_LockConflict, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 from wsgidav.xml_tools import etree
 
+from .. import paths
 from ..errors import (AlreadyExists, BackendUnavailable, DirectoryNotEmpty, GatewayError,
                       InvalidPath, IsADirectory, NotADirectory, NotFound, PermissionDenied,
                       QuotaExceeded, Unsupported)
@@ -66,6 +67,10 @@ MACOS_PATTERNS = ("._*", ".DS_Store")
 _READ_ONLY = frozenset({"GET", "HEAD"})
 # environ key: (path, resource) of a GET's or HEAD's last lookup.
 _LOOKED_UP = "gateway.looked_up"
+
+# Unlistable names the provider remembers having logged: a bound, so a
+# folder of odd names cannot grow that memory without end.
+_UNNAMEABLE_LOG_MAX = 10_000
 
 # Client-set modification times must fit every place a time goes: SFTP v3
 # carries mtime as an unsigned 32-bit number, and LocalBackend hands
@@ -501,11 +506,21 @@ class FolderResource(_Resource, DAVCollection):
         return False
 
     def _entries(self) -> list[Entry]:
+        """The folder's members that a request path can name, sorted by name.
+
+        A name made outside the gateway (an S3 tool, another process) that
+        no request could carry, such as one with a backslash or a control
+        character, is left out and logged once, as S3 listings leave out
+        "//", "." and ".." keys: one such name must not make the whole
+        folder unlistable (wsgidav answers 400 for any member it cannot name).
+        """
         with self.mapped():
             entries = list(self.fs.list_dir(self.vpath))
         if self.provider.macos_files != "allow":
             entries = [e for e in entries if not is_macos_name(e.name)]
-        return sorted(entries, key=lambda e: e.name)
+        base = self.vpath.rstrip("/") + "/"
+        return sorted((e for e in entries if self.provider.nameable(e.name, base + e.name, self.get_ref_url())),
+                      key=lambda e: e.name)
 
     def _child_path(self, name: str) -> str:
         return self.path.rstrip("/") + "/" + name
@@ -560,6 +575,8 @@ class UserFSProvider(DAVProvider):
         self.macos_files = macos_files
         self.max_properties = max_properties
         self.max_property_bytes = max_property_bytes
+        # Storage locations of names left out of listings, each logged once (see nameable).
+        self._unnameable_logged: set[str] = set()
         # The request this thread serves: wsgidav turns lock roots back into
         # paths (ref_url_to_path) without passing the request along.
         self._request = threading.local()
@@ -596,6 +613,22 @@ class UserFSProvider(DAVProvider):
         if fs is None:
             return "/"
         return fs.virtual_path(unquote(backend), "/" + unquote(rest)) or "/"
+
+    def nameable(self, name: str, vpath: str, folder_ref: str) -> bool:
+        """True when a member `name` (at `vpath`) can be named by a request path; else log it once.
+
+        Logged once per storage location (`folder_ref` is the folder's ref
+        URL), whichever user's listing meets it first.
+        """
+        try:
+            paths.check_name(name, vpath)
+        except InvalidPath as exc:
+            key = folder_ref.rstrip("/") + "/" + name
+            if key not in self._unnameable_logged and len(self._unnameable_logged) < _UNNAMEABLE_LOG_MAX:
+                self._unnameable_logged.add(key)
+                log.warning("WebDAV listings leave out %r (at %r): %s", name, unquote(folder_ref), exc.message)
+            return False
+        return True
 
     def fs_for(self, environ: dict) -> UserFS | None:
         fs = environ.get("gateway.fs")

@@ -21,7 +21,7 @@ from .http import make_server
 from . import lazy_debug
 from ..errors import GatewayError
 from .provider import MACOS_PATTERNS, UserFSProvider
-from .state import import_legacy_state, open_state
+from .state import LockLimits, import_legacy_state, open_state
 
 if TYPE_CHECKING:
     from ..fairness import Fairness
@@ -92,7 +92,11 @@ class WebDAVServer:
         if imported is not None:
             log.info("imported %d WebDAV locks and properties from %s into the store %s", imported,
                      self.gateway.state_dir / LEGACY_STATE_FILE, store.url)
-        self._lock_storage, self._prop_manager = open_state(store)
+        self._lock_storage, self._prop_manager = open_state(
+            store, LockLimits(max_timeout=section.max_lock_timeout, max_owner_bytes=section.max_lock_owner_bytes,
+                              max_per_resource=section.max_locks_per_resource,
+                              max_per_user=section.max_locks_per_user),
+            section.max_property_bytes_per_user)
         provider = UserFSProvider(self._open_fs, section.macos_files,
                                   max_properties=section.max_properties,
                                   max_property_bytes=section.max_property_bytes)

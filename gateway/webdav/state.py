@@ -21,20 +21,39 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from wsgidav.dav_error import HTTP_LOCKED, PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition
+from wsgidav.dav_error import (HTTP_BAD_REQUEST, HTTP_INSUFFICIENT_STORAGE, HTTP_LOCKED,
+                               PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition)
 from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 
-from ..store import Conflict, Lock, LockConflict, Missing, Store
+from ..store import Conflict, Lock, LockConflict, Missing, OverBudget, Store, TooManyLocks
 
 log = logging.getLogger(__name__)
 
 # wsgidav's own limits: one week by default, a month at most. The store needs
-# a finite expiry, so an infinite timeout (-1) gets the longest one.
+# a finite expiry, so an infinite timeout (-1) gets the longest one; below
+# both, LockLimits.max_timeout shortens every grant (RFC 4918 10.7 lets the
+# server choose a shorter timeout; the activelock in the answer names it).
 LOCK_TIMEOUT_DEFAULT = 604800
 LOCK_TIMEOUT_MAX = 4 * 604800
+
+
+@dataclass(frozen=True)
+class LockLimits:
+    """What one LOCK may take from the shared store ([webdav] max_lock_* and max_locks_*); 0 is no limit.
+
+    Every lock on a resource is answered in full in every PROPFIND that
+    lists it (lockdiscovery, with its owner), to every user who sees the
+    resource: these bound that answer as well as the store.
+    """
+
+    max_timeout: int = 86400           # seconds; longer requests and "Infinite" get this
+    max_owner_bytes: int = 4096        # the <D:owner> element as XML; a larger one is refused with 400
+    max_per_resource: int = 16         # locks on one resource (shared ones pile up); 423 beyond
+    max_per_user: int = 1000           # locks one user holds anywhere; 507 beyond
 
 
 # Request memo keys of wsgidav's own URLs, beside the store keys ("backend:/path").
@@ -55,9 +74,11 @@ def location_to_url(location: str) -> str:
     return "/" + quote(backend, safe="") + (quote(path) if path != "/" else "")
 
 
-def _clamp(timeout: float | None) -> float:
+def _clamp(timeout: float | None, longest: float = LOCK_TIMEOUT_MAX) -> float:
+    """The timeout granted for one asked (None: the default, -1: infinite), at most `longest`."""
+    longest = min(longest, LOCK_TIMEOUT_MAX) if longest > 0 else LOCK_TIMEOUT_MAX
     timeout = float(timeout or LOCK_TIMEOUT_DEFAULT)
-    return LOCK_TIMEOUT_MAX if timeout < 0 or timeout > LOCK_TIMEOUT_MAX else timeout
+    return longest if timeout < 0 or timeout > longest else timeout
 
 
 def _lock_dict(lock: Lock) -> dict:
@@ -75,8 +96,9 @@ class StoreLockStorage:
     resource cannot both win (the loser answers 423).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: LockLimits = LockLimits()) -> None:
         self._store = store
+        self.limits = limits
         # Per request (thread): the locks on one location and all its ancestors,
         # read in one query. wsgidav asks for each ancestor in turn, twice per PUT.
         self._request = threading.local()
@@ -154,21 +176,36 @@ class StoreLockStorage:
         location = url_to_location(root)
         if location is None:
             raise DAVError(HTTP_LOCKED, context_info="the root of the server cannot be locked")
+        limits = self.limits
+        owner = lock.get("owner") or b""
+        if limits.max_owner_bytes and len(owner) > limits.max_owner_bytes:
+            # 400, not 507: the request itself is over a fixed limit, and the
+            # same LOCK would fail again whatever is freed meanwhile.
+            raise DAVError(HTTP_BAD_REQUEST, context_info=f"the lock owner is {len(owner)} bytes; at most "
+                                                          f"{limits.max_owner_bytes} bytes are kept")
         lock["root"] = root
-        lock["timeout"] = _clamp(lock.get("timeout"))
+        lock["timeout"] = _clamp(lock.get("timeout"), limits.max_timeout)
         lock["expire"] = time.time() + lock["timeout"]
         validate_lock(lock)
         lock["token"] = generate_lock_token()
-        added = Lock(lock["token"], location, lock["owner"], lock["scope"], lock["depth"], lock["principal"],
+        added = Lock(lock["token"], location, owner, lock["scope"], lock["depth"], lock["principal"],
                      lock["timeout"], lock["expire"])
         try:
-            self._store.add_lock(added)
+            self._store.add_lock(added, max_per_location=limits.max_per_resource,
+                                 max_per_principal=limits.max_per_user)
         except LockConflict as exc:
             self._forget_memo()
             condition = DAVErrorCondition(PRECONDITION_CODE_LockConflict)
             for conflicting in exc.roots:
                 condition.add_href(location_to_url(conflicting))
             raise DAVError(HTTP_LOCKED, err_condition=condition) from None
+        except TooManyLocks as exc:
+            self._forget_memo()
+            # The resource is locked as much as it may be (423, RFC 4918 11.3);
+            # the user's own allowance is used up (507, RFC 4918 11.5).
+            status = HTTP_LOCKED if exc.per == "location" else HTTP_INSUFFICIENT_STORAGE
+            log.info("LOCK on %r by %r refused: %s", location, lock["principal"], exc)
+            raise DAVError(status, context_info=str(exc).replace(f"'{location}'", "the resource")) from None
         # The LOCK response lists the resource's locks next: the store took
         # this one after the conflict check, so what this request read before
         # plus the new lock is what it holds now.
@@ -181,7 +218,7 @@ class StoreLockStorage:
     def refresh(self, token: str, *, timeout: float) -> dict:
         self._forget_memo()
         try:
-            return _lock_dict(self._store.refresh_lock(token, _clamp(timeout)))
+            return _lock_dict(self._store.refresh_lock(token, _clamp(timeout, self.limits.max_timeout)))
         except Missing:
             raise ValueError(f"lock {token} does not exist") from None
 
@@ -222,11 +259,31 @@ class StoreLockStorage:
                                                    children_only=True)}
 
 
-class StorePropertyManager:
-    """wsgidav dead-property manager (the PropertyManager interface) over the state store."""
+# environ key: what one PROPPATCH would set, {(location, name): bytes}, and its user's bytes before it.
+_PENDING = "gateway.property_bytes"
 
-    def __init__(self, store: Store) -> None:
+
+class StorePropertyManager:
+    """wsgidav dead-property manager (the PropertyManager interface) over the state store.
+
+    Each property records the user who set it. A user's properties may take
+    `max_bytes_per_user` bytes in all, and no more than the user's
+    quota_bytes when that is set (0: no budget): one user cannot fill the
+    store that every node shares.
+    """
+
+    def __init__(self, store: Store, max_bytes_per_user: int = 0) -> None:
         self._store = store
+        self.max_bytes_per_user = max_bytes_per_user
+
+    def _owner_budget(self, environ: dict | None) -> tuple[str, int]:
+        """(the request's user, the bytes of properties that user may keep; 0: no limit)."""
+        environ = environ or {}
+        owner = environ.get("wsgidav.user_name") or ""
+        fs = environ.get("gateway.fs")
+        quota = getattr(getattr(fs, "user", None), "quota_bytes", 0) or 0
+        budgets = [b for b in (self.max_bytes_per_user, quota) if b]
+        return owner, min(budgets, default=0)
 
     def __repr__(self) -> str:
         return f"StorePropertyManager({self._store.url!r})"
@@ -253,8 +310,37 @@ class StorePropertyManager:
 
     def write_property(self, norm_url: str, name: str, property_value: bytes, dry_run: bool = False,
                        environ: dict | None = None) -> None:
-        if not dry_run:
-            self._store.set_property(self._key(norm_url), name, property_value)
+        """Set one property; 507 (RFC 4918 9.2.1) when it would take its user past their budget.
+
+        PROPPATCH tries every property (dry run) before it writes any: the dry
+        run counts the request's properties together, so the answer names the
+        one that does not fit and nothing is written; the write checks again
+        in the store's transaction (a PROPPATCH racing on another node).
+        """
+        location = self._key(norm_url)
+        owner, budget = self._owner_budget(environ)
+        if dry_run:
+            if budget and environ is not None:
+                self._check_budget(environ, owner, budget, location, name, len(property_value))
+            return
+        try:
+            self._store.set_property(location, name, property_value, owner=owner, budget=budget)
+        except OverBudget as exc:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, context_info=_budget_message(exc)) from None
+
+    def _check_budget(self, environ: dict, owner: str, budget: int, location: str, name: str, size: int) -> None:
+        pending = environ.get(_PENDING)
+        if pending is None:
+            pending = environ[_PENDING] = {"used": self._store.property_bytes(owner), "sizes": {}}
+        key = (location, name)
+        if key not in pending["sizes"]:
+            # The value this one replaces no longer counts (if it was the user's).
+            pending["used"] -= self._store.owned_property_bytes(owner, location, name)
+        pending["sizes"][key] = size
+        total = pending["used"] + sum(pending["sizes"].values())
+        if total > budget:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE,
+                           context_info=_budget_message(OverBudget(owner, total - size, budget)))
 
     def remove_property(self, norm_url: str, name: str, dry_run: bool = False,
                         environ: dict | None = None) -> None:
@@ -266,16 +352,41 @@ class StorePropertyManager:
         self._store.remove_properties(self._key(norm_url), recursive=recursive)
 
     def copy_properties(self, src_url: str, dest_url: str, environ: dict | None = None) -> None:
-        self._store.copy_properties(self._key(src_url), self._key(dest_url))
+        """Copy the properties with the resource; past the copier's budget the copy has none.
+
+        RFC 4918 9.8.2 asks that dead properties SHOULD be copied: the
+        content is copied either way, and a COPY never grows the store past
+        a user's budget.
+        """
+        owner, budget = self._owner_budget(environ)
+        try:
+            self._store.copy_properties(self._key(src_url), self._key(dest_url), owner=owner, budget=budget)
+        except OverBudget as exc:
+            log.info("COPY to %r left its dead properties behind: %s", unquote(dest_url), exc)
 
     def move_properties(self, src_url: str, dest_url: str, with_children: bool,
                         environ: dict | None = None) -> None:
         self._store.move_properties(self._key(src_url), self._key(dest_url), with_children=with_children)
 
 
-def open_state(store: Store) -> tuple[StoreLockStorage, StorePropertyManager]:
-    """The lock storage and property manager over the gateway's store."""
-    return StoreLockStorage(store), StorePropertyManager(store)
+def _budget_message(exc: OverBudget) -> str:
+    return (f"no room for this property: dead properties may take {exc.budget} bytes per user, "
+            f"{exc.used} are in use")
+
+
+def open_state(store: Store, lock_limits: LockLimits = LockLimits(),
+               property_bytes_per_user: int = 0) -> tuple[StoreLockStorage, StorePropertyManager]:
+    """The lock storage and property manager over the gateway's store, with their limits.
+
+    Locks granted before under looser limits (a timeout of weeks, an owner
+    of megabytes) are brought within these now, not left to lapse.
+    """
+    shortened, removed = store.limit_locks(lock_limits.max_timeout, lock_limits.max_owner_bytes)
+    if shortened or removed:
+        log.warning("WebDAV locks granted under looser limits: %d shortened to %d s, %d removed "
+                    "(owner over %d bytes)", shortened, lock_limits.max_timeout, removed,
+                    lock_limits.max_owner_bytes)
+    return StoreLockStorage(store, lock_limits), StorePropertyManager(store, property_bytes_per_user)
 
 
 def import_legacy_state(path: Path, store: Store, new_key: Callable[[str, str], str | None]) -> int | None:

@@ -468,16 +468,17 @@ class TestBackendContract:
         put(backend, "/f", b"y")
         assert backend.stat("/f").mtime > MTIME + 1
 
-    def test_usage_counts_files_and_bytes_below_a_path(self, backend):
+    def test_usage_counts_bytes_and_the_files_and_folders_below_a_path(self, backend):
         backend.make_dir("/d")
         backend.make_dir("/d/sub")
+        backend.make_dir("/d/empty")
         put(backend, "/d/a", b"12345")
         put(backend, "/d/sub/b", b"123")
         put(backend, "/other", b"1234567")
         usage = backend.usage("/d")
-        assert (usage.used_bytes, usage.used_files) == (8, 2)
+        assert (usage.used_bytes, usage.used_files) == (8, 4)     # a, sub, sub/b, empty
         usage = backend.usage("/")
-        assert (usage.used_bytes, usage.used_files) == (15, 3)
+        assert (usage.used_bytes, usage.used_files) == (15, 6)    # and d, other
 
     def test_check_passes_on_a_working_backend(self, backend):
         backend.check()

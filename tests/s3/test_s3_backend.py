@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from gateway import cli
 from gateway.config import ConfigError, load_config
 from gateway.errors import BackendUnavailable, InvalidPath, NotFound, PermissionDenied, Unsupported
+from gateway.storage.base import Backend
 from gateway.storage.s3 import MiB, S3Backend, S3Config
 from tests.conftest import write_config
 from tests.s3_server import count_calls
@@ -80,6 +81,19 @@ def test_listing_hides_keys_no_path_can_name(make_s3, raw):
     for key in ("w/../x", "w//y", "w/ok", "w/.gw-upload-123"):
         raw.put_object(Bucket=backend.bucket, Key=backend.prefix + key, Body=b"1")
     assert [e.name for e in backend.list_dir("/w")] == ["ok"]
+
+
+def test_usage_counts_a_folder_once_whether_a_marker_or_the_keys_below_it_make_it(make_s3, raw):
+    # Folders count toward quota_files: a scan must count what a list_dir walk shows.
+    backend = make_s3()
+    for key in ("a/b/c.txt", "m/", "m/x", "e/", "w/../x", "w//y", "w/.gw-upload-1"):
+        raw.put_object(Bucket=backend.bucket, Key=backend.prefix + key, Body=b"1" if key[-1] != "/" else b"")
+    usage = backend.usage("/")
+    # Folders a, a/b, m, e, w; files c.txt and x; the rest no path can name, or an upload's temp object.
+    assert (usage.used_bytes, usage.used_files) == (2, 7)
+    walked = Backend.usage(backend, "/")
+    assert (walked.used_bytes, walked.used_files) == (2, 7)
+    assert backend.usage("/a").used_files == 2
 
 
 def test_set_mtime_is_kept_in_object_metadata(make_s3, raw):

@@ -9,8 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.permissions import ALL, parse_perms
-from gateway.store import (Conflict, InFlightUpload, Lock, LockConflict, Missing, Session, Usage,
-                           UserCache)
+from gateway.store import (Conflict, InFlightUpload, Lock, LockConflict, Missing, OverBudget, Session,
+                           TooManyLocks, Usage, UserCache)
 from gateway.users import Location, Mount, User, UsersFileError, hash_password
 from tests.conftest import wait_for
 
@@ -28,9 +28,9 @@ def make_user(name: str = "alice", **changes) -> User:
 
 
 def make_lock(root: str, *, token: str | None = None, scope: str = "exclusive", depth: str = "infinity",
-              timeout: float = 600.0) -> Lock:
+              timeout: float = 600.0, principal: str = "alice") -> Lock:
     return Lock(token or f"opaquelocktoken:{root}:{scope}:{time.monotonic_ns()}", root,
-                b"<owner>litmus</owner>", scope, depth, "alice", timeout, time.time() + timeout)
+                b"<owner>litmus</owner>", scope, depth, principal, timeout, time.time() + timeout)
 
 
 def table_dump(store) -> str:
@@ -374,7 +374,85 @@ def test_locks_at_finds_the_locks_on_several_locations_at_once(store):
     assert store.locks_at([]) == []
 
 
+def test_shared_locks_on_one_location_stop_at_the_limit(store):
+    for _ in range(3):
+        store.add_lock(make_lock("local:/f", scope="shared", depth="0"), max_per_location=3)
+    with pytest.raises(TooManyLocks) as info:
+        store.add_lock(make_lock("local:/f", scope="shared", depth="0"), max_per_location=3)
+    assert info.value.per == "location"
+    # Locks below or beside it do not count toward it.
+    store.add_lock(make_lock("local:/f2", scope="shared", depth="0"), max_per_location=3)
+    assert len(store.find_locks("local:/f")) == 3
+
+
+def test_one_users_locks_stop_at_the_limit_and_expired_ones_do_not_count(store):
+    store.add_lock(make_lock("local:/a", timeout=-1), max_per_principal=2)   # expired at once
+    store.add_lock(make_lock("local:/b"), max_per_principal=2)
+    store.add_lock(make_lock("local:/c"), max_per_principal=2)
+    with pytest.raises(TooManyLocks) as info:
+        store.add_lock(make_lock("local:/d"), max_per_principal=2)
+    assert info.value.per == "principal"
+    store.add_lock(make_lock("local:/d", principal="bob"), max_per_principal=2)
+    assert [lock.root for lock in store.find_locks("local:/", include_root=False, include_children=True)] == [
+        "local:/b", "local:/c", "local:/d"]
+
+
+def test_limit_locks_shortens_long_ones_and_removes_those_with_a_huge_owner(store):
+    store.add_lock(make_lock("local:/long", timeout=28 * 86400))
+    store.add_lock(make_lock("local:/short", timeout=600))
+    huge = Lock("opaquelocktoken:huge", "local:/huge", b"o" * 900_000, "shared", "0", "alice", 600,
+                time.time() + 600)
+    store.add_lock(huge)
+    assert store.limit_locks(86400, 4096) == (1, 1)
+    [long] = store.find_locks("local:/long")
+    assert long.timeout == 86400 and long.expire <= time.time() + 86400
+    assert store.find_locks("local:/short")[0].timeout == 600
+    assert store.get_lock("opaquelocktoken:huge") is None
+
+
 # -- dead properties ---------------------------------------------------------
+
+def test_properties_count_toward_the_budget_of_the_user_who_set_them(store):
+    store.set_property("local:/a", "p", b"x" * 60, owner="alice", budget=100)
+    store.set_property("local:/a", "p", b"y" * 90, owner="alice", budget=100)   # replaces: 90 in use
+    with pytest.raises(OverBudget):
+        store.set_property("local:/b", "p", b"z" * 11, owner="alice", budget=100)
+    store.set_property("local:/b", "p", b"z" * 11, owner="bob", budget=100)
+    assert store.property_bytes("alice") == 90 and store.property_bytes("bob") == 11
+    assert store.owned_property_bytes("alice", "local:/a", "p") == 90
+    assert store.owned_property_bytes("bob", "local:/a", "p") == 0
+    # Another user replacing a value takes it over.
+    store.set_property("local:/a", "p", b"w" * 5, owner="bob", budget=100)
+    assert store.property_bytes("alice") == 0 and store.property_bytes("bob") == 16
+
+
+def test_property_writes_racing_from_two_processes_stay_within_the_budget_together(store, open_another):
+    stores = [store, open_another()]
+    start = threading.Barrier(12)
+
+    def write(i: int) -> bool:
+        start.wait(timeout=30)
+        try:
+            stores[i % 2].set_property(f"local:/f{i}", "p", b"x" * 20, owner="alice", budget=100)
+        except OverBudget:
+            return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        written = list(pool.map(write, range(12)))
+    assert written.count(True) == 5
+    assert store.property_bytes("alice") == 100
+
+
+def test_copy_properties_past_the_budget_changes_nothing(store):
+    store.set_property("local:/src", "a", b"1" * 60, owner="alice")
+    store.set_property("local:/dst", "old", b"0", owner="alice")
+    with pytest.raises(OverBudget):
+        store.copy_properties("local:/src", "local:/dst", owner="alice", budget=100)
+    assert store.property_names("local:/dst") == ["old"]
+    store.copy_properties("local:/src", "local:/dst", owner="bob", budget=100)
+    assert store.property_names("local:/dst") == ["a"] and store.property_bytes("bob") == 60
+
 
 def test_property_set_get_list_and_remove(store):
     store.set_property("local:/a", "{DAV:}x", b"1")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.store import StoreError, StoreUnavailable, migrations, open_store, schema
+from gateway.store import StoreError, StoreUnavailable, Usage, migrations, open_store, schema
 from gateway.store import check_url
+from gateway.users import Location, User
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +91,29 @@ def test_a_version_1_store_gets_the_lock_expiry_index(store, store_url, tmp_path
             if conn.dialect.name == "sqlite":
                 plan = conn.execute(sa.text("EXPLAIN QUERY PLAN DELETE FROM locks WHERE expire < 1")).all()
                 assert "USING INDEX locks_expire" in " ".join(row[-1] for row in plan)
+    finally:
+        upgraded.close()
+
+
+def test_a_version_2_store_gets_property_owners_and_counts_usage_again(store, store_url, tmp_path):
+    # Version 2: properties without an owner, and usage counted without folders.
+    store.set_property("local:/a", "p", b"old")
+    store.add_user(User("alice", home=Location("local", "/alice"), quota_files=3))
+    store.set_usage("alice", Usage(10, 2))
+    with store._engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX properties_owner"))
+        conn.execute(sa.text("DROP INDEX locks_principal"))
+        conn.execute(sa.text("ALTER TABLE properties DROP COLUMN owner"))
+        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version > 2))
+    store.close()
+    upgraded = open_store(store_url, tmp_path)
+    try:
+        assert upgraded.version == migrations.LATEST >= 3
+        assert upgraded.get_property("local:/a", "p") == b"old"
+        assert upgraded.property_bytes("") == 3   # set before owners were kept: nobody's
+        assert upgraded.get_usage("alice") is None   # counted again (folders too) at next use
+        with upgraded._engine.connect() as conn:
+            assert "locks_principal" in {index["name"] for index in sa.inspect(conn).get_indexes("locks")}
     finally:
         upgraded.close()
 
