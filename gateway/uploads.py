@@ -6,7 +6,7 @@ temp file, an S3 multipart upload; see RECORD_AFTER for which and when) and
 beats its heartbeat every few seconds. Every node also sweeps: an upload
 whose node has been silent for `[store] node_timeout` belongs to a node that
 died, so its leftovers are removed from the backend (the previous version of
-the file stays) and its record dropped.
+the file stays) and its record dropped; that node's sessions and its row go too.
 """
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ class InFlightUploads:
 
 
 class NodeKeeper:
-    """One thread: this node's heartbeat, the recording of its long uploads, and the sweep of dead nodes' uploads."""
+    """One thread: this node's heartbeat, the recording of its long uploads, and the sweep of dead
+    nodes' uploads, sessions and rows."""
 
     def __init__(self, store: Store, node: str, backends: Mapping[str, Backend], *,
                  node_timeout: float, sweep_interval: float, uploads: InFlightUploads | None = None) -> None:
@@ -201,6 +202,7 @@ class NodeKeeper:
                     next_beat = now + beat
                 if now >= next_sweep:
                     self.sweep()
+                    self.sweep_nodes()
                     next_sweep = time.monotonic() + self._jittered()
             except StoreError as exc:
                 log.warning("node %s: %s", self.node, exc)
@@ -238,3 +240,11 @@ class NodeKeeper:
             log.info("aborted the upload of %s:%s left by node %s (silent for over %ss)",
                      upload.backend, upload.path, upload.node, self.node_timeout)
         return removed
+
+    def sweep_nodes(self) -> tuple[int, int]:
+        """Remove the sessions and rows of nodes silent for node_timeout; returns (sessions, nodes)."""
+        sessions, nodes = self._store.sweep_dead_nodes(self.node_timeout)
+        if sessions or nodes:
+            log.info("removed %d session(s) and %d node(s) silent for over %ss", sessions, nodes,
+                     self.node_timeout)
+        return sessions, nodes

@@ -843,6 +843,23 @@ class Store:
         with self._write() as conn:
             conn.execute(sa.delete(schema.nodes).where(schema.nodes.c.node == node))
 
+    def sweep_dead_nodes(self, node_timeout: float) -> tuple[int, int]:
+        """Remove the sessions of nodes silent for `node_timeout` seconds (or never heard of), and
+        the rows of those nodes; returns (sessions, nodes) removed.
+
+        A live node beats before it publishes any session, so a session whose
+        node has no row was left by a node that died (or was swept already).
+        Uploads are left alone: `stale_uploads` still finds those of a node
+        without a row, and they need their backend cleaned first.
+        """
+        s, n = schema.sessions, schema.nodes
+        cutoff = time.time() - node_timeout
+        alive = sa.select(n.c.node).where(n.c.heartbeat >= cutoff)
+        with self._write() as conn:
+            sessions = conn.execute(sa.delete(s).where(s.c.node.not_in(alive))).rowcount
+            nodes = conn.execute(sa.delete(n).where(n.c.heartbeat < cutoff)).rowcount
+        return sessions, nodes
+
     def add_upload(self, upload: InFlightUpload) -> None:
         """Record an upload in flight (e.g. an S3 multipart upload) owned by `upload.node`."""
         with self._write() as conn:

@@ -556,6 +556,22 @@ def test_a_forgotten_node_has_no_heartbeat_and_its_uploads_are_stale(store):
     assert [u.id for u in store.stale_uploads(60)] == ["u1"]
 
 
+def test_sweeping_dead_nodes_removes_their_sessions_and_rows_and_keeps_the_live_ones(store):
+    now = time.time()
+    store.heartbeat("alive")
+    store.heartbeat("dead")
+    for session_id, node in (("s1", "alive"), ("s2", "dead"), ("s3", "never-beat")):
+        store.add_session(Session(session_id, "alice", "sftp", "127.0.0.1", node, now))
+    store.add_upload(InFlightUpload("u1", "dead", "s3", "/a", "mp-1", now))
+    wait_for(lambda: store.sweep_dead_nodes(60) == (1, 0), "the session of a node without a row to go")
+    time.sleep(1.0)
+    store.heartbeat("alive")
+    assert store.sweep_dead_nodes(0.5) == (1, 1)
+    assert [s.id for s in store.list_sessions()] == ["s1"]
+    # The dead node's upload is still found, for the sweep that cleans its backend.
+    assert [u.id for u in store.stale_uploads(60)] == ["u1"]
+
+
 # -- host keys ---------------------------------------------------------------
 
 def test_first_host_key_wins_for_every_caller(store, open_another):
