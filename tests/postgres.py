@@ -29,6 +29,8 @@ class PostgresServer:
 
     port: int
     socket_dir: Path
+    data_dir: Path
+    as_postgres: list[str]
     _numbers = itertools.count(1)
 
     def admin(self) -> psycopg.Connection:
@@ -42,6 +44,13 @@ class PostgresServer:
         with self.admin() as conn:
             conn.execute(f"CREATE DATABASE {name} OWNER gateway")
         return f"postgresql://gateway:{PG_PASSWORD}@127.0.0.1:{self.port}/{name}"
+
+    def restart(self) -> None:
+        """Restart the server as an operator would: every connection is cut, then it serves again."""
+        subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data_dir), "-l",
+                        str(self.data_dir.parent / "log"), "-m", "fast", "-w", "-t", "60", "restart"],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=120)
 
 
 def _free_port() -> int:
@@ -97,7 +106,7 @@ def postgres():
     run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
         "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
     try:
-        server = PostgresServer(port, sockets)
+        server = PostgresServer(port, sockets, data, as_postgres)
         with server.admin() as conn:
             conn.execute(f"CREATE ROLE gateway LOGIN PASSWORD '{PG_PASSWORD}'")
         yield server

@@ -9,8 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.permissions import ALL, parse_perms
-from gateway.store import (Conflict, InFlightUpload, Lock, LockConflict, Missing, Session, Usage,
-                           UserCache)
+from gateway.store import (Conflict, InFlightUpload, Lock, LockConflict, Missing, Session, StoreUnavailable,
+                           Usage, UserCache, open_store)
 from gateway.users import Location, Mount, User, UsersFileError, hash_password
 from tests.conftest import wait_for
 
@@ -206,6 +206,39 @@ def test_change_from_another_process_wakes_a_watcher(store, open_another, store_
     finally:
         stop.set()
         watcher.join()
+
+
+def test_a_watcher_listens_again_once_postgresql_is_back_after_a_restart(postgres, tmp_path):
+    url = postgres.create_database()
+    store, other = open_store(url, tmp_path), open_store(url, tmp_path)
+    woken = threading.Event()
+    stop = threading.Event()
+    # The fallback poll is off: only NOTIFY (or LISTEN coming back) wakes the watcher.
+    watcher = threading.Thread(target=store.watch, args=(lambda counter: woken.set(), stop, 3600.0))
+    watcher.start()
+    added = []
+
+    def change_until_woken() -> bool:
+        if not woken.is_set() and (not added or time.monotonic() - added[-1] > 1):
+            added.append(time.monotonic())
+            try:
+                other.add_user(make_user(f"user{len(added)}"))
+            except StoreUnavailable:
+                pass   # the server is still coming back
+        return woken.is_set()
+
+    try:
+        wait_for(change_until_woken, "the watcher to listen", limit=10)
+        postgres.restart()
+        # Twice: the first wake may be the read that follows LISTEN's return; the second needs a NOTIFY.
+        for _ in range(2):
+            woken.clear()
+            wait_for(change_until_woken, "the watcher to be woken after the restart", limit=30)
+    finally:
+        stop.set()
+        watcher.join()
+        store.close()
+        other.close()
 
 
 def test_watch_since_an_older_counter_reports_a_change_made_before_it_started(store, open_another):
