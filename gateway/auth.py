@@ -48,6 +48,9 @@ _CACHE_SECONDS = 60.0
 _VERIFY_WAIT_SECONDS = 30.0
 # Past this many cached credentials, expired ones are swept.
 _MAX_TRACKED = 10_000
+# After a failed read of the users, logins are refused this long without trying again:
+# a store that hangs must not hold every login thread for its connect timeout.
+_RETRY_USERS_SECONDS = 1.0
 
 
 def _user_key(user: str) -> str:
@@ -238,6 +241,7 @@ class Authenticator:
         self.users = users
         self.defender = defender
         self.stale_after = stale_after
+        self._users_failed_at: float | None = None
         self._cache: dict[str, tuple[str, float]] = {}    # digest -> (user name, expires)
         self._flights: dict[str, _Flight] = {}
         self._cache_key = secrets.token_bytes(32)
@@ -273,12 +277,17 @@ class Authenticator:
         """The cached users may be trusted: the change feed read the store lately, or a read now works."""
         if self.users.current_within(self.stale_after):
             return True
+        failed_at = self._users_failed_at
+        if failed_at is not None and time.monotonic() - failed_at < _RETRY_USERS_SECONDS:
+            return False
         try:
             self.users.refresh()
         except StoreUnavailable as exc:
             # Security decision: a user disabled on another node would still log in here.
+            self._users_failed_at = time.monotonic()
             log.warning("%s; logins refused until the users can be read again", exc)
             return False
+        self._users_failed_at = None
         return True
 
     def forget(self, name: str) -> None:
