@@ -50,6 +50,7 @@ class StoreFollower:
         self.sessions = sessions
         self._cursor = 0
         self._published: set[str] = set()
+        self._republish = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -92,6 +93,10 @@ class StoreFollower:
             log.exception("removing this node's sessions from the store failed")
         self._published.clear()
 
+    def republish(self) -> None:
+        """Write every live session to the store again (another node swept them: see NodeKeeper)."""
+        self._republish.set()
+
     def _changed(self, counter: int) -> None:
         """The change feed moved: each part is tried on its own, so one failing skips no other."""
         for what, step in (("users", lambda: self.users.changed(counter)),
@@ -118,6 +123,9 @@ class StoreFollower:
         while not self._stop.wait(SYNC_SECONDS):
             try:
                 self._end_unverifiable()
+                if self._republish.is_set():
+                    self._republish.clear()
+                    self._published.clear()
                 self._publish()
                 if time.monotonic() - purged >= PURGE_SECONDS:
                     purged = time.monotonic()

@@ -99,6 +99,7 @@ class Gateway:
         self._follower = StoreFollower(self.store, self.users, self.defender, self.sessions,
                                        feed_stale_after=config.store.feed_stale_after,
                                        session_grace=config.store.session_grace)
+        self.keeper.on_swept = self._follower.republish
         self.frontends: list[FrontEnd] = []
         self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
         self._ready: set[tuple[str, str]] = set()

@@ -15,7 +15,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from .errors import GatewayError, InvalidPath
@@ -160,8 +160,12 @@ class NodeKeeper:
     nodes' uploads, sessions and rows."""
 
     def __init__(self, store: Store, node: str, backends: Mapping[str, Backend], *,
-                 node_timeout: float, sweep_interval: float, uploads: InFlightUploads | None = None) -> None:
+                 node_timeout: float, sweep_interval: float, uploads: InFlightUploads | None = None,
+                 on_swept: Callable[[], None] | None = None) -> None:
         self._store = store
+        # Called when a beat finds this node's row gone: another node took it for dead
+        # (silent for node_timeout) and removed its sessions, which must be written again.
+        self.on_swept = on_swept
         self._uploads = uploads
         self.node = node
         self._backends = backends
@@ -196,7 +200,10 @@ class NodeKeeper:
             now = time.monotonic()
             try:
                 if now >= next_beat:
-                    self._store.heartbeat(self.node)
+                    if not self._store.heartbeat(self.node) and self.on_swept is not None:
+                        log.warning("node %s was taken for dead by another node; its sessions are "
+                                    "written to the store again", self.node)
+                        self.on_swept()
                     if self._uploads is not None:
                         self._uploads.record_due()
                     next_beat = now + beat

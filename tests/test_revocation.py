@@ -253,6 +253,22 @@ def test_live_sessions_are_in_the_store_and_one_is_ended_by_id_from_another_proc
             transport.close()
 
 
+def test_a_live_session_swept_from_the_store_by_another_node_is_published_again(both):
+    transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
+    try:
+        transport.connect(username="bob", password=PASSWORD)
+        with another_store(both) as store:
+            wait_for(lambda: store.list_sessions(user="bob"), "bob's session to reach the store")
+            # What another node's sweep does to a node it found silent for node_timeout.
+            store.remove_node_sessions(both.gateway.node)
+            store.forget_node(both.gateway.node)
+            wait_for(lambda: [s.user for s in store.list_sessions()] == ["bob"],
+                     "bob's session to be listed again")
+        assert transport.is_active()
+    finally:
+        transport.close()
+
+
 def test_a_quick_disable_and_enable_still_ends_the_users_sessions(both):
     transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
     try:

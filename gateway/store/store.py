@@ -823,12 +823,17 @@ class Store:
 
     # -- uploads in flight and node heartbeats --------------------------------
 
-    def heartbeat(self, node: str) -> None:
-        """Record that `node` is alive now."""
-        insert = self._insert(schema.nodes).values(node=node, heartbeat=time.time())
+    def heartbeat(self, node: str) -> bool:
+        """Record that `node` is alive now; False when it had no row (new, or swept as dead)."""
+        n = schema.nodes
+        now = time.time()
+        insert = self._insert(n).values(node=node, heartbeat=now)
         with self._write() as conn:
+            if conn.execute(sa.update(n).where(n.c.node == node).values(heartbeat=now)).rowcount:
+                return True
             conn.execute(insert.on_conflict_do_update(index_elements=["node"],
                                                       set_={"heartbeat": insert.excluded.heartbeat}))
+        return False
 
     def forget_node(self, node: str) -> None:
         """Remove the heartbeat of a node that stopped cleanly (its uploads are gone already)."""

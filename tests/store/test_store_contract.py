@@ -582,11 +582,13 @@ def test_uploads_of_a_silent_node_are_stale(store):
 
 
 def test_a_forgotten_node_has_no_heartbeat_and_its_uploads_are_stale(store):
-    store.heartbeat("gone")
+    assert store.heartbeat("gone") is False      # a first beat: the node had no row
+    assert store.heartbeat("gone") is True
     store.add_upload(InFlightUpload("u1", "gone", "local", "/a", ".gw-upload-1", time.time()))
     assert store.stale_uploads(60) == []
     store.forget_node("gone")
     assert [u.id for u in store.stale_uploads(60)] == ["u1"]
+    assert store.heartbeat("gone") is False      # its row was removed: the node learns it
 
 
 def test_sweeping_dead_nodes_removes_their_sessions_and_rows_and_keeps_the_live_ones(store):
