@@ -293,7 +293,7 @@ def test_a_quick_disable_and_enable_still_ends_the_users_sessions(both):
 
 
 def test_a_node_cut_off_from_the_store_stops_cached_logins_and_ends_sessions_after_the_grace(
-        tmp_path, host_key_dir, postgres):
+        tmp_path, host_key_dir, client_key, postgres):
     role = postgres.create_role()
     url = postgres.create_database(owner=role)
     # Another node, logging in as another role with the same rights, that stays connected.
@@ -303,7 +303,7 @@ def test_a_node_cut_off_from_the_store_stops_cached_logins_and_ends_sessions_aft
     transport = None
     try:
         running.add_user("alice")
-        running.add_user("bob")
+        running.add_user("bob", keys=(client_key.public_line,))
         (running.data / "alice").mkdir()
         assert _status(running.webdav_port, PASSWORD) == 207     # alice's password is cached now
         transport = paramiko.Transport(("127.0.0.1", running.sftp_port))
@@ -317,12 +317,14 @@ def test_a_node_cut_off_from_the_store_stops_cached_logins_and_ends_sessions_aft
             store.close()
         wait_for(lambda: _status(running.webdav_port, PASSWORD) == 401, "the cached password to be refused",
                  limit=30)
-        refused = paramiko.Transport(("127.0.0.1", running.sftp_port))
-        try:
-            with pytest.raises(paramiko.AuthenticationException):
-                refused.connect(username="alice", password=PASSWORD)
-        finally:
-            refused.close()
+        # Neither a password nor a key (of bob, not disabled) opens a login while the users are unknown.
+        for user, credential in (("alice", {"password": PASSWORD}), ("bob", {"pkey": client_key.pkey()})):
+            refused = paramiko.Transport(("127.0.0.1", running.sftp_port))
+            try:
+                with pytest.raises(paramiko.AuthenticationException):
+                    refused.connect(username=user, **credential)
+            finally:
+                refused.close()
         wait_for(lambda: not transport.is_active(), "alice's SFTP session to end", limit=30)
         postgres.unblock(role)
         # Back in touch: the node serves again, and knows alice is disabled.
