@@ -371,7 +371,8 @@ class Authenticator:
 
         A key offered that is not listed is not a failed login: SSH clients
         offer every key they hold, one after the other. Failed passwords for
-        the user never stop a key login; only a banned address does.
+        the user never stop a key login; only a banned address does, or users
+        that the store cannot confirm (see `stale_after`).
         """
         if self.defender.is_banned(ip) or not self._users_current():
             return None
