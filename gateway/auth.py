@@ -16,6 +16,10 @@ argon2 is deliberately slow and costs 64 MiB per verification, so verified
 passwords are cached (the expiry slides while they are used), one credential
 is verified once however many requests bring it at the same time, and only
 `max_concurrent_verifications` run at once (per process).
+
+Cached users and credentials are trusted only while the change feed keeps
+them current: past `stale_after` seconds without it, a login reads the users
+from the store first, and is refused when the store cannot be read.
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ _CACHE_SECONDS = 60.0
 _VERIFY_WAIT_SECONDS = 30.0
 # Past this many cached credentials, expired ones are swept.
 _MAX_TRACKED = 10_000
+# After a failed read of the users, logins are refused this long without trying again:
+# a store that hangs must not hold every login thread for its connect timeout.
+_RETRY_USERS_SECONDS = 1.0
 
 
 def _user_key(user: str) -> str:
@@ -230,9 +237,11 @@ class Authenticator:
     # The cache's clock; tests move it instead of waiting.
     clock: Callable[[], float] = staticmethod(time.monotonic)
 
-    def __init__(self, users: UserCache, defender: Defender) -> None:
+    def __init__(self, users: UserCache, defender: Defender, *, stale_after: float = 5.0) -> None:
         self.users = users
         self.defender = defender
+        self.stale_after = stale_after
+        self._users_failed_at: float | None = None
         self._cache: dict[str, tuple[str, float]] = {}    # digest -> (user name, expires)
         self._flights: dict[str, _Flight] = {}
         self._cache_key = secrets.token_bytes(32)
@@ -264,6 +273,23 @@ class Authenticator:
                 self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
             self._cache[digest] = (name, now + _CACHE_SECONDS)
 
+    def _users_current(self) -> bool:
+        """The cached users may be trusted: the change feed read the store lately, or a read now works."""
+        if self.users.current_within(self.stale_after):
+            return True
+        failed_at = self._users_failed_at
+        if failed_at is not None and time.monotonic() - failed_at < _RETRY_USERS_SECONDS:
+            return False
+        try:
+            self.users.refresh()
+        except StoreUnavailable as exc:
+            # Security decision: a user disabled on another node would still log in here.
+            self._users_failed_at = time.monotonic()
+            log.warning("%s; logins refused until the users can be read again", exc)
+            return False
+        self._users_failed_at = None
+        return True
+
     def forget(self, name: str) -> None:
         """Drop every cached credential of `name` (disabled, removed, password or keys changed)."""
         with self._lock:
@@ -280,7 +306,7 @@ class Authenticator:
         def login(ok: bool) -> None:
             record_login(user=name, protocol=protocol, ip=ip, method=method, ok=ok)
 
-        if self.defender.is_banned(ip):
+        if self.defender.is_banned(ip) or not self._users_current():
             login(False)
             return None
         user = self.users.get(name)
@@ -345,9 +371,10 @@ class Authenticator:
 
         A key offered that is not listed is not a failed login: SSH clients
         offer every key they hold, one after the other. Failed passwords for
-        the user never stop a key login; only a banned address does.
+        the user never stop a key login; only a banned address does, or users
+        that the store cannot confirm (see `stale_after`).
         """
-        if self.defender.is_banned(ip):
+        if self.defender.is_banned(ip) or not self._users_current():
             return None
         user = self.users.get(name)
         if user is None or user.disabled:

@@ -214,6 +214,12 @@ class StoreSection:
     node_timeout: int = 60
     # Seconds between two sweeps for uploads of dead nodes (each node sweeps; jittered by 20%).
     sweep_interval: int = 30
+    # Seconds without a successful read of the change feed after which cached users and
+    # credentials no longer open logins: each login reads the store first, or is refused.
+    feed_stale_after: float = 5.0
+    # Seconds past feed_stale_after after which this process ends every session while the
+    # users still cannot be read: nobody can tell it whom was disabled meanwhile.
+    session_grace: float = 10.0
 
 
 @dataclass
@@ -354,6 +360,12 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
             raise ConfigError(f"{where_file}: [server] audit_log: expected a path or '-', got ''")
         if server.audit_log != "-":
             server.audit_log = str((base / server.audit_log).resolve())
+    if store.feed_stale_after < 1:
+        raise ConfigError(f"{where_file}: [store] feed_stale_after: must be at least 1 second, "
+                          f"got {store.feed_stale_after}")
+    if store.session_grace < 0:
+        raise ConfigError(f"{where_file}: [store] session_grace: must not be negative, "
+                          f"got {store.session_grace}")
     if store.sweep_interval < 1:
         raise ConfigError(f"{where_file}: [store] sweep_interval: must be at least 1 second, "
                           f"got {store.sweep_interval}")

@@ -8,6 +8,12 @@ change reaches every process within about a second. A second thread writes
 this process's sessions to the store's sessions table once a second, so that
 every node's sessions can be listed and ended by id (`Store.revoke`).
 Sessions shorter than that (most WebDAV requests) never cost a write.
+
+A process cut off from the store cannot learn that a user was disabled
+elsewhere: once the feed has not read the store for `feed_stale_after`
+seconds the Authenticator stops trusting cached users (a login reads the
+store first, or is refused), and once it has been silent for `session_grace`
+more, the sync thread ends every session of this process.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import time
 from .auth import Defender
 from .node import node_id
 from .sessions import SessionRegistry
-from .store import Conflict, Store, UserCache
+from .store import Conflict, Store, StoreUnavailable, UserCache
 from .store import Session as SessionRow
 
 log = logging.getLogger(__name__)
@@ -33,14 +39,18 @@ class StoreFollower:
     """Keeps `users`, the defender's bans and `sessions` in step with the store, from two threads."""
 
     def __init__(self, store: Store, users: UserCache, defender: Defender,
-                 sessions: SessionRegistry) -> None:
+                 sessions: SessionRegistry, *, feed_stale_after: float = 5.0,
+                 session_grace: float = 10.0) -> None:
         self.store = store
+        self.feed_stale_after = feed_stale_after
+        self.session_grace = session_grace
         self.node = ""     # named at start(): a worker forked after __init__ is a node of its own
         self.users = users
         self.defender = defender
         self.sessions = sessions
         self._cursor = 0
         self._published: set[str] = set()
+        self._republish = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -59,8 +69,12 @@ class StoreFollower:
         self._cursor = self.store.last_revocation_id()
         self._stop.clear()
         self._threads = [
+            # The counter is read several times per feed_stale_after even when nothing changes
+            # (PostgreSQL's NOTIFY alone would not tell a silent feed from a dead one).
             threading.Thread(target=self.store.watch, args=(self._changed, self._stop),
-                             kwargs={"since": since}, name="store-watch", daemon=True),
+                             kwargs={"since": since, "alive": self.users.confirm,
+                                     "poll_interval": min(1.0, self.feed_stale_after / 4)},
+                             name="store-watch", daemon=True),
             threading.Thread(target=self._sync, name="store-sync", daemon=True)]
         for thread in self._threads:
             thread.start()
@@ -78,6 +92,10 @@ class StoreFollower:
         except Exception:
             log.exception("removing this node's sessions from the store failed")
         self._published.clear()
+
+    def republish(self) -> None:
+        """Write every live session to the store again (another node swept them: see NodeKeeper)."""
+        self._republish.set()
 
     def _changed(self, counter: int) -> None:
         """The change feed moved: each part is tried on its own, so one failing skips no other."""
@@ -104,12 +122,31 @@ class StoreFollower:
         purged = time.monotonic()
         while not self._stop.wait(SYNC_SECONDS):
             try:
+                self._end_unverifiable()
+                if self._republish.is_set():
+                    self._republish.clear()
+                    self._published.clear()
                 self._publish()
                 if time.monotonic() - purged >= PURGE_SECONDS:
                     purged = time.monotonic()
                     self.defender.purge()
             except Exception as exc:
                 log.warning("writing sessions to the store failed: %s", exc)
+
+    def _end_unverifiable(self) -> None:
+        """End every session once the users could not be read for feed_stale_after + session_grace."""
+        if self.users.current_within(self.feed_stale_after + self.session_grace):
+            return
+        try:
+            self.users.refresh()
+            return
+        except StoreUnavailable as exc:
+            reason = exc
+        # Security decision: a user disabled elsewhere meanwhile would keep their sessions here.
+        ended = self.sessions.end_all()
+        if ended:
+            log.warning("%s; %d session(s) ended: the users cannot be checked for over %ss",
+                        reason, ended, self.feed_stale_after + self.session_grace)
 
     def _publish(self) -> None:
         live = {session.id: session for session in self.sessions.list()}

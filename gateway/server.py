@@ -94,14 +94,17 @@ class Gateway:
                                        journal_dir=self.state_dir / "uploads")
         self.keeper = NodeKeeper(self.store, self.node, self.backends, node_timeout=config.store.node_timeout,
                                  sweep_interval=config.store.sweep_interval, uploads=self.uploads)
-        self.auth = Authenticator(self.users, self.defender)
+        self.auth = Authenticator(self.users, self.defender, stale_after=config.store.feed_stale_after)
         # Sized in start(), once the open-file limit has been raised.
         self.handles = HandleBudget(config.server.max_open_files or 1 << 30,
                                     config.sftp.max_handles_per_user)
         self.sessions = SessionRegistry()
         self.fairness = Fairness(config.server.bulk_share)
         self.users.subscribe(self._users_changed)
-        self._follower = StoreFollower(self.store, self.users, self.defender, self.sessions)
+        self._follower = StoreFollower(self.store, self.users, self.defender, self.sessions,
+                                       feed_stale_after=config.store.feed_stale_after,
+                                       session_grace=config.store.session_grace)
+        self.keeper.on_swept = self._follower.republish
         self.frontends: list[FrontEnd] = []
         self._quotas: dict[str, tuple[tuple[int, int], QuotaTracker]] = {}
         self._ready: set[tuple[str, str]] = set()

@@ -77,6 +77,15 @@ class SessionRegistry:
         session.end()
         return True
 
+    def end_all(self) -> int:
+        """Cut every session; returns how many."""
+        with self._lock:
+            doomed = list(self._sessions.values())
+            self._sessions.clear()
+        for session in doomed:
+            session.end()
+        return len(doomed)
+
     def revoke_user(self, name: str, before: float | None = None) -> int:
         """Cut every session of `name` (with `before`, those started until then); returns how many."""
         with self._lock:

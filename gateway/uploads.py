@@ -6,7 +6,7 @@ temp file, an S3 multipart upload; see RECORD_AFTER for which and when) and
 beats its heartbeat every few seconds. Every node also sweeps: an upload
 whose node has been silent for `[store] node_timeout` belongs to a node that
 died, so its leftovers are removed from the backend (the previous version of
-the file stays) and its record dropped.
+the file stays) and its record dropped; that node's sessions and its row go too.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -284,11 +284,16 @@ class InFlightUploads:
 
 
 class NodeKeeper:
-    """One thread: this node's heartbeat, the recording of its long uploads, and the sweep of dead nodes' uploads."""
+    """One thread: this node's heartbeat, the recording of its long uploads, and the sweep of dead
+    nodes' uploads, sessions and rows."""
 
     def __init__(self, store: Store, node: str, backends: Mapping[str, Backend], *,
-                 node_timeout: float, sweep_interval: float, uploads: InFlightUploads | None = None) -> None:
+                 node_timeout: float, sweep_interval: float, uploads: InFlightUploads | None = None,
+                 on_swept: Callable[[], None] | None = None) -> None:
         self._store = store
+        # Called when a beat finds this node's row gone: another node took it for dead
+        # (silent for node_timeout) and removed its sessions, which must be written again.
+        self.on_swept = on_swept
         self._uploads = uploads
         self.node = node
         self._backends = backends
@@ -325,7 +330,10 @@ class NodeKeeper:
             now = time.monotonic()
             try:
                 if now >= next_beat:
-                    self._store.heartbeat(self.node)
+                    if not self._store.heartbeat(self.node) and self.on_swept is not None:
+                        log.warning("node %s was taken for dead by another node; its sessions are "
+                                    "written to the store again", self.node)
+                        self.on_swept()
                     if self._uploads is not None:
                         self._uploads.record_due()
                     next_beat = now + beat
@@ -333,6 +341,7 @@ class NodeKeeper:
                     if self._uploads is not None:
                         self._uploads.sweep_dead_journals()
                     self.sweep()
+                    self.sweep_nodes()
                     next_sweep = time.monotonic() + self._jittered()
             except StoreError as exc:
                 log.warning("node %s: %s", self.node, exc)
@@ -370,3 +379,11 @@ class NodeKeeper:
             log.info("aborted the upload of %r on %s left by node %s (silent for over %ss)",
                      upload.path, upload.backend, upload.node, self.node_timeout)
         return removed
+
+    def sweep_nodes(self) -> tuple[int, int]:
+        """Remove the sessions and rows of nodes silent for node_timeout; returns (sessions, nodes)."""
+        sessions, nodes = self._store.sweep_dead_nodes(self.node_timeout)
+        if sessions or nodes:
+            log.info("removed %d session(s) and %d node(s) silent for over %ss", sessions, nodes,
+                     self.node_timeout)
+        return sessions, nodes

@@ -29,6 +29,8 @@ class PostgresServer:
 
     port: int
     socket_dir: Path
+    data_dir: Path
+    as_postgres: list[str]
     _numbers = itertools.count(1)
 
     def admin(self) -> psycopg.Connection:
@@ -36,12 +38,39 @@ class PostgresServer:
         return psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres",
                                dbname="postgres", autocommit=True)
 
-    def create_database(self) -> str:
-        """A fresh empty database owned by `gateway`; returns its URL."""
+    def create_database(self, owner: str = "gateway") -> str:
+        """A fresh empty database owned by `owner`; returns its URL (logging in as `owner`)."""
         name = f"gw{os.getpid()}_{next(self._numbers)}"
         with self.admin() as conn:
-            conn.execute(f"CREATE DATABASE {name} OWNER gateway")
-        return f"postgresql://gateway:{PG_PASSWORD}@127.0.0.1:{self.port}/{name}"
+            conn.execute(f"CREATE DATABASE {name} OWNER {owner}")
+        return f"postgresql://{owner}:{PG_PASSWORD}@127.0.0.1:{self.port}/{name}"
+
+    def create_role(self, member_of: str | None = None) -> str:
+        """A new login role with the test password (with the rights of `member_of`); returns its name."""
+        name = f"role{os.getpid()}_{next(self._numbers)}"
+        with self.admin() as conn:
+            conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{PG_PASSWORD}'")
+            if member_of is not None:
+                conn.execute(f"GRANT {member_of} TO {name}")
+        return name
+
+    def block(self, role: str) -> None:
+        """Cut `role` off: no new logins, and its open connections are ended."""
+        with self.admin() as conn:
+            conn.execute(f"ALTER ROLE {role} NOLOGIN")
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                         (role,))
+
+    def unblock(self, role: str) -> None:
+        with self.admin() as conn:
+            conn.execute(f"ALTER ROLE {role} LOGIN")
+
+    def restart(self) -> None:
+        """Restart the server as an operator would: every connection is cut, then it serves again."""
+        subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data_dir), "-l",
+                        str(self.data_dir.parent / "log"), "-m", "fast", "-w", "-t", "60", "restart"],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=120)
 
 
 def _free_port() -> int:
@@ -97,7 +126,7 @@ def postgres():
     run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
         "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
     try:
-        server = PostgresServer(port, sockets)
+        server = PostgresServer(port, sockets, data, as_postgres)
         with server.admin() as conn:
             conn.execute(f"CREATE ROLE gateway LOGIN PASSWORD '{PG_PASSWORD}'")
         yield server

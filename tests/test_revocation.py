@@ -116,14 +116,14 @@ def test_a_changed_user_loses_an_open_sftp_session_and_its_upload(both, change):
     wait_for(lambda: not alice_sessions(both), "alice's session to leave the registry")
 
 
-def _basic(password: str) -> str:
-    return "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()
+def _basic(password: str, user: str = "alice") -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _status(port: int, password: str) -> int:
+def _status(port: int, password: str, user: str = "alice") -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        conn.request("PROPFIND", "/", headers={"Depth": "0", "Authorization": _basic(password)})
+        conn.request("PROPFIND", "/", headers={"Depth": "0", "Authorization": _basic(password, user)})
         response = conn.getresponse()
         response.read()
         return response.status
@@ -253,6 +253,22 @@ def test_live_sessions_are_in_the_store_and_one_is_ended_by_id_from_another_proc
             transport.close()
 
 
+def test_a_live_session_swept_from_the_store_by_another_node_is_published_again(both):
+    transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
+    try:
+        transport.connect(username="bob", password=PASSWORD)
+        with another_store(both) as store:
+            wait_for(lambda: store.list_sessions(user="bob"), "bob's session to reach the store")
+            # What another node's sweep does to a node it found silent for node_timeout.
+            store.remove_node_sessions(both.gateway.node)
+            store.forget_node(both.gateway.node)
+            wait_for(lambda: [s.user for s in store.list_sessions()] == ["bob"],
+                     "bob's session to be listed again")
+        assert transport.is_active()
+    finally:
+        transport.close()
+
+
 def test_a_quick_disable_and_enable_still_ends_the_users_sessions(both):
     transport = paramiko.Transport(("127.0.0.1", both.sftp_port))
     try:
@@ -274,3 +290,49 @@ def test_a_quick_disable_and_enable_still_ends_the_users_sessions(both):
             assert again.is_authenticated()
         finally:
             again.close()
+
+
+def test_a_node_cut_off_from_the_store_stops_cached_logins_and_ends_sessions_after_the_grace(
+        tmp_path, host_key_dir, client_key, postgres):
+    role = postgres.create_role()
+    url = postgres.create_database(owner=role)
+    # Another node, logging in as another role with the same rights, that stays connected.
+    elsewhere = url.replace(f"{role}:", f"{postgres.create_role(member_of=role)}:", 1)
+    running = start_gateway(tmp_path, host_key_dir,
+                            extra={"store": {"url": url, "feed_stale_after": 1, "session_grace": 2}})
+    transport = None
+    try:
+        running.add_user("alice")
+        running.add_user("bob", keys=(client_key.public_line,))
+        (running.data / "alice").mkdir()
+        assert _status(running.webdav_port, PASSWORD) == 207     # alice's password is cached now
+        transport = paramiko.Transport(("127.0.0.1", running.sftp_port))
+        transport.connect(username="alice", password=PASSWORD)
+        assert paramiko.SFTPClient.from_transport(transport).listdir("/") == []
+        postgres.block(role)
+        store = open_store(elsewhere, tmp_path)
+        try:
+            UserCache(store).update("alice", disabled=True)
+        finally:
+            store.close()
+        wait_for(lambda: _status(running.webdav_port, PASSWORD) == 401, "the cached password to be refused",
+                 limit=30)
+        # Neither a password nor a key (of bob, not disabled) opens a login while the users are unknown.
+        for user, credential in (("alice", {"password": PASSWORD}), ("bob", {"pkey": client_key.pkey()})):
+            refused = paramiko.Transport(("127.0.0.1", running.sftp_port))
+            try:
+                with pytest.raises(paramiko.AuthenticationException):
+                    refused.connect(username=user, **credential)
+            finally:
+                refused.close()
+        wait_for(lambda: not transport.is_active(), "alice's SFTP session to end", limit=30)
+        postgres.unblock(role)
+        # Back in touch: the node serves again, and knows alice is disabled.
+        wait_for(lambda: _status(running.webdav_port, PASSWORD, "bob") == 207,
+                 "bob's login once the store is back", limit=30)
+        assert _status(running.webdav_port, PASSWORD) == 401
+    finally:
+        postgres.unblock(role)
+        if transport is not None:
+            transport.close()
+        running.gateway.stop()

@@ -8,7 +8,9 @@ process's /proc/PID/fd.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
+import json
 import os
 import select
 import signal
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tomllib
 import socket
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,10 +38,12 @@ PASSWORD = "alice-password"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()}
 
 
-def write_config(tmp_path: Path, workers, log_level: str = "warning", **server) -> Path:
+def write_config(tmp_path: Path, workers, log_level: str = "warning", store: dict | None = None,
+                 **server) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(tomli_w.dumps({
         "server": {"state_dir": "state", "workers": workers, "log_level": log_level, **server},
+        "store": store or {},
         "webdav": {"listen": "127.0.0.1:0"},
         "sftp": {"listen": "127.0.0.1:0"},
         "admin": {"listen": "127.0.0.1:0"},
@@ -116,8 +121,8 @@ def _socket_inodes(pid: int) -> set[int]:
 
 @contextmanager
 def serving(tmp_path: Path, host_key_dir: Path, workers=2, log_level: str = "warning",
-            **server) -> Iterator[Served]:
-    path = write_config(tmp_path, workers, log_level, **server)
+            store: dict | None = None, **server) -> Iterator[Served]:
+    path = write_config(tmp_path, workers, log_level, store, **server)
     copy_host_keys(host_key_dir, tmp_path / "state")
     subprocess.run([sys.executable, "-m", "gateway", "user", "add", "alice", "--password-stdin",
                     "--config", str(path)], input=f"{PASSWORD}\n", text=True, check=True, cwd=REPO,
@@ -238,6 +243,68 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def _admin_token(tmp_path: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "gateway", "admin", "token", "create", "test",
+                             "--config", str(tmp_path / "gateway.toml")],
+                            text=True, check=True, cwd=REPO, capture_output=True, timeout=120)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _listed_sessions(served: Served, token: str) -> list[dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", served.ports["admin"], timeout=60)
+    try:
+        conn.request("GET", "/api/v1/sessions", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 200, body
+    return json.loads(body)
+
+
+def _stored_nodes(tmp_path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "gateway.db")) as db:
+        return {node for (node,) in db.execute("SELECT node FROM nodes")}
+
+
+def _pid_of(node: str) -> int:
+    # A node id is "HOST:PID:RANDOM" (gateway.node).
+    return int(node.split(":")[1])
+
+
+def test_a_killed_workers_sessions_and_node_row_are_swept_while_the_others_stay(tmp_path, host_key_dir):
+    with serving(tmp_path, host_key_dir, store={"node_timeout": 3, "sweep_interval": 1}) as served:
+        token = _admin_token(tmp_path)
+        transports = []
+        try:
+            # One SFTP session on each worker at least.
+            owner_of: dict[paramiko.Transport, int] = {}
+            while set(owner_of.values()) != served.workers() and len(transports) < 40:
+                transports.append(_sftp_login(served.ports["sftp"]))
+                owner_of[transports[-1]] = served.owner(transports[-1].sock, "sftp")
+            owners = set(owner_of.values())
+            assert owners == served.workers()
+            wait_for(lambda: {_pid_of(s["node"]) for s in _listed_sessions(served, token)} == owners,
+                     "every worker's sessions to be listed")
+            victim, survivor = sorted(owners)
+            (dead_node,) = {s["node"] for s in _listed_sessions(served, token) if _pid_of(s["node"]) == victim}
+            assert dead_node in _stored_nodes(tmp_path)
+            os.kill(victim, signal.SIGKILL)
+            served.wait_replaced(victim, {survivor})
+            wait_for(lambda: all(s["node"] != dead_node for s in _listed_sessions(served, token)),
+                     "the killed worker's sessions to leave the list")
+            wait_for(lambda: dead_node not in _stored_nodes(tmp_path), "the killed worker's node row to go")
+            # The survivor's sessions are still listed and still serve.
+            live = [t for t in transports if owner_of[t] == survivor]
+            assert {_pid_of(s["node"]) for s in _listed_sessions(served, token)} == {survivor}
+            assert paramiko.SFTPClient.from_transport(live[0]).listdir("/") == []
+        finally:
+            for transport in transports:
+                transport.close()
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=60) == 0, served.log.read_text()
 
 
 def test_workers_stop_when_their_parent_is_killed(tmp_path, host_key_dir):

@@ -264,40 +264,53 @@ class Store:
             return conn.execute(sa.select(schema.changes.c.counter)).scalar_one()
 
     def watch(self, callback: Callable[[int], None], stop: threading.Event,
-              poll_interval: float | None = None, since: int | None = None) -> None:
+              poll_interval: float | None = None, since: int | None = None,
+              alive: Callable[[int], None] | None = None) -> None:
         """Call `callback(counter)` after each change made by any process, until `stop` is set.
 
         `since` is the counter the caller's data reflects (default: the counter
         now), so that a change made just before the watch starts is not missed.
+        `alive(counter)` is called after every successful read of the counter
+        (after `callback` when it changed): how a follower knows that the feed
+        still reaches the store, which LISTEN alone does not tell.
 
         Blocks: run it in a thread. PostgreSQL wakes it through LISTEN/NOTIFY
-        and polls every `poll_interval` (default 5 s) as a fallback; SQLite
-        polls the counter every `poll_interval` (default 1 s). Changes that
-        land close together may be reported once. A failing callback or an
-        unreachable store is logged and the watch goes on.
+        and polls every `poll_interval` (default 5 s) as a fallback; a lost
+        LISTEN connection is opened again every LISTEN_RETRY seconds until it
+        is back. SQLite polls the counter every `poll_interval` (default 1 s).
+        Changes that land close together may be reported once. A failing
+        callback or an unreachable store is logged and the watch goes on.
         """
         if poll_interval is None:
             poll_interval = 5.0 if self._pg else 1.0
         last = self._counter_or(None) if since is None else since
-        listener = None
+        listener = _Listener(self)
         try:
             while not stop.is_set():
                 if self._pg:
-                    listener = self._wait_notify(listener, poll_interval, stop)
+                    listener.wait(poll_interval, stop)
                 else:
                     stop.wait(poll_interval)
                 if stop.is_set():
                     break
-                counter = self._counter_or(last)
+                try:
+                    counter = self.change_counter()
+                except StoreUnavailable as exc:
+                    log.warning("%s", exc)
+                    continue
                 if counter != last:
                     last = counter
                     try:
                         callback(counter)
                     except Exception:
                         log.exception("store change callback failed")
+                if alive is not None:
+                    try:
+                        alive(counter)
+                    except Exception:
+                        log.exception("store watch alive callback failed")
         finally:
-            if listener is not None:
-                listener.close()
+            listener.close()
 
     def _counter_or(self, default: int | None) -> int | None:
         try:
@@ -305,27 +318,6 @@ class Store:
         except StoreUnavailable as exc:
             log.warning("%s", exc)
             return default
-
-    def _wait_notify(self, listener, timeout: float, stop: threading.Event):
-        """Wait up to `timeout` for a NOTIFY (or `stop`); return the listening connection to reuse."""
-        import psycopg
-        deadline = time.monotonic() + timeout
-        try:
-            if listener is None:
-                url = self._engine.url.set(drivername="postgresql")
-                listener = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            while not stop.is_set() and time.monotonic() < deadline:
-                # Short waits so that `stop` is honoured promptly.
-                for _ in listener.notifies(timeout=0.25, stop_after=1):
-                    return listener
-        except psycopg.Error as exc:
-            log.warning("store %s: LISTEN failed, polling instead: %s", self.url, exc)
-            if listener is not None:
-                listener.close()
-            stop.wait(max(0.0, deadline - time.monotonic()))
-            return None
-        return listener
 
     # -- users ----------------------------------------------------------------
 
@@ -917,17 +909,39 @@ class Store:
 
     # -- uploads in flight and node heartbeats --------------------------------
 
-    def heartbeat(self, node: str) -> None:
-        """Record that `node` is alive now."""
-        insert = self._insert(schema.nodes).values(node=node, heartbeat=time.time())
+    def heartbeat(self, node: str) -> bool:
+        """Record that `node` is alive now; False when it had no row (new, or swept as dead)."""
+        n = schema.nodes
+        now = time.time()
+        insert = self._insert(n).values(node=node, heartbeat=now)
         with self._write() as conn:
+            if conn.execute(sa.update(n).where(n.c.node == node).values(heartbeat=now)).rowcount:
+                return True
             conn.execute(insert.on_conflict_do_update(index_elements=["node"],
                                                       set_={"heartbeat": insert.excluded.heartbeat}))
+        return False
 
     def forget_node(self, node: str) -> None:
         """Remove the heartbeat of a node that stopped cleanly (its uploads are gone already)."""
         with self._write() as conn:
             conn.execute(sa.delete(schema.nodes).where(schema.nodes.c.node == node))
+
+    def sweep_dead_nodes(self, node_timeout: float) -> tuple[int, int]:
+        """Remove the sessions of nodes silent for `node_timeout` seconds (or never heard of), and
+        the rows of those nodes; returns (sessions, nodes) removed.
+
+        A live node beats before it publishes any session, so a session whose
+        node has no row was left by a node that died (or was swept already).
+        Uploads are left alone: `stale_uploads` still finds those of a node
+        without a row, and they need their backend cleaned first.
+        """
+        s, n = schema.sessions, schema.nodes
+        cutoff = time.time() - node_timeout
+        alive = sa.select(n.c.node).where(n.c.heartbeat >= cutoff)
+        with self._write() as conn:
+            sessions = conn.execute(sa.delete(s).where(s.c.node.not_in(alive))).rowcount
+            nodes = conn.execute(sa.delete(n).where(n.c.heartbeat < cutoff)).rowcount
+        return sessions, nodes
 
     def add_upload(self, upload: InFlightUpload) -> None:
         """Record an upload in flight (e.g. an S3 multipart upload) owned by `upload.node`."""
@@ -976,3 +990,64 @@ class Store:
                          .on_conflict_do_nothing(index_elements=["type"]))
             return conn.execute(sa.select(k.c.private_key).where(k.c.type == key_type)).scalar_one()
 
+
+
+# Seconds between two attempts to open a lost LISTEN connection again.
+LISTEN_RETRY = 1.0
+
+
+class _Listener:
+    """The watch's LISTEN connection on PostgreSQL: opened on demand, opened again once lost."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._conn = None
+        self._lost = False   # a warning was logged; the return to LISTEN is logged once too
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        """Return on a NOTIFY, once LISTEN is back after a loss, on `stop`, or after `timeout`."""
+        import psycopg
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            if self._conn is None:
+                try:
+                    self._conn = self._listen()
+                except psycopg.Error as exc:
+                    self._lose(exc)
+                    stop.wait(max(0.0, min(LISTEN_RETRY, deadline - time.monotonic())))
+                    continue
+                if self._lost:
+                    self._lost = False
+                    log.warning("store %s: LISTEN is back", self._store.url)
+                    # Changes made while it was lost sent no NOTIFY: read the counter now.
+                    return
+            try:
+                # Short waits so that `stop` is honoured promptly.
+                for _ in self._conn.notifies(timeout=0.25, stop_after=1):
+                    return
+            except psycopg.Error as exc:
+                self._lose(exc)
+                self.close()
+
+    def _listen(self):
+        import psycopg
+        url = self._store._engine.url.set(drivername="postgresql")
+        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True,
+                               connect_timeout=10)
+        try:
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _lose(self, exc: Exception) -> None:
+        if not self._lost:
+            self._lost = True
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("store %s: LISTEN failed, polling until it is back: %s", self._store.url, detail)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,7 +1,9 @@
 """The store's users as the gateway reads them: in memory, refreshed by the change feed.
 
 UserCache offers get, all, add, update, remove, load, refresh and
-subscribe(callback(old, new)); reads cost no query. A change that revokes a
+subscribe(callback(old, new)); reads cost no query. `current_within` tells
+how long ago the users were last known to be the store's, so that a process
+cut off from the store can stop trusting them. A change that revokes a
 user's credentials (remove, disable, new password or keys) also writes a
 revocation, so every process ends that user's sessions even when it only
 sees the final state of several quick changes (disable, then enable).
@@ -35,6 +37,9 @@ class UserCache:
         self._users: dict[str, User] = {}
         self._counter: int | None = None
         self._checked_at = 0.0
+        # When the users were last known to be the store's (monotonic): a load, a
+        # refresh or the change feed reading the counter they were read at.
+        self._current_at: float | None = None
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
         self._stop = threading.Event()
@@ -49,8 +54,8 @@ class UserCache:
         self.load()
         self._stop.clear()
         self._watcher = threading.Thread(target=self.store.watch, args=(lambda _: self.load(), self._stop),
-                                         kwargs={"since": self._counter}, name="store-user-watch",
-                                         daemon=True)
+                                         kwargs={"since": self._counter, "alive": self.confirm},
+                                         name="store-user-watch", daemon=True)
         self._watcher.start()
 
     def follow(self) -> None:
@@ -61,6 +66,17 @@ class UserCache:
         """The change feed reports `counter`: reload unless that is what was read last."""
         if counter != self._counter:
             self.load()
+
+    def confirm(self, counter: int) -> None:
+        """The change feed read `counter` just now: the users are current if that is what they reflect."""
+        if counter == self._counter:
+            with self._lock:
+                self._current_at = time.monotonic()
+
+    def current_within(self, seconds: float) -> bool:
+        """The users were known to be the store's at most `seconds` ago (no store query)."""
+        current_at = self._current_at
+        return current_at is not None and time.monotonic() - current_at <= seconds
 
     def close(self) -> None:
         """Stop the watcher thread (the store itself stays open)."""
@@ -92,6 +108,7 @@ class UserCache:
             StoreUnavailable: the store cannot be reached.
         """
         with self._reload_lock:
+            read_at = time.monotonic()
             # The counter first: a change landing between the two reads is seen again next time.
             counter = self.store.change_counter()
             users = {}
@@ -105,6 +122,7 @@ class UserCache:
             with self._lock:
                 old, self._users = self._users, users
                 self._counter, self._checked_at = counter, time.monotonic()
+                self._current_at = read_at
             if old != users:
                 for callback in list(self._subscribers):
                     try:
@@ -120,9 +138,12 @@ class UserCache:
             StoreUnavailable: the store cannot be reached.
         """
         with self._reload_lock:
-            self._checked_at = time.monotonic()
+            self._checked_at = read_at = time.monotonic()
             if self._counter is None or self.store.change_counter() != self._counter:
                 self.load()
+            else:
+                with self._lock:
+                    self._current_at = read_at
 
     def _refresh(self) -> None:
         if (self._watcher is not None or self._followed) and self._counter is not None:

@@ -126,6 +126,7 @@ def test_store_section_defaults_to_sqlite_in_the_state_dir(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert (config.store.url, config.store.node_timeout) == ("sqlite:///gateway.db", 60)
     assert config.store.sweep_interval == 30
+    assert (config.store.feed_stale_after, config.store.session_grace) == (5.0, 10.0)
 
 
 @pytest.mark.parametrize("section, key", [
@@ -133,6 +134,8 @@ def test_store_section_defaults_to_sqlite_in_the_state_dir(tmp_path):
     ('url = 5', "url"),
     ("node_timeout = 0", "node_timeout"),
     ("sweep_interval = 0", "sweep_interval"),
+    ("feed_stale_after = 0.5", "feed_stale_after"),
+    ("session_grace = -1", "session_grace"),
     ('colour = "blue"', "colour"),
 ])
 def test_bad_store_section_names_the_key(tmp_path, section, key):

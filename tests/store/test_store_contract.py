@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from gateway.permissions import ALL, parse_perms
 from gateway.store import (Conflict, InFlightUpload, Lock, LockConflict, Missing, OverBudget, Session,
-                           TooManyLocks, Usage, UserCache)
+                           StoreUnavailable, TooManyLocks, Usage, UserCache, open_store)
 from gateway.users import Location, Mount, User, UsersFileError, hash_password
 from tests.conftest import wait_for
 
@@ -206,6 +206,39 @@ def test_change_from_another_process_wakes_a_watcher(store, open_another, store_
     finally:
         stop.set()
         watcher.join()
+
+
+def test_a_watcher_listens_again_once_postgresql_is_back_after_a_restart(postgres, tmp_path):
+    url = postgres.create_database()
+    store, other = open_store(url, tmp_path), open_store(url, tmp_path)
+    woken = threading.Event()
+    stop = threading.Event()
+    # The fallback poll is off: only NOTIFY (or LISTEN coming back) wakes the watcher.
+    watcher = threading.Thread(target=store.watch, args=(lambda counter: woken.set(), stop, 3600.0))
+    watcher.start()
+    added = []
+
+    def change_until_woken() -> bool:
+        if not woken.is_set() and (not added or time.monotonic() - added[-1] > 1):
+            added.append(time.monotonic())
+            try:
+                other.add_user(make_user(f"user{len(added)}"))
+            except StoreUnavailable:
+                pass   # the server is still coming back
+        return woken.is_set()
+
+    try:
+        wait_for(change_until_woken, "the watcher to listen", limit=10)
+        postgres.restart()
+        # Twice: the first wake may be the read that follows LISTEN's return; the second needs a NOTIFY.
+        for _ in range(2):
+            woken.clear()
+            wait_for(change_until_woken, "the watcher to be woken after the restart", limit=30)
+    finally:
+        stop.set()
+        watcher.join()
+        store.close()
+        other.close()
 
 
 def test_watch_since_an_older_counter_reports_a_change_made_before_it_started(store, open_another):
@@ -627,10 +660,28 @@ def test_uploads_of_a_silent_node_are_stale(store):
 
 
 def test_a_forgotten_node_has_no_heartbeat_and_its_uploads_are_stale(store):
-    store.heartbeat("gone")
+    assert store.heartbeat("gone") is False      # a first beat: the node had no row
+    assert store.heartbeat("gone") is True
     store.add_upload(InFlightUpload("u1", "gone", "local", "/a", ".gw-upload-1", time.time()))
     assert store.stale_uploads(60) == []
     store.forget_node("gone")
+    assert [u.id for u in store.stale_uploads(60)] == ["u1"]
+    assert store.heartbeat("gone") is False      # its row was removed: the node learns it
+
+
+def test_sweeping_dead_nodes_removes_their_sessions_and_rows_and_keeps_the_live_ones(store):
+    now = time.time()
+    store.heartbeat("alive")
+    store.heartbeat("dead")
+    for session_id, node in (("s1", "alive"), ("s2", "dead"), ("s3", "never-beat")):
+        store.add_session(Session(session_id, "alice", "sftp", "127.0.0.1", node, now))
+    store.add_upload(InFlightUpload("u1", "dead", "s3", "/a", "mp-1", now))
+    wait_for(lambda: store.sweep_dead_nodes(60) == (1, 0), "the session of a node without a row to go")
+    time.sleep(1.0)
+    store.heartbeat("alive")
+    assert store.sweep_dead_nodes(0.5) == (1, 1)
+    assert [s.id for s in store.list_sessions()] == ["s1"]
+    # The dead node's upload is still found, for the sweep that cleans its backend.
     assert [u.id for u in store.stale_uploads(60)] == ["u1"]
 
 
