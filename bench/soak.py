@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import statistics
@@ -65,6 +66,7 @@ FILES_PER_CLIENT = 8
 CLEAR_HTTP = (503, 507)
 RECOVERY_LIMIT = 10.0
 ABSENT = None
+EMPTY = hashlib.sha256(b"").hexdigest()
 
 
 # -- the ledger: what each path may hold --------------------------------------------
@@ -98,6 +100,16 @@ class Ledger:
     def unknown(self, path: str, digest: str | None) -> None:
         with self.lock:
             self.allowed.setdefault(path, {ABSENT}).add(digest)
+
+    def created_empty(self, path: str, certain: bool) -> None:
+        """A LOCK on an unmapped path creates an empty file (RFC 4918, 9.10.4); so may an SFTP open."""
+        with self.lock:
+            states = self.allowed.setdefault(path, {ABSENT})
+            if ABSENT in states:
+                if certain:
+                    states.discard(ABSENT)
+                    self.acked[path] = EMPTY
+                states.add(EMPTY)
 
     def moved(self, src: str, dst: str, certain: bool) -> None:
         with self.lock:
@@ -216,7 +228,8 @@ class DavClient:
         got = sha(data) if status == 200 else ABSENT
         if got not in allowed:
             self.soak.recorder.mismatches.append(f"GET {path}: {'absent' if got is None else got[:12]} "
-                                                 f"({len(data)} bytes), allowed {len(allowed)} states")
+                                                 f"({len(data)} bytes), last acknowledged "
+                                                 f"{(self.soak.ledger.acked.get(path) or 'absent')[:12]}")
             raise Outcome("read mismatch", True, path)
 
     def delete(self, path: str) -> None:
@@ -241,13 +254,26 @@ class DavClient:
         self.soak.ledger.moved(src, dst, certain=True)
 
     def locked_put(self, path: str) -> None:
-        _, response, _ = self.call("LOCK", path, (200, 201), body=LOCKINFO,
-                                   headers={"Timeout": "Second-600", "Content-Type": "text/xml"})
+        try:
+            _, response, _ = self.call("LOCK", path, (200, 201), body=LOCKINFO,
+                                       headers={"Timeout": "Second-600", "Content-Type": "text/xml"})
+        except Outcome as e:
+            if not e.certain:
+                self.soak.ledger.created_empty(path, certain=False)
+            raise
+        self.soak.ledger.created_empty(path, certain=True)
         token = response.getheader("Lock-Token", "")
         self.locks.append((path, token))
-        self.put(path, headers={"If": f"({token})"})
-        self.call("UNLOCK", path, (204,), headers={"Lock-Token": token})
-        self.locks.remove((path, token))
+        try:
+            self.put(path, headers={"If": f"({token})"})
+        finally:
+            self.unlock()
+
+    def unlock(self) -> None:
+        """Release the locks this client holds; one that fails stays listed and is tried again next step."""
+        for path, token in list(self.locks):
+            self.call("UNLOCK", path, (204, 409, 412), headers={"Lock-Token": token})
+            self.locks.remove((path, token))
 
     def setup(self) -> None:
         with contextlib.suppress(Outcome):
@@ -255,6 +281,9 @@ class DavClient:
         self.call("MKCOL", self.folder + "/", (201, 405))
 
     def step(self) -> None:
+        if self.locks:
+            self.soak.recorder.run("webdav", "UNLOCK (retry)", self.unlock)
+            return
         path = f"{self.folder}/f{self.rng.randrange(FILES_PER_CLIENT)}.bin"
         other = f"{self.folder}/f{self.rng.randrange(FILES_PER_CLIENT)}.bin"
         op = self.rng.choices(["PUT", "GET", "PROPFIND", "MOVE", "DELETE", "LOCK+PUT"], [35, 30, 15, 8, 4, 8])[0]
@@ -266,9 +295,8 @@ class DavClient:
 
     def finish(self) -> None:
         """Release the locks a failure left held: what is left after this is the server's leftover."""
-        for path, token in list(self.locks):
-            with contextlib.suppress(Outcome):
-                self.call("UNLOCK", path, (204, 409, 412), headers={"Lock-Token": token})
+        with contextlib.suppress(Outcome):
+            self.unlock()
         self.http.close()
 
 
@@ -280,7 +308,12 @@ def sftp_outcome(exc: BaseException) -> Outcome:
     if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.args:
         message = str(exc.args[-1]) if exc.args else ""
         # A status with a message (SFTP_FAILURE "No space left", ENOENT...): a clear failure.
-        return Outcome(f"SFTP status: {message[:40]}" if message else "SFTP status without message", True, message)
+        # Its kind leaves out the quoted path, so that one kind counts all of them.
+        kind = re.sub(r"'[^']*'", "'...'", message)[:60]
+        if "internal" in message.lower():
+            # SFTP's 500: no clear answer, so the change may have happened.
+            return Outcome(f"SFTP status: {kind}", False, message)
+        return Outcome(f"SFTP status: {kind}" if message else "SFTP status without message", True, message)
     return Outcome(f"SFTP connection: {type(exc).__name__}", False, str(exc))
 
 
@@ -322,6 +355,8 @@ class SftpClient:
 
     def put(self, path: str) -> None:
         data = payload(self.rng)
+        # The open (SSH_FXF_CREAT) may create the file before a write fails.
+        self.soak.ledger.created_empty(path, certain=False)
 
         def write(sftp: paramiko.SFTPClient) -> None:
             with sftp.open(path, "wb") as fh:
@@ -348,8 +383,9 @@ class SftpClient:
                 return ABSENT
         got = self.call(read)
         if got not in allowed:
-            self.soak.recorder.mismatches.append(f"SFTP read {path}: {got and got[:12]}, "
-                                                 f"allowed {len(allowed)} states")
+            held = "nothing" if got is None else "0 bytes" if got == EMPTY else got[:12]
+            self.soak.recorder.mismatches.append(f"SFTP read {path}: {held}, last acknowledged "
+                                                 f"{(self.soak.ledger.acked.get(path) or 'absent')[:12]}")
             raise Outcome("read mismatch", True, path)
 
     def rename(self, src: str, dst: str) -> None:
@@ -510,6 +546,7 @@ class Soak:
         self.stack = contextlib.ExitStack()
         self.pg = self.s3 = self.s3_forward = self.pg_forward = None
         self.tmpfs: Path | None = None
+        self.filling = threading.Event()       # set: stop keeping the tmpfs full
         self.fault_log: list[str] = []
         key = work / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -608,16 +645,30 @@ class Soak:
             self.nodes[1].proc.kill()
             log(f"node2 (pid {self.nodes[1].proc.pid}) killed (SIGKILL)")
         elif fault == "tmpfs-full":
+            self.filling.clear()
             filler = self.tmpfs / "soak-filler"
-            with filler.open("wb") as fh, contextlib.suppress(OSError):
-                while True:
-                    fh.write(b"\0" * (1024 * 1024))
-                    fh.flush()
-            log(f"local root filled ({filler.stat().st_size // (1024 * 1024)} MiB filler, tmpfs {args.tmpfs_mib} MiB)")
+            self.fill(filler)
+            log(f"local root filled ({filler.stat().st_size // (1024 * 1024)} MiB filler, tmpfs {args.tmpfs_mib} "
+                f"MiB) and kept full")
+            threading.Thread(target=self.keep_full, args=(filler,), name="soak-filler", daemon=True).start()
         elif fault == "store-slow":
             forward = self.s3_forward or self.pg_forward
             forward.delay = args.slow_ms / 1000
             log(f"{'S3' if forward is self.s3_forward else 'PostgreSQL'} traffic delayed {args.slow_ms} ms per chunk")
+
+    def fill(self, filler: Path) -> None:
+        """Write to `filler` until the file system is full, to the last 4 KiB."""
+        with filler.open("ab", buffering=0) as fh:
+            for chunk in (1024 * 1024, 4096):
+                with contextlib.suppress(OSError):
+                    while True:
+                        fh.write(b"\0" * chunk)
+
+    def keep_full(self, filler: Path) -> None:
+        # Clients delete and overwrite, which frees space: take it again at once.
+        while not self.filling.wait(0.02):
+            with contextlib.suppress(OSError):
+                self.fill(filler)
 
     def clear(self) -> None:
         fault, log = self.args.fault, self.fault_log.append
@@ -628,9 +679,10 @@ class Soak:
             self.s3_forward.restore()
             log("S3 forwarder open again")
         elif fault == "pg-restart":
-            self.pg.pg_ctl("-w", "-t", "60", "start")
+            self.pg.pg_ctl("-w", "-t", "60", "-l", str(self.pg.data_dir.parent / "log"), "-o", self.pg.options, "start")
             log("PostgreSQL started")
         elif fault == "tmpfs-full":
+            self.filling.set()
             (self.tmpfs / "soak-filler").unlink()
             log("filler removed")
         elif fault == "store-slow":
@@ -835,6 +887,7 @@ class Soak:
         killed = args.fault in ("worker-kill", "node-kill")
         bad_kinds = {k: v for k, v in errors.items()
                      if k.startswith(("unexpected", "hang", "read mismatch", "SFTP status without"))
+                     or "internal" in k.lower()
                      or (k.startswith("HTTP 5") and int(k[5:8]) not in CLEAR_HTTP)
                      or (k.startswith(("connection", "SFTP connection")) and not killed)}
         failures = []

@@ -32,6 +32,7 @@ class PostgresServer:
     port: int
     socket_dir: Path
     data_dir: Path | None = None
+    options: str = ""            # the server's command line options (pg_ctl -o), for a start after a stop
     _numbers = itertools.count(1)
 
     def admin(self) -> psycopg.Connection:
@@ -108,9 +109,8 @@ def running_postgres() -> Iterator[PostgresServer]:
         shutil.chown(pwfile, "postgres", "postgres")
     _as_owner(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
               "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")
-    server = PostgresServer(port, sockets, data)
-    server.pg_ctl("-l", str(base / "log"), "-w", "-t", "60",
-                  "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    server = PostgresServer(port, sockets, data, f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off")
+    server.pg_ctl("-l", str(base / "log"), "-w", "-t", "60", "-o", server.options, "start")
     try:
         with server.admin() as conn:
             conn.execute(f"CREATE ROLE gateway LOGIN PASSWORD '{PG_PASSWORD}'")
