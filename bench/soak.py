@@ -43,6 +43,7 @@ import re
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -472,8 +473,11 @@ class Forwarder:
             conns, self.conns = self.conns, set()
         for conn in conns:
             with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")   # RST
-                conn.close()
+                # Linger 0: the close resets. The shutdown wakes the thread blocked in recv on
+                # it (a close alone would not, and the socket would stay open, silent).
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
