@@ -31,7 +31,6 @@ sweep has passed after the clients stopped. --smoke drops the timed checks
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
 import http.client
@@ -42,14 +41,12 @@ import random
 import re
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -882,10 +879,10 @@ class Soak:
             table[name] = {"ok": len(lat), "errors": len(items) - len(lat), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
         errors = Counter(o.kind for o in ops if o.kind != "ok")
         window_end = (fault_end or 0) + (recovered if recovered is not None else 30)
-        phases = {"before fault": Counter(), "during fault and recovery": Counter(), "after recovery": Counter()}
+        phases = {"no fault": Counter(), "before fault": Counter(), "during fault and recovery": Counter(), "after recovery": Counter()}
         for op in ops:
             end = op.start + op.seconds       # an operation belongs to the phase it ended in
-            phase = ("before fault" if fault_start is None or end < fault_start else
+            phase = ("no fault" if fault_start is None else "before fault" if end < fault_start else
                      "during fault and recovery" if op.start < window_end else "after recovery")
             phases[phase][f"{op.protocol} {op.kind}"] += 1
         killed = args.fault in ("worker-kill", "node-kill")
@@ -901,7 +898,8 @@ class Soak:
         if self.recorder.mismatches:
             failures.append(f"{len(self.recorder.mismatches)} reads during the run matched no acknowledged state")
         if bad_kinds:
-            failures.append("errors that are not a clear status: " + ", ".join(f"{k} x{v}" for k, v in bad_kinds.items()))
+            failures.append("errors that are not a clear status: "
+                            + ", ".join(f"{k} x{v}" for k, v in bad_kinds.items()))
         if hung:
             failures.append(f"{len(hung)} clients still hung after the run")
         if setup_errors:
@@ -919,8 +917,7 @@ class Soak:
             "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "machine": f"{platform.node()}: {os.cpu_count()} cores {platform.machine()}, {mem / 1024 ** 2:.0f} GiB, "
                        f"Linux {platform.release()}, Python {platform.python_version()}",
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.gateway_src,
-                                     capture_output=True, text=True).stdout.strip(),
+            "commit": gateway_commit(args.gateway_src),
             "args": {k: str(v) for k, v in vars(args).items()},
             "seconds": round(elapsed, 1), "ops": len(ops), "ops_per_s": round(len(ops) / elapsed, 1),
             "operations": table, "errors": dict(errors), "error_examples": self.recorder.examples,
@@ -932,6 +929,12 @@ class Soak:
             "process": stats, "hung_clients": hung, "setup_errors": setup_errors[:20],
             "failures": failures, "passed": not failures,
         }
+
+
+def gateway_commit(src: Path) -> str:
+    """The commit the gateway ran from, marked when its gateway/ package has changes not committed."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=src, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + (" + changes" if git("status", "--porcelain", "gateway") else "")
 
 
 def render(r: dict) -> str:
@@ -952,6 +955,8 @@ def render(r: dict) -> str:
                   + (f"{f['recovery_s']} s after the fault's end" if f["recovery_s"] is not None else "NONE")]
     lines += ["", "| phase | what clients saw |", "|---|---|"]
     for phase, counts in r["phases"].items():
+        if not counts:
+            continue
         lines.append(f"| {phase} | {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or '-'} |")
     if r["errors"]:
         lines += ["", "| error kind | count | first example |", "|---|---|---|"]
