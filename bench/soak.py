@@ -27,6 +27,7 @@ sweep has passed after the clients stopped. --smoke drops the timed checks
 
     python bench/soak.py --duration 60 --webdav 48 --sftp 16 --fault tmpfs-full \\
         [--backend local|s3] [--store sqlite|postgresql] [--workers 2] [--out FILE.json]
+    python bench/soak.py --summarize bench/results/soak-*/*.json     # one table row per result
 """
 from __future__ import annotations
 
@@ -925,6 +926,7 @@ class Soak:
                       "recovery_s": None if recovered is None else round(recovered, 2)},
             "phases": {k: dict(v) for k, v in phases.items()},
             "readback": readback, "read_mismatches": self.recorder.mismatches[:50],
+            "read_mismatch_count": len(self.recorder.mismatches),
             "leftovers": leftovers, "leftovers_checked_after_s": round(wait, 1),
             "process": stats, "hung_clients": hung, "setup_errors": setup_errors[:20],
             "failures": failures, "passed": not failures,
@@ -975,7 +977,28 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize(files: list[Path]) -> str:
+    """One Markdown row per result file: the table docs/reliability.md holds."""
+    lines = ["| fault | clients | backend, store | ops/s | acknowledged writes | lost / corrupt at the end | "
+             "wrong reads during the run | errors clients saw (kind x count) | recovery s | leftovers | "
+             "peak RSS MiB / threads / fds | result |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for file in files:
+        r = json.loads(file.read_text())
+        a, rb, peak = r["args"], r["readback"], r["process"]["peak"]
+        errors = ", ".join(f"{k} x{v}" for k, v in sorted(r["errors"].items(), key=lambda kv: -kv[1])) or "-"
+        left = ", ".join(f"{k} {v}" for k, v in r["leftovers"].items() if v) or "0"
+        recovery = r["fault"]["recovery_s"] if r["fault"]["name"] != "none" else "-"
+        lines.append(f"| {a['fault']} | {a['webdav']} + {a['sftp']} | {a['backend']}, {a['store']} | {r['ops_per_s']} | "
+                     f"{rb['acknowledged_writes']} | {len(rb['lost'])} / {len(rb['corrupt'])} | "
+                     f"{r['errors'].get('read mismatch', 0)} | {errors} | {recovery} | {left} | "
+                     f"{peak['rss_mib']} / {peak['threads']} / {peak['fds']} | {'PASS' if r['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--summarize"] or argv and argv[:1] == ["--summarize"]:
+        print(summarize([Path(f) for f in (argv or sys.argv[1:])[1:]]), end="")
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=60, help="seconds of load")
     parser.add_argument("--webdav", type=int, default=48, help="WebDAV clients")
