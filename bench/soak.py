@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +84,15 @@ class Ledger:
         self.acked: dict[str, str | None] = {}      # the last acknowledged state, for the report
         self.acked_writes = 0
         self.lock = threading.Lock()
+        self.history: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=6))   # for the report
+
+    def note(self, path: str, event: str, digest: str | None = "") -> None:
+        what = f" {short(digest)}" if digest != "" else ""
+        self.history[path].append(f"{Recorder.clock():.1f}s {event}{what}")
+
+    def story(self, path: str) -> str:
+        with self.lock:
+            return "; ".join(self.history.get(path, ()))
 
     def state(self, path: str) -> set[str | None]:
         with self.lock:
@@ -93,12 +102,19 @@ class Ledger:
         with self.lock:
             self.allowed[path] = {digest}
             self.acked[path] = digest
+            self.note(path, "acknowledged", digest)
             if digest is not ABSENT:
                 self.acked_writes += 1
 
     def unknown(self, path: str, digest: str | None) -> None:
         with self.lock:
             self.allowed.setdefault(path, {ABSENT}).add(digest)
+            self.note(path, "unknown outcome", digest)
+
+    def failed(self, path: str, what: str, outcome: "Outcome") -> None:
+        """A clear failure changes nothing; kept in the path's history for the report."""
+        with self.lock:
+            self.note(path, f"{what} failed ({outcome.kind})")
 
     def created_empty(self, path: str, certain: bool) -> None:
         """A LOCK on an unmapped path creates an empty file (RFC 4918, 9.10.4); so may an SFTP open."""
@@ -113,12 +129,19 @@ class Ledger:
     def moved(self, src: str, dst: str, certain: bool) -> None:
         with self.lock:
             states = self.allowed.get(src, {ABSENT})
+            self.note(src, f"moved to {dst.rpartition('/')[2]}{'' if certain else ' (unknown outcome)'}")
+            self.note(dst, f"moved from {src.rpartition('/')[2]}{'' if certain else ' (unknown outcome)'}",
+                      self.acked.get(src))
             if certain:
                 self.allowed[dst], self.allowed[src] = set(states), {ABSENT}
                 self.acked[dst], self.acked[src] = self.acked.get(src), ABSENT
             else:
                 self.allowed.setdefault(dst, {ABSENT}).update(states)
                 self.allowed[src] = states | {ABSENT}
+
+
+def short(digest: str | None) -> str:
+    return "absent" if digest is ABSENT else "empty" if digest == EMPTY else digest[:12]
 
 
 def sha(data: bytes) -> str:
@@ -153,6 +176,8 @@ class Outcome(Exception):
 @dataclass
 class Recorder:
     began: float = field(default_factory=time.monotonic)
+    clock = staticmethod(lambda: time.monotonic() - Recorder.started)   # seconds since the load started
+    started = time.monotonic()
     ops: list[Op] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)     # reads during the run that matched no allowed state
@@ -218,6 +243,8 @@ class DavClient:
         except Outcome as e:
             if not e.certain:
                 self.soak.ledger.unknown(path, sha(data))
+            else:
+                self.soak.ledger.failed(path, "PUT", e)
             raise
         self.soak.ledger.acknowledged(path, sha(data))
 
@@ -226,9 +253,8 @@ class DavClient:
         status, _, data = self.call("GET", path, (200, 404))
         got = sha(data) if status == 200 else ABSENT
         if got not in allowed:
-            self.soak.recorder.mismatches.append(f"GET {path}: {'absent' if got is None else got[:12]} "
-                                                 f"({len(data)} bytes), last acknowledged "
-                                                 f"{(self.soak.ledger.acked.get(path) or 'absent')[:12]}")
+            self.soak.recorder.mismatches.append(f"{self.soak.recorder.now():.1f}s GET {path}: {short(got)} "
+                                                 f"({len(data)} bytes); before: {self.soak.ledger.story(path)}")
             raise Outcome("read mismatch", True, path)
 
     def delete(self, path: str) -> None:
@@ -249,6 +275,8 @@ class DavClient:
         except Outcome as e:
             if not e.certain:
                 self.soak.ledger.moved(src, dst, certain=False)
+            else:
+                self.soak.ledger.failed(src, "MOVE", e)
             raise
         self.soak.ledger.moved(src, dst, certain=True)
 
@@ -367,6 +395,8 @@ class SftpClient:
         except Outcome as e:
             if not e.certain:
                 self.soak.ledger.unknown(path, sha(data))
+            else:
+                self.soak.ledger.failed(path, "write", e)
             raise
         self.soak.ledger.acknowledged(path, sha(data))
 
@@ -382,9 +412,8 @@ class SftpClient:
                 return ABSENT
         got = self.call(read)
         if got not in allowed:
-            held = "nothing" if got is None else "0 bytes" if got == EMPTY else got[:12]
-            self.soak.recorder.mismatches.append(f"SFTP read {path}: {held}, last acknowledged "
-                                                 f"{(self.soak.ledger.acked.get(path) or 'absent')[:12]}")
+            self.soak.recorder.mismatches.append(f"{self.soak.recorder.now():.1f}s SFTP read {path}: {short(got)}; "
+                                                 f"before: {self.soak.ledger.story(path)}")
             raise Outcome("read mismatch", True, path)
 
     def rename(self, src: str, dst: str) -> None:
@@ -741,7 +770,7 @@ class Soak:
         for node in self.nodes:
             rss.watch(node.name, node.proc.pid)
         rss.start()
-        rec.began = time.monotonic()
+        rec.began = Recorder.started = time.monotonic()
         for t in threads:
             t.start()
         fault_start = fault_end = recovered = None
@@ -816,7 +845,7 @@ class Soak:
                 continue
             acked = self.ledger.acked.get(path)
             line = (f"{path}: holds {'nothing' if got is None else f'{len(data)} bytes {got[:12]}'}, "
-                    f"last acknowledged {'absent' if acked is None else acked[:12]}")
+                    f"last acknowledged {short(acked)}; before: {self.ledger.story(path)}")
             # Lost: the acknowledged version is gone (absent, empty or an older/failed write); corrupt: bytes
             # that no write of this path ever sent.
             (result["lost"] if got is None or not data else result["corrupt"]).append(line)
