@@ -336,7 +336,7 @@ def sftp_outcome(exc: BaseException) -> Outcome:
         message = str(exc.args[-1]) if exc.args else ""
         # A status with a message (SFTP_FAILURE "No space left", ENOENT...): a clear failure.
         # Its kind leaves out the quoted path, so that one kind counts all of them.
-        kind = re.sub(r"'[^']*'", "'...'", message)[:60]
+        kind = re.sub(r"https?://\S+", "URL", re.sub(r"'[^']*'", "'...'", message))[:60]
         if "internal" in message.lower():
             # SFTP's 500: no clear answer, so the change may have happened.
             return Outcome(f"SFTP status: {kind}", False, message)
@@ -1009,17 +1009,18 @@ def render(r: dict) -> str:
 def summarize(files: list[Path]) -> str:
     """One Markdown row per result file: the table docs/reliability.md holds."""
     lines = ["| fault | clients | backend, store | ops/s | acknowledged writes | lost / corrupt at the end | "
-             "wrong reads during the run | errors clients saw (kind x count) | recovery s | leftovers | "
-             "peak RSS MiB / threads / fds | result |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "wrong reads during the run | errors clients saw (kind x count) | worst p99 ms | recovery s | leftovers | "
+             "peak RSS MiB / threads / fds | result |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for file in files:
         r = json.loads(file.read_text())
         a, rb, peak = r["args"], r["readback"], r["process"]["peak"]
         errors = ", ".join(f"{k} x{v}" for k, v in sorted(r["errors"].items(), key=lambda kv: -kv[1])) or "-"
         left = ", ".join(f"{k} {v}" for k, v in r["leftovers"].items() if v) or "0"
         recovery = r["fault"]["recovery_s"] if r["fault"]["name"] != "none" else "-"
+        worst = max((row["p99_ms"] or 0 for row in r["operations"].values()), default=0)
         lines.append(f"| {a['fault']} | {a['webdav']} + {a['sftp']} | {a['backend']}, {a['store']} | {r['ops_per_s']} | "
                      f"{rb['acknowledged_writes']} | {len(rb['lost'])} / {len(rb['corrupt'])} | "
-                     f"{r['errors'].get('read mismatch', 0)} | {errors} | {recovery} | {left} | "
+                     f"{r['errors'].get('read mismatch', 0)} | {errors} | {worst:,.0f} | {recovery} | {left} | "
                      f"{peak['rss_mib']} / {peak['threads']} / {peak['fds']} | {'PASS' if r['passed'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
 
