@@ -5,7 +5,8 @@ is recorded with its SHA-256, per path; at the end every path is read back
 through WebDAV and must hold what was last acknowledged there. A write that
 failed with a clear status must have left the previous version; one whose
 outcome the client cannot know (the connection dropped, a timeout) may have
-happened or not. Anything else is a lost or corrupt write.
+happened or not. Anything else is a lost or corrupt write; reads during the
+run are checked the same way (a "wrong read", reported with the path's history).
 
 Faults (one per run, injected after 30% of --duration, lasting --fault-seconds):
   s3-stop     moto frozen (SIGSTOP), then thawed (SIGCONT)           (--backend s3)
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,16 +177,20 @@ class Outcome(Exception):
 
 @dataclass
 class Recorder:
-    began: float = field(default_factory=time.monotonic)
-    clock = staticmethod(lambda: time.monotonic() - Recorder.started)   # seconds since the load started
-    started = time.monotonic()
+    # One clock for the whole run (the ledger's history uses it too), set when the load starts.
+    started: typing.ClassVar[float] = time.monotonic()
     ops: list[Op] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)     # reads during the run that matched no allowed state
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> float:
-        return time.monotonic() - self.began
+        return self.clock()
+
+    @staticmethod
+    def clock() -> float:
+        """Seconds since the load started."""
+        return time.monotonic() - Recorder.started
 
     def run(self, protocol: str, name: str, fn) -> object:
         """Time fn(); return its value, or the Outcome it failed with (recorded either way)."""
@@ -287,6 +293,8 @@ class DavClient:
         except Outcome as e:
             if not e.certain:
                 self.soak.ledger.created_empty(path, certain=False)
+            else:
+                self.soak.ledger.failed(path, "LOCK", e)
             raise
         self.soak.ledger.created_empty(path, certain=True)
         token = response.getheader("Lock-Token", "")
@@ -770,7 +778,7 @@ class Soak:
         for node in self.nodes:
             rss.watch(node.name, node.proc.pid)
         rss.start()
-        rec.began = Recorder.started = time.monotonic()
+        Recorder.started = time.monotonic()
         for t in threads:
             t.start()
         fault_start = fault_end = recovered = None
