@@ -202,7 +202,8 @@ GATEWAY_SRC = REPO     # the checkout whose gateway package runs (--gateway-src)
 
 
 def start_gateway(work: Path, key_pub: Path, settings: list[str], s3_table: dict | None,
-                  name: str = "gateway") -> Server:
+                  name: str = "gateway", add_users: bool = True) -> Server:
+    """A `gateway serve` in work/name; `add_users=False` for a second node on a store that has them."""
     folder = work / name.replace(" ", "-").replace("=", "")
     folder.mkdir(exist_ok=True)
     server = Server(name, folder / "gw-data" / USER)
@@ -212,7 +213,7 @@ def start_gateway(work: Path, key_pub: Path, settings: list[str], s3_table: dict
     cfg = folder / "gateway.toml"
     cfg.write_text(tomli_w.dumps(config))
     users = [(USER, "local:/" + USER)] + ([(S3_USER, "s3:/home")] if s3_table else [])
-    for user, home in users:
+    for user, home in users if add_users else ():
         done = subprocess.run([sys.executable, "-m", "gateway", "user", "add", user, "--password-stdin",
                                "--key", str(key_pub), "--home", home, "--config", str(cfg)],
                               input=PASSWORD + "\n", text=True, cwd=GATEWAY_SRC, capture_output=True)

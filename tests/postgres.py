@@ -13,6 +13,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ class PostgresServer:
     port: int
     socket_dir: Path
     data_dir: Path
-    as_postgres: list[str]
+    options: str = ""            # the server's command line options (pg_ctl -o), for a start after a stop
     _numbers = itertools.count(1)
 
     def admin(self) -> psycopg.Connection:
@@ -67,10 +69,18 @@ class PostgresServer:
 
     def restart(self) -> None:
         """Restart the server as an operator would: every connection is cut, then it serves again."""
-        subprocess.run([*self.as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(self.data_dir), "-l",
-                        str(self.data_dir.parent / "log"), "-m", "fast", "-w", "-t", "60", "restart"],
-                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, timeout=120)
+        self.pg_ctl("-l", str(self.data_dir.parent / "log"), "-m", "fast", "-w", "-t", "60", "restart")
+
+    def pg_ctl(self, *args: str) -> None:
+        """Run pg_ctl on this cluster as its owner, e.g. pg_ctl("-m", "fast", "-w", "stop") (a soak's fault)."""
+        _as_owner(str(PG_BIN / "pg_ctl"), "-D", str(self.data_dir), *args)
+
+
+def _as_owner(*args: str) -> None:
+    # The server runs as `postgres` when we are root (initdb refuses to run as root).
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*prefix, *args], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
 
 def _free_port() -> int:
@@ -101,36 +111,35 @@ def postgres():
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
+    with running_postgres() as server:
+        yield server
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 cluster on a free port with the role `gateway`; stopped and deleted on exit."""
     # Not under pytest's tmp dir: its parents are private to root, and the
     # server runs as `postgres` (initdb refuses to run as root).
     base = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
     data, sockets = base / "data", base / "sock"
     sockets.mkdir()
-    as_postgres: list[str] = []
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
         shutil.chown(sockets, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
     pwfile = base / "pw"
     pwfile.write_text("unused-superuser-pw\n")
-    if as_postgres:
+    if os.geteuid() == 0:
         shutil.chown(pwfile, "postgres", "postgres")
-
-    def run(*args: str) -> None:
-        subprocess.run([*as_postgres, *args], check=True, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-
-    run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
-        "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")
-    run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
-        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    _as_owner(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
+              "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")
+    server = PostgresServer(port, sockets, data, f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off")
+    server.pg_ctl("-l", str(base / "log"), "-w", "-t", "60", "-o", server.options, "start")
     try:
-        server = PostgresServer(port, sockets, data, as_postgres)
         with server.admin() as conn:
             conn.execute(f"CREATE ROLE gateway LOGIN PASSWORD '{PG_PASSWORD}'")
         yield server
     finally:
         with contextlib.suppress(subprocess.SubprocessError):
-            run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+            server.pg_ctl("-m", "fast", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
