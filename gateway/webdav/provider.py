@@ -370,9 +370,21 @@ class _Resource:
         self._check_destination(dest_path)
         return False  # wsgidav carries on: clears the destination, then copies
 
-    def handle_move(self, dest_path: str) -> bool:
+    def handle_move(self, dest_path: str) -> bool | list:
         self._check_destination(dest_path)
-        return False
+        if self.is_collection or not self._is_file(dest_path):
+            return False
+        # A file over a file: one atomic rename. wsgidav would DELETE the
+        # destination first, and a failure between the two (storage or store
+        # down, a killed worker) would lose the destination's acknowledged version.
+        return self._move(dest_path, replaced=True)
+
+    def _is_file(self, dest_path: str) -> bool:
+        with self.mapped():
+            try:
+                return not self.fs.stat(self.provider.to_vpath(dest_path)).is_dir
+            except NotFound:
+                return False
 
     def _check_destination(self, dest_path: str) -> None:
         # wsgidav deletes an existing destination (Overwrite: T) before it copies
@@ -385,12 +397,22 @@ class _Resource:
         return True
 
     def move_recursive(self, dest_path: str) -> list:
+        return self._move(dest_path, replaced=False)
+
+    def _move(self, dest_path: str, *, replaced: bool) -> list:
+        """Rename to `dest_path`, then carry the dead properties along; `replaced`: a file was there."""
         dest = self.provider.to_vpath(dest_path)
         with self.mapped():
             self.fs.rename(self.vpath, dest, overwrite=True)
+        dest_ref = self.provider.ref_url(self.fs, dest)
+        if replaced:
+            # What the DELETE of the destination would have dropped: its properties and locks.
+            if self.provider.prop_manager:
+                self.provider.prop_manager.remove_properties(dest_ref, self.environ)
+            if self.provider.lock_manager:
+                self.provider.lock_manager.remove_all_locks_from_url(dest_ref, recursive=False)
         if self.provider.prop_manager:
-            self.provider.prop_manager.move_properties(
-                self.get_ref_url(), self.provider.ref_url(self.fs, dest), True, self.environ)
+            self.provider.prop_manager.move_properties(self.get_ref_url(), dest_ref, True, self.environ)
         if self.provider.lock_manager:
             # RFC 4918 9.9.4: a lock is not moved with the resource.
             self.provider.lock_manager.remove_all_locks_from_url(self.get_ref_url(), recursive=True)
