@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote
 from wsgidav.dav_error import HTTP_LOCKED, PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition
 from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 
-from ..store import Conflict, Lock, LockConflict, Missing, Store
+from ..store import Conflict, Lock, LockConflict, Missing, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,25 @@ class StoreLockStorage:
         """
         self._request.memo = {}
         self._request.tokens = {}
+        self._request.created = []
         try:
             yield
+        except BaseException:
+            # The request failed after it stored a lock (a 5xx from storage or
+            # the store): its client never got the token, so nobody could unlock.
+            self._drop_created()
+            raise
         finally:
             self._request.memo = None
             self._request.tokens = None
+            self._request.created = None
+
+    def _drop_created(self) -> None:
+        for token in self._request.created:
+            try:
+                self._store.remove_lock(token)
+            except StoreError as exc:
+                log.warning("lock %s of a failed LOCK stays until it expires: %s", token, exc)
 
     def _forget_memo(self) -> None:
         if getattr(self._request, "memo", None):
@@ -169,6 +183,8 @@ class StoreLockStorage:
             for conflicting in exc.roots:
                 condition.add_href(location_to_url(conflicting))
             raise DAVError(HTTP_LOCKED, err_condition=condition) from None
+        if getattr(self._request, "created", None) is not None:
+            self._request.created.append(added.token)
         # The LOCK response lists the resource's locks next: the store took
         # this one after the conflict check, so what this request read before
         # plus the new lock is what it holds now.
