@@ -241,13 +241,16 @@ class Store:
         back if it raises. Without it, each statement reads on its own on
         SQLite; on PostgreSQL they share one read transaction.
         """
+        dbapi = self._engine.dialect.loaded_dbapi
         try:
             with self._translate():
                 conn = self._engine.raw_connection()
+        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+            # The pool hands out the driver's own error when it cannot connect.
+            raise self._unavailable(exc, unsent=self._pg) from None
         except StoreUnavailable as exc:
             exc.unsent = self._pg
             raise
-        dbapi = self._engine.dialect.loaded_dbapi
         sql = ""
         params: tuple = ()
         committing = False
