@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -29,7 +29,18 @@ class PostgresServer:
 
     port: int
     socket_dir: Path
+    pg_ctl: list[str] = field(default_factory=list)   # pg_ctl -D DATA, run as `postgres`
     _numbers = itertools.count(1)
+
+    def stop(self) -> None:
+        """Stop the server at once (fast shutdown: every connection is cut), as for a restart."""
+        subprocess.run([*self.pg_ctl, "-m", "fast", "-w", "-t", "60", "stop"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120)
+
+    def start(self) -> None:
+        """Start the server stopped by `stop()` again, on the same port and data."""
+        subprocess.run([*self.pg_ctl, "-w", "-t", "60", "start"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120)
 
     def admin(self) -> psycopg.Connection:
         # Local (socket) connections use trust auth; TCP ones need the password.
@@ -96,8 +107,10 @@ def postgres():
         "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")
     run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
         "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    pg_ctl = [*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"),
+              "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"]
     try:
-        server = PostgresServer(port, sockets)
+        server = PostgresServer(port, sockets, pg_ctl)
         with server.admin() as conn:
             conn.execute(f"CREATE ROLE gateway LOGIN PASSWORD '{PG_PASSWORD}'")
         yield server
