@@ -289,7 +289,7 @@ def count_calls(backend, operation: str) -> list[int]:
     def handler(**kwargs) -> None:
         counter[0] += 1
 
-    for client in (backend.client, backend.slow_client):
+    for client in (backend.client, backend.transfer_client, backend.slow_client):
         client.meta.events.register(f"before-call.s3.{operation}", handler)
     return counter
 
