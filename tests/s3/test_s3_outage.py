@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,45 @@ def test_sftp_answers_failure_with_a_message_while_s3_is_cut_and_works_again_aft
         wait_for(lambda: not running.gateway.sessions.list(), "the SFTP session to close", 10)
     finally:
         running.gateway.stop()
+
+
+@pytest.fixture
+def s3_process() -> Iterator:
+    """moto in a child process of its own, which the test can freeze (SIGSTOP) and thaw."""
+    server = start_s3_server_process()
+    yield server
+    os.kill(server.pid, signal.SIGCONT)
+    server.stop()
+
+
+def test_a_frozen_s3_fails_requests_over_to_503_after_a_bounded_wait_and_frees_the_threads(
+        make_gateway, s3_process):
+    # Default timeouts: a frozen server must not need tuning to be survived.
+    running = make_gateway(webdav=True, backends={"s3": s3_process.backend_table(prefix="frozen/")},
+                           extra={"webdav": {"threads": 4}})
+    running.add_user("alice", home="s3:/alice")
+    running.add_user("bob", home="local:/bob", mounts={"/archive": ("s3:/bob", ["*"])})
+    alice, bob = DavClient(running.webdav_port, "alice"), DavClient(running.webdav_port, "bob")
+    assert alice.put("/a.txt", b"on s3").status == 201
+    assert bob.propfind("/", depth="1").status == 207
+
+    os.kill(s3_process.pid, signal.SIGSTOP)
+    try:
+        # More requests for S3 than the server has threads. Each fails within the
+        # client's timeout (30 s): botocore's own would wait 3 x 30 s per request.
+        statuses: list[int] = []
+        workers = [threading.Thread(target=lambda: statuses.append(alice.propfind("/", depth="1").status))
+                   for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        # Bob's home is on local disk: his requests get a thread and an answer.
+        assert bob.put("/b.txt", b"local").status == 201
+        assert bob.propfind("/", depth="1").status == 207
+        for worker in workers:
+            worker.join(timeout=60)
+        assert statuses == [503] * 8
+        assert alice.get("/a.txt").status == 503
+    finally:
+        os.kill(s3_process.pid, signal.SIGCONT)
+    wait_for(lambda: alice.get("/a.txt").status == 200, "S3 to answer again through the same gateway")
+    assert alice.get("/a.txt").body == b"on s3"
