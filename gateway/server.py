@@ -152,17 +152,25 @@ class Gateway:
                 session: Session | None = None) -> UserFS:
         """A file system for one session of `user`; creates the home and mount targets on first use.
 
-        That first use is the file system's first operation, not this call:
-        storage that cannot be reached then fails that operation (WebDAV 503,
-        SFTP FAILURE), audited as such, and the next operation tries again.
+        When storage cannot do that now (unreachable), the file system is
+        returned all the same and its first operation tries again: that
+        operation then fails as any would (WebDAV 503, SFTP FAILURE), audited,
+        instead of the session failing outside the error mapping.
         With a session, the file system stops working once the session is ended.
         """
         pending = [location for location in [user.home] + [m.target for m in user.mounts]
                    if (location.backend, location.path) not in self._ready]
+        prepare = None
+        if pending:
+            try:
+                self._prepare_locations(pending)
+            except GatewayError as exc:
+                log.warning("home or mounts of %r not ready yet, tried again at its next operation: %s",
+                            user.name, exc)
+                prepare = functools.partial(self._prepare_locations, pending)
         return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
                       client=client, open_uploads=self._open_uploads, limits=self.limits,
-                      session=session, uploads=self.uploads,
-                      prepare=functools.partial(self._prepare_locations, pending) if pending else None)
+                      session=session, uploads=self.uploads, prepare=prepare)
 
     def _prepare_locations(self, locations: list[Location]) -> None:
         """Create the homes and mount targets `locations` where missing (once per process)."""
