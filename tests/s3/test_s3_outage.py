@@ -112,6 +112,38 @@ def test_a_cut_to_s3_after_the_home_was_checked_answers_503_and_recovers(s3_via_
     assert running.gateway.store.find_locks("s3:/alice/locked.txt") == []
 
 
+class _CutAfterCreate:
+    """A backend whose path to S3 is cut right after it creates a file: the race a LOCK can lose."""
+
+    def __init__(self, inner, path: TcpForwarder) -> None:
+        self._inner = inner
+        self._path = path
+
+    def create_file(self, path: str):
+        entry = self._inner.create_file(path)
+        self._path.cut()
+        return entry
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def test_a_lock_that_answers_503_after_it_was_stored_is_dropped(s3_via_path, s3_path):
+    running = s3_via_path
+    alice = DavClient(running.webdav_port, "alice")
+    assert alice.propfind("/", depth="0").status == 207
+    backends = running.gateway.backends
+    backends["s3"] = _CutAfterCreate(backends["s3"], s3_path)
+    # LOCK on a new name creates the file, stores the lock, then looks the
+    # lock's root up again for the answer: S3 is gone by then.
+    answer = alice.request("LOCK", "/new.txt", LOCK_BODY, {"Content-Type": "application/xml"})
+    assert answer.status == 503
+    backends["s3"] = backends["s3"]._inner
+    s3_path.restore()
+    assert running.gateway.store.find_locks("s3:/alice/new.txt") == []
+    assert alice.request("LOCK", "/new.txt", LOCK_BODY, {"Content-Type": "application/xml"}).status == 200
+
+
 def test_sftp_answers_failure_with_a_message_while_s3_is_cut_and_works_again_after(
         tmp_path, host_key_dir, s3_path, s3_backend_table):
     running = start_sftp_gateway(tmp_path, host_key_dir, backends={

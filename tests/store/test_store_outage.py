@@ -44,7 +44,8 @@ def test_webdav_answers_503_while_postgresql_is_down_and_serves_again_once_it_is
     alice = DavClient(pg_dav.webdav_port, "alice")
     assert alice.put("/a.txt", b"first").status == 201
     restarts.stop()
-    down = {"PUT": alice.put("/a.txt", b"second").status,
+    down = {"PROPFIND": alice.propfind("/", depth="1").status,
+            "PUT": alice.put("/a.txt", b"second").status,
             "DELETE": alice.request("DELETE", "/a.txt").status,
             "LOCK": lock(alice, "/a.txt"),
             "PROPPATCH": alice.proppatch("/a.txt", b'<?xml version="1.0"?><D:propertyupdate '
