@@ -10,6 +10,7 @@ import pytest
 
 from gateway.store import Usage
 from tests.conftest import RunningGateway
+from tests.sftp.helpers import copy_host_keys, sftp_client
 from tests.webdav.conftest import DavClient
 
 LOCK_BODY = (b'<?xml version="1.0" encoding="utf-8"?><D:lockinfo xmlns:D="DAV:">'
@@ -90,3 +91,23 @@ def test_a_move_that_happened_before_the_store_went_down_is_reported_done_and_it
     backends["local"] = backends["local"]._inner
     assert alice.put("/b.txt", b"y" * 10).status == 201
     assert pg_dav.gateway.store.get_usage("alice") == Usage(10, 1)
+
+
+def test_sftp_answers_failure_with_a_message_while_postgresql_is_down_and_keeps_the_session(
+        make_gateway, postgres, restarts, tmp_path, host_key_dir):
+    copy_host_keys(host_key_dir, tmp_path / "state")
+    running = make_gateway(sftp=True, extra={"store": {"url": postgres.create_database()}})
+    running.add_user("alice", quota_bytes=10**9)
+    with sftp_client(running.sftp_port) as sftp:
+        with sftp.open("/a.txt", "wb") as handle:
+            handle.write(b"first")
+        restarts.stop()
+        # A quota needs the store's count: the upload is refused with the reason.
+        with pytest.raises(IOError, match="quota usage"):
+            with sftp.open("/b.txt", "wb") as handle:
+                handle.write(b"second")
+        assert sftp.listdir("/") == ["a.txt"]
+        restarts.start()
+        with sftp.open("/b.txt", "wb") as handle:
+            handle.write(b"second")
+        assert sorted(sftp.listdir("/")) == ["a.txt", "b.txt"]
