@@ -14,13 +14,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import paramiko
 import pytest
 from prometheus_client import REGISTRY
 
 from gateway.audit import setup_audit_log
 from tests.conftest import RunningGateway, wait_for
-from tests.s3_server import TcpForwarder, forwarded, start_s3_server_process
+from tests.s3_server import TcpForwarder, start_s3_server_process
 from tests.sftp.helpers import sftp_client, start_sftp_gateway
 from tests.webdav.conftest import DavClient
 
