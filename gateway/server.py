@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -159,16 +160,33 @@ class Gateway:
                 session: Session | None = None) -> UserFS:
         """A file system for one session of `user`; creates the home and mount targets on first use.
 
+        When storage cannot do that now (unreachable), the file system is
+        returned all the same and its first operation tries again: that
+        operation then fails as any would (WebDAV 503, SFTP FAILURE), audited,
+        instead of the session failing outside the error mapping.
         With a session, the file system stops working once the session is ended.
         """
-        for location in [user.home] + [m.target for m in user.mounts]:
+        pending = [location for location in [user.home] + [m.target for m in user.mounts]
+                   if (location.backend, location.path) not in self._ready]
+        prepare = None
+        if pending:
+            try:
+                self._prepare_locations(pending)
+            except GatewayError as exc:
+                log.warning("home or mounts of %r not ready yet, tried again at its next operation: %s",
+                            user.name, exc)
+                prepare = functools.partial(self._prepare_locations, pending)
+        return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
+                      client=client, open_uploads=self._open_uploads, limits=self.limits,
+                      session=session, uploads=self.uploads, prepare=prepare)
+
+    def _prepare_locations(self, locations: list[Location]) -> None:
+        """Create the homes and mount targets `locations` where missing (once per process)."""
+        for location in locations:
             key = (location.backend, location.path)
             if key not in self._ready:
                 ensure_location(self.backends[location.backend], location.path)
                 self._ready.add(key)
-        return UserFS(user, self.backends, quota=self._quota_for(user), protocol=protocol,
-                      client=client, open_uploads=self._open_uploads, limits=self.limits,
-                      session=session, uploads=self.uploads)
 
     def readiness_probes(self) -> dict[str, Callable[[], None]]:
         """What must answer for the gateway to be ready: each returns, or raises with the reason."""

@@ -40,7 +40,10 @@ _op_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("gate
 
 # UserFS methods whose failures are audited and counted like their successes,
 # and the op name they have in the audit log. Reads and listings are not
-# audited either way: clients probe for files all the time.
+# audited when they succeed or find nothing (clients probe for files all the
+# time), only when storage failed them (FAILED_READ_OPS): in an outage those are
+# most of what clients see fail, and the failing-operations alert must see them.
+FAILED_READ_OPS = {"stat": "stat", "exists": "stat", "list_dir": "list", "usage": "usage"}
 AUDITED_OPS = {"open_read": "download", "open_write": "upload", "create_file": "upload",
                "make_dir": "mkdir",
                "remove_file": "delete", "remove_dir": "rmdir", "remove_tree": "delete",
@@ -69,8 +72,8 @@ def _shown(path: str | bytes) -> str:
         return path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path
 
 
-def _audited(method: Callable, op: str) -> Callable:
-    """Time the operation for its audit line, and audit it when it fails."""
+def _audited(method: Callable, op: str, failures: type[GatewayError] = GatewayError) -> Callable:
+    """Time the operation for its audit line, and audit it when it fails with one of `failures`."""
     @functools.wraps(method)
     def wrapper(self: "UserFS", *args, **kwargs):
         if _op_started.get() is not None:
@@ -78,7 +81,7 @@ def _audited(method: Callable, op: str) -> Callable:
         token = _op_started.set(time.monotonic())
         try:
             return method(self, *args, **kwargs)
-        except GatewayError as exc:
+        except failures as exc:
             target = args[1] if len(args) > 1 and op in ("rename", "copy") else kwargs.get("dst", "")
             self._audit(op, _shown(args[0] if args else kwargs.get("path", kwargs.get("src", ""))),
                         audit.result_of(exc), target=_shown(target) if target else "")
@@ -121,6 +124,9 @@ class QuotaTracker:
         self._cached: tuple[int, int] | None = None   # the store's numbers, as last read
         self._cached_at = -math.inf
         self._uncounted_at = -math.inf               # when the store last had no numbers
+        # Changes done in storage that the store could not take (it was down):
+        # added with the next change or read, so usage ends right.
+        self._unsaved = (0, 0)
 
     def _stored(self, fresh: bool) -> tuple[int, int] | None:
         """The store's numbers (scanning and storing them first if none are stored).
@@ -132,7 +138,7 @@ class QuotaTracker:
         if not fresh and self._cached is not None and time.monotonic() - self._cached_at < self.CACHE_SECONDS:
             return self._cached
         try:
-            stored = self._store.get_usage(self._user)
+            stored = self._save_unsaved() or self._store.get_usage(self._user)
             if stored is None:
                 scanned = self._scan()
                 stored = self._store.init_usage(self._user, StoredUsage(scanned.used_bytes, scanned.used_files))
@@ -219,17 +225,35 @@ class QuotaTracker:
                 self._used[0] = max(0, self._used[0] + delta_bytes)
                 self._used[1] = max(0, self._used[1] + delta_files)
                 return
-            try:
-                stored = self._store.add_usage(self._user, delta_bytes, delta_files)
-                if stored.bytes < 0 or stored.files < 0:
-                    # More was removed than was counted (the scan raced a change): back to zero.
-                    stored = self._store.add_usage(self._user, -min(0, stored.bytes), -min(0, stored.files))
-            except StoreError as exc:
-                # The change is done in storage; only the count misses it.
-                log.warning("quota usage of %r not updated by (%d bytes, %d files): %s",
-                            self._user, delta_bytes, delta_files, exc)
-                return
-            self._remember(stored)
+            self._unsaved = (self._unsaved[0] + delta_bytes, self._unsaved[1] + delta_files)
+            stored = self._save_unsaved()
+            if stored is not None:
+                self._remember(stored)
+
+    def _save_unsaved(self) -> "StoredUsage | None":
+        """Add the changes the store has not taken yet; the new numbers, or None (none, or the store failed).
+
+        Called with the lock held. A change that fails stays for the next
+        try: the store being down must not leave the usage wrong once it is back.
+        """
+        delta_bytes, delta_files = self._unsaved
+        if not (delta_bytes or delta_files):
+            return None
+        try:
+            stored = self._store.add_usage(self._user, delta_bytes, delta_files)
+            self._unsaved = (0, 0)
+            if stored.bytes < 0 or stored.files < 0:
+                # More was removed than was counted (the scan raced a change): back to zero.
+                stored = self._store.add_usage(self._user, -min(0, stored.bytes), -min(0, stored.files))
+        except Missing:
+            self._unsaved = (0, 0)   # the user is gone, and their count with them
+            return None
+        except StoreError as exc:
+            # The change is done in storage; the count takes it at the next change or read.
+            log.warning("quota usage of %r not updated by (%d bytes, %d files) yet: %s",
+                        self._user, delta_bytes, delta_files, exc)
+            return None
+        return stored
 
 
 @dataclass(frozen=True)
@@ -554,8 +578,13 @@ class UserFS:
                  quota: QuotaTracker | None = None, protocol: str = "", client: str = "",
                  open_uploads: "weakref.WeakSet[Upload] | None" = None,
                  limits: Limits = Limits(), session: Session | None = None,
-                 uploads: InFlightUploads | None = None) -> None:
+                 uploads: InFlightUploads | None = None,
+                 prepare: Callable[[], None] | None = None) -> None:
         self.user = user
+        # Creates the home and mount targets on first use (Gateway.open_fs):
+        # run by the first operation, so a storage failure is that
+        # operation's error, mapped and audited like any other.
+        self._prepare = prepare
         self._uploads = uploads
         self.limits = limits
         self.session = session
@@ -614,9 +643,17 @@ class UserFS:
                 return mount.target, mount.path, False
         return self.user.home, "/", True
 
+    def _prepared(self) -> None:
+        """Run the pending preparation of the home and mounts; it stays pending if it fails."""
+        prepare = self._prepare
+        if prepare is not None:
+            prepare()
+            self._prepare = None
+
     def _resolve(self, vpath: str) -> _Target:
         # Every operation resolves its paths: the one place a revoked session stops.
         self._check_live()
+        self._prepared()
         location, root, in_home = self._place(vpath)
         return _Target(self._backend(location), paths.rebase(vpath, root, location.path), in_home, root)
 
@@ -767,6 +804,9 @@ class UserFS:
                 if entry.name not in mounted:
                     yield entry
         except GatewayError as exc:
+            if isinstance(exc, BackendUnavailable):
+                # Past list_dir's own audit: a later page of the listing failed.
+                self._audit("list", vpath, audit.result_of(exc))
             raise self._public_error(exc, [vpath]) from None
         for name in mounted:
             try:
@@ -788,6 +828,7 @@ class UserFS:
 
     def usage(self) -> Usage:
         """Space for quota reporting (statvfs, RFC 4331): the quota if set, else the storage's."""
+        self._prepared()
         used_bytes, used_files = self._quota.used()
         if self.user.quota_bytes:
             return Usage(used_bytes, used_files, self.user.quota_bytes,
@@ -1164,6 +1205,9 @@ for _name in UserFS.READ_METHODS + UserFS.WRITE_METHODS:
         setattr(UserFS, _name, _virtual_errors(getattr(UserFS, _name)))
     if _name in AUDITED_OPS:
         setattr(UserFS, _name, _audited(getattr(UserFS, _name), AUDITED_OPS[_name]))
+    elif _name in FAILED_READ_OPS:
+        setattr(UserFS, _name, _audited(getattr(UserFS, _name), FAILED_READ_OPS[_name],
+                                        BackendUnavailable))
 
 
 def ensure_location(backend: Backend, path: str) -> None:

@@ -8,9 +8,11 @@ ignores it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -158,6 +160,106 @@ def start_s3_server_process(bucket: str = "gateway-test", *, setup: str = "") ->
     return _create_bucket(S3Server(f"http://127.0.0.1:{port}", bucket, stop, child.pid))
 
 
+class TcpForwarder:
+    """A TCP path from 127.0.0.1:`port` to `target` that a test can cut and restore.
+
+    `cut()` closes the listener and every connection through it, as a
+    network failure between the gateway and S3 would (new connections are
+    refused); `restore()` listens on the same port again. Its threads are
+    named "moto-..." like the server's.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._start(self._accept, listener)
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            doomed, self._sockets = self._sockets, set()
+        for sock in doomed:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    def _start(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"{THREAD_PREFIX}forward", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:   # cut meanwhile
+                    client.close()
+                    server.close()
+                    return
+                self._sockets |= {client, server}
+            self._start(self._pump, client, server)
+            self._start(self._pump, server, client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def forwarded(server: S3Server) -> Iterator[TcpForwarder]:
+    """A TcpForwarder to `server`'s endpoint, cut at the end."""
+    host, _, port = server.endpoint_url.removeprefix("http://").partition(":")
+    forwarder = TcpForwarder((host, int(port)))
+    try:
+        yield forwarder
+    finally:
+        forwarder.cut()
+
+
+@pytest.fixture
+def s3_path(s3_server: S3Server) -> Iterator[TcpForwarder]:
+    """A TCP path to the session's S3 server that the test cuts and restores (see TcpForwarder)."""
+    with forwarded(s3_server) as forwarder:
+        yield forwarder
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     server = start_s3_server()
@@ -187,7 +289,7 @@ def count_calls(backend, operation: str) -> list[int]:
     def handler(**kwargs) -> None:
         counter[0] += 1
 
-    for client in (backend.client, backend.slow_client):
+    for client in (backend.client, backend.transfer_client, backend.slow_client):
         client.meta.events.register(f"before-call.s3.{operation}", handler)
     return counter
 

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import boto3
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
 from .. import paths
 from ..config import ConfigError
@@ -105,8 +105,18 @@ class S3Config:
     sse: str | None = None                  # AES256 | aws:kms
     sse_kms_key_id: str | None = None
     connect_timeout: float = 5.0
+    # Seconds without an answer before a request fails (BackendUnavailable):
+    # request_timeout for requests that carry no content (HEAD, List, Delete,
+    # folder markers), read_timeout for content going either way (GetObject,
+    # PutObject, UploadPart: a large part needs its time), slow_read_timeout for
+    # what the server does before it answers at all. A request that timed out
+    # is not retried: a frozen server would freeze the next attempt too.
+    request_timeout: float = 10.0
     read_timeout: float = 30.0
     slow_read_timeout: float = 300.0        # CopyObject, UploadPartCopy, CompleteMultipartUpload
+    # After a timeout, requests fail at once for this many seconds instead of
+    # each waiting out its own; then one request at a time tries the server again.
+    unanswered_pause: float = 5.0
     max_attempts: int = 3                   # per request, first try included
     max_pool_connections: int = 16
     list_page_size: int = 1000
@@ -128,6 +138,11 @@ class S3Config:
             raise bad("addressing_style", f"expected auto, path or virtual, got {self.addressing_style!r}")
         if not MIN_PART_SIZE <= self.part_size <= MAX_COPY_SIZE:
             raise bad("part_size", f"must be between {MIN_PART_SIZE} and {MAX_COPY_SIZE} bytes")
+        for key in ("connect_timeout", "request_timeout", "read_timeout", "slow_read_timeout"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be a number of seconds above 0")
+        if self.unanswered_pause < 0:
+            raise bad("unanswered_pause", "must be 0 or more seconds")
         if self.parts_in_flight < 1 or self.max_attempts < 1 or self.max_pool_connections < 1:
             raise bad("parts_in_flight/max_attempts/max_pool_connections", "must be at least 1")
         if not 1 <= self.list_page_size <= 1000:
@@ -143,6 +158,83 @@ class S3Config:
 
 
 _SLOW_OPERATIONS = frozenset({"copy_object", "upload_part_copy", "complete_multipart_upload"})
+_TRANSFER_OPERATIONS = frozenset({"get_object", "put_object", "upload_part"})
+# What a server that stopped answering raises: a connection refused fails fast
+# and holds no thread, so only these pause the endpoint (see _Answering).
+_UNANSWERED = (ReadTimeoutError, ConnectTimeoutError)
+
+
+def _no_retry_after_timeout(caught_exception: BaseException | None = None, **_kwargs: Any) -> None:
+    """botocore `needs-retry` hook, run before its own: a timeout ends the request at once.
+
+    Raising here is the only way to veto botocore's retry; the caller gets the
+    timeout as if no retry had been configured. Other errors (5xx, throttling,
+    a refused or reset connection) keep the configured attempts.
+    """
+    if isinstance(caught_exception, _UNANSWERED):
+        raise caught_exception
+
+
+class _Answering:
+    """Whether an S3 endpoint answers: after a timeout, requests fail at once for a pause.
+
+    Without it, every thread that reaches a frozen server waits out its own
+    timeout, and a frozen S3 holds every WebDAV and SFTP worker, local homes'
+    requests included. After the pause one request at a time goes through; the
+    first answer of any kind (a 404 too) opens the way for all again.
+    """
+
+    def __init__(self, endpoint: str, pause: float) -> None:
+        self._endpoint = endpoint
+        self._pause = pause
+        self._lock = threading.Lock()
+        self._until: float | None = None    # monotonic time; None while the endpoint answers
+        self._trying = False                # a request is finding out whether it answers again
+        self._reason = ""
+
+    @contextlib.contextmanager
+    def request(self, path: str) -> Iterator[None]:
+        """Around one request: refused at once while paused, and its outcome recorded.
+
+        Raises:
+            BackendUnavailable: the endpoint is paused after a timeout.
+        """
+        trying = False
+        with self._lock:
+            if self._until is not None:
+                if self._trying or time.monotonic() < self._until:
+                    raise BackendUnavailable(path, f"S3 endpoint {self._endpoint} is not answering "
+                                                   f"({self._reason}); '{path}' not tried")
+                self._trying = trying = True
+        try:
+            yield
+        except BackendUnavailable:
+            raise      # a timeout was recorded by timed_out(); other failures change nothing
+        except BaseException:
+            self.answered()
+            raise
+        else:
+            self.answered()
+        finally:
+            if trying:
+                with self._lock:
+                    self._trying = False
+
+    def answered(self) -> None:
+        if self._until is not None:
+            with self._lock:
+                if self._until is not None:
+                    log.info("S3 endpoint %s answers again", self._endpoint)
+                self._until = None
+
+    def timed_out(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._until is None:
+                log.warning("S3 endpoint %s did not answer in time (%s): requests fail at once "
+                            "for %gs, then one tries again", self._endpoint, type(exc).__name__,
+                            self._pause)
+            self._until = time.monotonic() + self._pause
+            self._reason = f"{type(exc).__name__} {self._pause:g}s ago or less"
 
 
 def _multipart_etag(parts: list[dict]) -> str:
@@ -191,12 +283,19 @@ class S3Backend(Backend):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             user_agent_extra="file-gateway")
-        self.client = session.client("s3", endpoint_url=config.endpoint_url,
-                                     config=boto_config.merge(BotoConfig(read_timeout=config.read_timeout)))
+        def client(read_timeout: float):
+            made = session.client("s3", endpoint_url=config.endpoint_url,
+                                  config=boto_config.merge(BotoConfig(read_timeout=read_timeout)))
+            made.meta.events.register_first("needs-retry.s3", _no_retry_after_timeout)
+            return made
+
+        self.client = client(config.request_timeout)
+        # Content takes its time to cross (a large part): read_timeout.
+        self.transfer_client = client(config.read_timeout)
         # Server-side copies and completing a large upload answer only when
         # done (minutes for large objects on AWS): they get a longer read timeout.
-        self.slow_client = session.client("s3", endpoint_url=config.endpoint_url,
-                                          config=boto_config.merge(BotoConfig(read_timeout=config.slow_read_timeout)))
+        self.slow_client = client(config.slow_read_timeout)
+        self.answering = _Answering(self.endpoint, config.unanswered_pause)
         self.spool_dir = Path(config.spool_dir or Path(tempfile.gettempdir()) / "gateway-s3-spool")
         self._pool = ThreadPoolExecutor(max_workers=config.max_pool_connections,
                                         thread_name_prefix="s3-io")
@@ -243,16 +342,27 @@ class S3Backend(Backend):
         try:
             yield
         except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, _UNANSWERED):
+                self.answering.timed_out(exc)
             raise self.convert_error(exc, path) from None
 
     def call(self, operation: str, path: str, **kwargs: Any) -> dict:
         """One S3 request on this bucket, with errors converted."""
-        client = self.slow_client if operation in _SLOW_OPERATIONS else self.client
-        with self.converted(path):
+        if operation in _SLOW_OPERATIONS:
+            client = self.slow_client
+        elif operation in _TRANSFER_OPERATIONS:
+            client = self.transfer_client
+        else:
+            client = self.client
+        with self.answering.request(path), self.converted(path):
             return getattr(client, operation)(Bucket=self.bucket, **kwargs)
 
     def complete(self, key: str, upload_id: str, parts: list[dict], path: str) -> None:
         """CompleteMultipartUpload, surviving a retry whose first attempt already succeeded."""
+        with self.answering.request(path):
+            self._complete(key, upload_id, parts, path)
+
+    def _complete(self, key: str, upload_id: str, parts: list[dict], path: str) -> None:
         try:
             self.slow_client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                        MultipartUpload={"Parts": parts})
@@ -260,17 +370,23 @@ class S3Backend(Backend):
             # The retried request finds the upload gone: the object's ETag
             # (MD5 of the part MD5s, "-N") tells whether the first attempt made it ours.
             if _code(exc) == "NoSuchUpload":
-                head = self.head(key, path)
+                head = self._head(key, path)
                 if head is not None and head.get("ETag", "").strip('"') == _multipart_etag(parts):
                     return
             raise self.convert_error(exc, path) from None
         except BotoCoreError as exc:
+            if isinstance(exc, _UNANSWERED):
+                self.answering.timed_out(exc)
             raise self.convert_error(exc, path) from None
 
     # -- probes ---------------------------------------------------------------
 
     def head(self, key: str, path: str) -> dict | None:
         """HEAD an object; None when it does not exist."""
+        with self.answering.request(path):
+            return self._head(key, path)
+
+    def _head(self, key: str, path: str) -> dict | None:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
@@ -278,6 +394,8 @@ class S3Backend(Backend):
                 return None
             raise self.convert_error(exc, path) from None
         except BotoCoreError as exc:
+            if isinstance(exc, _UNANSWERED):
+                self.answering.timed_out(exc)
             raise self.convert_error(exc, path) from None
 
     def has_keys(self, prefix: str, path: str) -> bool:
@@ -672,6 +790,7 @@ class S3Backend(Backend):
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
+        self.transfer_client.close()
         self.slow_client.close()
 
 
@@ -854,7 +973,7 @@ class S3Upload(Upload):
             raise
 
     def _send_data(self, number: int, data: bytes) -> None:
-        self._send(number, self._b.client.upload_part, Body=data, ContentLength=len(data))
+        self._send(number, self._b.transfer_client.upload_part, Body=data, ContentLength=len(data))
         self._sent += len(data)
 
     def _buffer_data(self, data: bytes) -> None:

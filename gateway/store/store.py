@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -35,6 +36,11 @@ _LOCKS_ADVISORY_KEY = 0x6761746577617902
 _PROPERTIES_ADVISORY_CLASS = 0x67617465
 # Revocations are read by nodes within seconds; older ones only take space.
 _REVOCATION_KEEP = 3600.0
+# Seconds before the one retry of a statement whose connection was lost
+# (see Store._transaction): a PostgreSQL restart takes a fraction of a second.
+RETRY_DELAY = 0.5
+
+_T = TypeVar("_T")
 
 
 def hash_token(token: str) -> str:
@@ -150,12 +156,24 @@ class Store:
 
     @contextlib.contextmanager
     def _translate(self) -> Iterator[None]:
+        """SQLAlchemy's errors of a database that cannot be reached, as one StoreUnavailable."""
         try:
             yield
-        except sa.exc.OperationalError as exc:
-            raise StoreUnavailable(f"store {self.url}: {str(exc.orig).strip().splitlines()[0]}") from None
-        except sa.exc.InterfaceError as exc:
-            raise StoreUnavailable(f"store {self.url}: {exc.orig}") from None
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise self._unavailable(exc.orig) from None
+        except sa.exc.DBAPIError as exc:
+            # Any other driver error that cost the connection (PostgreSQL
+            # restarted under it); the rest (IntegrityError) is the caller's.
+            if not exc.connection_invalidated:
+                raise
+            raise self._unavailable(exc.orig) from None
+
+    def _unavailable(self, exc: BaseException, *, unsent: bool = False) -> StoreUnavailable:
+        """The StoreUnavailable for a driver error; `unsent` marks a statement that cannot have taken effect."""
+        lines = str(exc).strip().splitlines()
+        error = StoreUnavailable(f"store {self.url}: {lines[0] if lines else type(exc).__name__}")
+        error.unsent = unsent
+        return error
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -194,8 +212,27 @@ class Store:
         and sees every commit made before it. A write takes SQLite's write
         lock at BEGIN IMMEDIATE, for the same reason as `_write`.
         """
+        return self._transaction(lambda run: run(sql, params), write=write)
+
+    def _transaction(self, body: Callable[[Callable[[str, tuple], list[tuple]]], _T], *,
+                     write: bool = False) -> _T:
+        """`body(run)` in one `_raw` transaction, tried once more on a fresh connection if need be.
+
+        Only when the first try cannot have taken effect: its connection
+        failed before the commit was sent (PostgreSQL restarted, and the pool
+        handed out a connection that died with it, or none could be made
+        yet). A failed commit is never repeated: whether it landed is unknown.
+        """
+        try:
+            with self._raw(write=write) as run:
+                return body(run)
+        except StoreUnavailable as exc:
+            if not getattr(exc, "unsent", False):
+                raise
+            log.info("%s; trying once more on a fresh connection", exc)
+        time.sleep(RETRY_DELAY)
         with self._raw(write=write) as run:
-            return run(sql, params)
+            return body(run)
 
     @contextlib.contextmanager
     def _raw(self, *, write: bool = False) -> Iterator[Callable[[str, tuple], list[tuple]]]:
@@ -207,11 +244,19 @@ class Store:
         back if it raises. Without it, each statement reads on its own on
         SQLite; on PostgreSQL they share one read transaction.
         """
-        with self._translate():
-            conn = self._engine.raw_connection()
         dbapi = self._engine.dialect.loaded_dbapi
+        try:
+            with self._translate():
+                conn = self._engine.raw_connection()
+        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+            # The pool hands out the driver's own error when it cannot connect.
+            raise self._unavailable(exc, unsent=self._pg) from None
+        except StoreUnavailable as exc:
+            exc.unsent = self._pg
+            raise
         sql = ""
         params: tuple = ()
+        committing = False
         try:
             cursor = conn.cursor()
             try:
@@ -231,6 +276,7 @@ class Store:
                         conn.rollback()
                     raise
                 if write:
+                    committing = True
                     conn.commit()
             finally:
                 cursor.close()
@@ -238,8 +284,9 @@ class Store:
             raise sa.exc.IntegrityError(sql, params, exc) from None
         except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
             # The connection may be broken (PostgreSQL restarted): never reuse it.
+            # On SQLite the error is the busy timeout or the disk: no retry.
             conn.invalidate()
-            raise StoreUnavailable(f"store {self.url}: {str(exc).strip().splitlines()[0]}") from None
+            raise self._unavailable(exc, unsent=self._pg and not committing) from None
         finally:
             conn.close()
 
@@ -472,7 +519,8 @@ class Store:
         # Every WebDAV LOCK runs this: plain SQL in one transaction (see _fetch).
         now = time.time()
         above = [lock.root, *_ancestors(lock.root)]
-        with self._raw(write=True) as run:
+
+        def body(run: Callable[[str, tuple], list[tuple]]) -> None:
             if self._pg:
                 run("SELECT pg_advisory_xact_lock(?)", (_LOCKS_ADVISORY_KEY,))
             run("DELETE FROM locks WHERE expire < ?", (now,))
@@ -511,6 +559,8 @@ class Store:
                      lock.timeout, lock.expire))
             except self._engine.dialect.loaded_dbapi.IntegrityError:
                 raise Conflict(f"lock token {lock.token} exists") from None
+
+        self._transaction(body, write=True)
 
     def get_lock(self, token: str) -> Lock | None:
         """The lock with `token`, or None if there is none or it has expired."""

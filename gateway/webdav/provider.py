@@ -353,13 +353,27 @@ class _Resource:
             found.append(self)
         return found
 
+    @contextmanager
+    def _done_already(self, what: str) -> Iterator[None]:
+        """State-store bookkeeping after storage made a change: a store failure is logged, not answered.
+
+        The change happened; answering 5xx would have the client retry or
+        report a failure of something that succeeded.
+        """
+        try:
+            yield
+        except BackendUnavailable as exc:
+            log.warning("%s of %r done, but its locks and properties were not updated: %s",
+                        what, self.vpath, exc)
+
     def _forget(self) -> None:
         """Drop the dead properties and locks of this resource and everything below it."""
         ref = self.get_ref_url()
-        if self.provider.prop_manager:
-            self.provider.prop_manager.remove_properties(ref, self.environ, recursive=True)
-        if self.provider.lock_manager:
-            self.provider.lock_manager.remove_all_locks_from_url(ref, recursive=True)
+        with self._done_already("delete"):
+            if self.provider.prop_manager:
+                self.provider.prop_manager.remove_properties(ref, self.environ, recursive=True)
+            if self.provider.lock_manager:
+                self.provider.lock_manager.remove_all_locks_from_url(ref, recursive=True)
 
     def delete(self) -> None:
         with self.mapped():
@@ -404,18 +418,19 @@ class _Resource:
         dest = self.provider.to_vpath(dest_path)
         with self.mapped():
             self.fs.rename(self.vpath, dest, overwrite=True)
-        dest_ref = self.provider.ref_url(self.fs, dest)
-        if replaced:
-            # What the DELETE of the destination would have dropped: its properties and locks.
+        with self._done_already("move"):
+            dest_ref = self.provider.ref_url(self.fs, dest)
+            if replaced:
+                # What the DELETE of the destination would have dropped: its properties and locks.
+                if self.provider.prop_manager:
+                    self.provider.prop_manager.remove_properties(dest_ref, self.environ)
+                if self.provider.lock_manager:
+                    self.provider.lock_manager.remove_all_locks_from_url(dest_ref, recursive=False)
             if self.provider.prop_manager:
-                self.provider.prop_manager.remove_properties(dest_ref, self.environ)
+                self.provider.prop_manager.move_properties(self.get_ref_url(), dest_ref, True, self.environ)
             if self.provider.lock_manager:
-                self.provider.lock_manager.remove_all_locks_from_url(dest_ref, recursive=False)
-        if self.provider.prop_manager:
-            self.provider.prop_manager.move_properties(self.get_ref_url(), dest_ref, True, self.environ)
-        if self.provider.lock_manager:
-            # RFC 4918 9.9.4: a lock is not moved with the resource.
-            self.provider.lock_manager.remove_all_locks_from_url(self.get_ref_url(), recursive=True)
+                # RFC 4918 9.9.4: a lock is not moved with the resource.
+                self.provider.lock_manager.remove_all_locks_from_url(self.get_ref_url(), recursive=True)
         return []
 
     def copy_move_single(self, dest_path: str, *, is_move: bool) -> None:
@@ -431,9 +446,10 @@ class _Resource:
                     pass
             else:
                 self.fs.copy_file(self.vpath, dest)
-        if self.provider.prop_manager:
-            self.provider.prop_manager.copy_properties(
-                self.get_ref_url(), self.provider.ref_url(self.fs, dest), self.environ)
+        with self._done_already("copy"):
+            if self.provider.prop_manager:
+                self.provider.prop_manager.copy_properties(
+                    self.get_ref_url(), self.provider.ref_url(self.fs, dest), self.environ)
 
 
 class FileResource(_Resource, DAVNonCollection):
@@ -722,6 +738,10 @@ class UserFSProvider(DAVProvider):
                             return answered
                     propfind.propname_for_wsgidav(environ)
                 return default_handler(environ, start_response)
+        except GatewayError as exc:
+            # Raised where wsgidav calls the state store itself (lock checks,
+            # properties): a store that is down is a 503, as for storage.
+            raise dav_error(exc, method or "") from None
         except DAVError as exc:
             # Lock conflicts name the locks by their keys (storage locations):
             # the client must see its own URLs.

@@ -70,7 +70,12 @@ class WebDAVServer:
         # transfer at the next chunk (the UserFS refuses), and the request's
         # end closes it (`_closing_sessions`).
         session = self.gateway.open_session(user, "webdav", client_ip)
-        return self.gateway.open_fs(user, "webdav", client_ip, session=session)
+        try:
+            return self.gateway.open_fs(user, "webdav", client_ip, session=session)
+        except BaseException:
+            # No file system, so the request's end cannot find the session to close it.
+            self.gateway.sessions.close(session)
+            raise
 
     def _storage_key(self, user_name: str, path: str) -> str | None:
         """The storage-location key of a path in a user's tree (None: no such user, or a bad path)."""

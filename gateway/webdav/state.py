@@ -29,7 +29,7 @@ from wsgidav.dav_error import (HTTP_BAD_REQUEST, HTTP_INSUFFICIENT_STORAGE, HTTP
                                PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition)
 from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 
-from ..store import Conflict, Lock, LockConflict, Missing, OverBudget, Store, TooManyLocks
+from ..store import Conflict, Lock, LockConflict, Missing, OverBudget, Store, StoreError, TooManyLocks
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,25 @@ class StoreLockStorage:
         """
         self._request.memo = {}
         self._request.tokens = {}
+        self._request.created = []
         try:
             yield
+        except BaseException:
+            # The request failed after it stored a lock (a 5xx from storage or
+            # the store): its client never got the token, so nobody could unlock.
+            self._drop_created()
+            raise
         finally:
             self._request.memo = None
             self._request.tokens = None
+            self._request.created = None
+
+    def _drop_created(self) -> None:
+        for token in self._request.created:
+            try:
+                self._store.remove_lock(token)
+            except StoreError as exc:
+                log.warning("lock %s of a failed LOCK stays until it expires: %s", token, exc)
 
     def _forget_memo(self) -> None:
         if getattr(self._request, "memo", None):
@@ -206,6 +220,8 @@ class StoreLockStorage:
             status = HTTP_LOCKED if exc.per == "location" else HTTP_INSUFFICIENT_STORAGE
             log.info("LOCK on %r by %r refused: %s", location, lock["principal"], exc)
             raise DAVError(status, context_info=str(exc).replace(f"'{location}'", "the resource")) from None
+        if getattr(self._request, "created", None) is not None:
+            self._request.created.append(added.token)
         # The LOCK response lists the resource's locks next: the store took
         # this one after the conflict check, so what this request read before
         # plus the new lock is what it holds now.

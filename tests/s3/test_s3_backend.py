@@ -30,7 +30,7 @@ def fail_on(backend, operation: str, after: int = 0) -> None:
         if seen[0] > after:
             raise EndpointConnectionError(endpoint_url="http://injected-failure")
 
-    for client in (backend.client, backend.slow_client):
+    for client in (backend.client, backend.transfer_client, backend.slow_client):
         client.meta.events.register(f"before-call.s3.{operation}", handler)
 
 
@@ -203,9 +203,10 @@ def test_a_retried_complete_that_already_succeeded_counts_as_success(make_s3, ra
     assert uploads_in_progress(raw, backend) == []
 
 
-def test_slow_server_side_operations_get_the_longer_read_timeout(make_s3):
-    backend = make_s3(read_timeout=5.0, slow_read_timeout=120.0)
-    assert backend.client.meta.config.read_timeout == 5.0
+def test_requests_transfers_and_slow_server_side_operations_get_their_own_read_timeouts(make_s3):
+    backend = make_s3(request_timeout=4.0, read_timeout=5.0, slow_read_timeout=120.0)
+    assert backend.client.meta.config.read_timeout == 4.0
+    assert backend.transfer_client.meta.config.read_timeout == 5.0
     assert backend.slow_client.meta.config.read_timeout == 120.0
 
 
@@ -227,8 +228,8 @@ def test_parts_in_flight_are_bounded(make_s3):
         with turn:
             active[0] -= 1
 
-    backend.client.meta.events.register("before-call.s3.UploadPart", started)
-    backend.client.meta.events.register("after-call.s3.UploadPart", finished)
+    backend.transfer_client.meta.events.register("before-call.s3.UploadPart", started)
+    backend.transfer_client.meta.events.register("after-call.s3.UploadPart", finished)
     with backend.open_write("/big.bin") as upload:
         for _ in range(8):
             upload.write(pattern(PART))
@@ -392,17 +393,24 @@ def test_an_endpoint_that_stops_answering_times_out_into_backend_unavailable(mak
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         backend = make_s3(endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}", max_attempts=2,
-                          read_timeout=0.5, connect_timeout=0.5)
+                          request_timeout=0.5, connect_timeout=0.5, unanswered_pause=600)
         attempts = _count_attempts(backend)
         with pytest.raises(BackendUnavailable, match="stopped answering"):
             backend.open_read("/f")
-        assert attempts[0] == 2
+        # A timeout is not retried: a server that froze would freeze the retry too.
+        assert attempts[0] == 1
+        # Until the pause is over, requests fail without waiting for the server.
+        with pytest.raises(BackendUnavailable, match="is not answering"):
+            backend.stat("/f")
+        assert attempts[0] == 1
         backend.close()
 
 
 def test_timeouts_and_retries_reach_the_client(make_s3):
-    config = make_s3(connect_timeout=2.5, read_timeout=7.0, max_attempts=4).client.meta.config
-    assert (config.connect_timeout, config.read_timeout) == (2.5, 7.0)
+    backend = make_s3(connect_timeout=2.5, request_timeout=3.0, read_timeout=7.0, max_attempts=4)
+    config = backend.client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (2.5, 3.0)
+    assert backend.transfer_client.meta.config.read_timeout == 7.0
     assert config.retries == {"mode": "standard", "total_max_attempts": 4}
 
 

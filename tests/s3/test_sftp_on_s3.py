@@ -213,7 +213,7 @@ def test_a_client_killed_mid_upload_keeps_the_previous_version_and_leaves_no_mul
         held.append(kwargs)
         release.wait(120)
 
-    s3sftp.gateway.backends["s3"].client.meta.events.register("before-call.s3.UploadPart", hold)
+    s3sftp.gateway.backends["s3"].transfer_client.meta.events.register("before-call.s3.UploadPart", hold)
     local = tmp_path / "big.bin"
     local.write_bytes(os.urandom(12 * PART))
     batch = tmp_path / "kill.txt"
