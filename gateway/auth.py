@@ -273,22 +273,27 @@ class Authenticator:
                 self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
             self._cache[digest] = (name, now + _CACHE_SECONDS)
 
-    def _users_current(self) -> bool:
-        """The cached users may be trusted: the change feed read the store lately, or a read now works."""
+    def _confirm_users(self) -> None:
+        """Return if the cached users may be trusted: the change feed read the store lately, or a read now works.
+
+        Raises:
+            StoreUnavailable: they cannot be confirmed; the login must be refused.
+        """
         if self.users.current_within(self.stale_after):
-            return True
+            return
         failed_at = self._users_failed_at
         if failed_at is not None and time.monotonic() - failed_at < _RETRY_USERS_SECONDS:
-            return False
+            raise StoreUnavailable(self._unconfirmed)
         try:
             self.users.refresh()
         except StoreUnavailable as exc:
             # Security decision: a user disabled on another node would still log in here.
             self._users_failed_at = time.monotonic()
             log.warning("%s; logins refused until the users can be read again", exc)
-            return False
+            raise StoreUnavailable(self._unconfirmed) from None
         self._users_failed_at = None
-        return True
+
+    _unconfirmed = "the store cannot be reached to confirm the user; try again shortly"
 
     def forget(self, name: str) -> None:
         """Drop every cached credential of `name` (disabled, removed, password or keys changed)."""
@@ -302,13 +307,22 @@ class Authenticator:
         Each answer is audited as a login of `protocol` by `method`; one from
         the cache only with `count_cached` (WebDAV sends the credential with
         every request: there only a verification is a login).
+
+        Raises:
+            StoreUnavailable: the store cannot confirm the cached users (see
+                `stale_after`): no login opens, the client should try again later.
         """
         def login(ok: bool) -> None:
             record_login(user=name, protocol=protocol, ip=ip, method=method, ok=ok)
 
-        if self.defender.is_banned(ip) or not self._users_current():
+        if self.defender.is_banned(ip):
             login(False)
             return None
+        try:
+            self._confirm_users()
+        except StoreUnavailable:
+            login(False)
+            raise
         user = self.users.get(name)
         password_hash = user.password_hash if user is not None and not user.disabled else None
         digest = self._digest(name, password_hash or "", password)
@@ -371,11 +385,14 @@ class Authenticator:
 
         A key offered that is not listed is not a failed login: SSH clients
         offer every key they hold, one after the other. Failed passwords for
-        the user never stop a key login; only a banned address does, or users
-        that the store cannot confirm (see `stale_after`).
+        the user never stop a key login; only a banned address does.
+
+        Raises:
+            StoreUnavailable: the store cannot confirm the cached users (see `stale_after`).
         """
-        if self.defender.is_banned(ip) or not self._users_current():
+        if self.defender.is_banned(ip):
             return None
+        self._confirm_users()
         user = self.users.get(name)
         if user is None or user.disabled:
             return None

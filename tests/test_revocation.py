@@ -315,7 +315,7 @@ def test_a_node_cut_off_from_the_store_stops_cached_logins_and_ends_sessions_aft
             UserCache(store).update("alice", disabled=True)
         finally:
             store.close()
-        wait_for(lambda: _status(running.webdav_port, PASSWORD) == 401, "the cached password to be refused",
+        wait_for(lambda: _status(running.webdav_port, PASSWORD) == 503, "the cached password to be refused with 503, not a 401 that asks for a password",
                  limit=30)
         # Neither a password nor a key (of bob, not disabled) opens a login while the users are unknown.
         for user, credential in (("alice", {"password": PASSWORD}), ("bob", {"pkey": client_key.pkey()})):

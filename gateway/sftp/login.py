@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import paramiko
@@ -16,11 +17,13 @@ from paramiko import (AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_FAILED_ADMINISTRATIVELY
                       OPEN_SUCCEEDED, InteractiveQuery)
 
 from ..audit import record_login
+from ..errors import BackendUnavailable
 from ..sessions import Session
 from ..users import User
 from ..vfs import UserFS
 
 if TYPE_CHECKING:
+    from ..auth import Authenticator
     from .listener import SFTPFrontEnd
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,16 @@ class LoginServer(paramiko.ServerInterface):
         return self.frontend.gateway.open_fs(user, "sftp", self.ip,
                                             session=self._sessions.get(self.username))
 
+    def _accept_checked(self, check: Callable[["Authenticator"], User | None], username: str) -> int:
+        """Run one credential check and accept its user; a store that cannot confirm users refuses."""
+        try:
+            user = check(self.frontend.gateway.auth)
+        except BackendUnavailable as exc:
+            # SSH has no "try again later" for a login: it fails, and says why in the log.
+            log.warning("SFTP login of %r from %s refused: %s", username, self.ip, exc.message)
+            user = None
+        return self._accept(user, username)
+
     def _accept(self, user: User | None, username: str) -> int:
         self.touch()
         if user is None:
@@ -104,7 +117,7 @@ class LoginServer(paramiko.ServerInterface):
 
     def check_auth_password(self, username: str, password: str) -> int:
         self._method = "password"
-        return self._accept(self.frontend.gateway.auth.check_password(
+        return self._accept_checked(lambda auth: auth.check_password(
             username, password, self.ip, protocol="sftp", method="password"), username)
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
@@ -112,7 +125,7 @@ class LoginServer(paramiko.ServerInterface):
         # itself before it counts the connection as authenticated.
         line = f"{key.get_name()} {key.get_base64()}"
         self._method = "publickey"
-        return self._accept(self.frontend.gateway.auth.check_key(username, line, self.ip), username)
+        return self._accept_checked(lambda auth: auth.check_key(username, line, self.ip), username)
 
     def check_auth_interactive(self, username: str, submethods: str):
         self.touch()
@@ -127,7 +140,7 @@ class LoginServer(paramiko.ServerInterface):
             record_login(user=username, protocol="sftp", ip=self.ip, method="keyboard-interactive",
                          ok=False)
             return AUTH_FAILED
-        return self._accept(self.frontend.gateway.auth.check_password(
+        return self._accept_checked(lambda auth: auth.check_password(
             username, responses[0], self.ip, protocol="sftp", method="keyboard-interactive"), username)
 
     def authenticated(self) -> None:

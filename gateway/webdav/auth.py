@@ -6,7 +6,10 @@ shared defender through `Authenticator.check_password`, keyed by client IP.
 """
 from __future__ import annotations
 
+from wsgidav.dav_error import HTTP_SERVICE_UNAVAILABLE, DAVError
 from wsgidav.dc.base_dc import BaseDomainController
+
+from ..errors import BackendUnavailable
 
 REALM = "gateway"
 
@@ -37,8 +40,12 @@ class GatewayDomainController(BaseDomainController):
         return True
 
     def basic_auth_user(self, realm: str, user_name: str, password: str, environ: dict) -> bool:
-        user = self._auth.check_password(user_name, password, environ.get("REMOTE_ADDR", ""),
-                                         protocol="webdav", method="basic", count_cached=False)
+        try:
+            user = self._auth.check_password(user_name, password, environ.get("REMOTE_ADDR", ""),
+                                             protocol="webdav", method="basic", count_cached=False)
+        except BackendUnavailable as exc:
+            # 503, not 401: a 401 makes Explorer and Finder ask for a password that is not wrong.
+            raise DAVError(HTTP_SERVICE_UNAVAILABLE, context_info=exc.message) from None
         if user is None:
             return False
         environ["gateway.user"] = user
