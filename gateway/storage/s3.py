@@ -652,7 +652,7 @@ class S3Backend(Backend):
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except (ClientError, BotoCoreError) as exc:
-            log.warning("could not abort the multipart upload of %s (%s); the sweep will retry", path, exc)
+            log.warning("could not abort the multipart upload of %r (%s); the sweep will retry", path, exc)
 
     def rename(self, src: str, dst: str, *, overwrite: bool = False) -> None:
         if check_rename(src, dst):

@@ -452,7 +452,7 @@ def import_legacy_state(path: Path, store: Store, new_key: Callable[[str, str], 
             store.add_lock(Lock(token, location, bytes(owner), fields["scope"], fields["depth"],
                                 fields.get("principal", ""), _clamp(fields.get("timeout")), expire))
         except Conflict as exc:   # LockConflict too, or imported before by another process
-            log.warning("WebDAV lock %s on %s was not imported: %s", token, location, exc)
+            log.warning("WebDAV lock %s on %r was not imported: %s", token, location, exc)
             continue
         imported += 1
     for suffix in ("", "-wal", "-shm"):
