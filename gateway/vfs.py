@@ -45,6 +45,7 @@ _op_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("gate
 # most of what clients see fail, and the failing-operations alert must see them.
 FAILED_READ_OPS = {"stat": "stat", "exists": "stat", "list_dir": "list", "usage": "usage"}
 AUDITED_OPS = {"open_read": "download", "open_write": "upload", "create_file": "upload",
+               "undo_create_file": "delete",
                "make_dir": "mkdir",
                "remove_file": "delete", "remove_dir": "rmdir", "remove_tree": "delete",
                "rename": "rename", "copy_file": "copy", "copy_tree": "copy",
@@ -570,7 +571,7 @@ class UserFS:
     # so a new write method cannot slip in without a permission check.
     READ_METHODS = ("stat", "exists", "list_dir", "open_read", "usage", "normalize",
                     "check_access", "locate", "virtual_path")
-    WRITE_METHODS = ("open_write", "create_file", "make_dir", "remove_file", "remove_dir", "remove_tree",
+    WRITE_METHODS = ("open_write", "create_file", "undo_create_file", "make_dir", "remove_file", "remove_dir", "remove_tree",
                      "rename", "copy_file", "copy_tree", "set_mtime", "truncate",
                      "check_change", "check_replace")
 
@@ -890,6 +891,33 @@ class UserFS:
             self._quota.apply(0, 1)
         self._audit("upload", vpath, "ok", 0, direction="in")
         return entry
+
+    def undo_create_file(self, path: str | bytes, created: Entry) -> bool:
+        """Remove the empty file `create_file` returned as `created`, for a request that then failed.
+
+        Needs `upload`, as the creation did, not `delete`: it takes back only
+        what this request made. Nothing is removed unless the file is still
+        that one, empty: a client that wrote to it since keeps its bytes.
+        Returns whether it was removed.
+
+        Raises:
+            PermissionDenied, BackendUnavailable
+        """
+        vpath = paths.normalize(path)
+        self._refuse_structural(vpath, "delete")
+        self._policy.require(Perm.UPLOAD, vpath)
+        target = self._resolve(vpath)
+        try:
+            now = target.backend.stat(target.path)
+        except NotFound:
+            return False
+        if now.is_dir or now.size != 0 or now.etag != created.etag:
+            return False
+        target.backend.remove_file(target.path)
+        if target.in_home:
+            self._quota.apply(0, -1)
+        self._audit("delete", vpath, "ok", 0)
+        return True
 
     def _write_target(self, vpath: str) -> tuple[_Target, Entry | None]:
         """Where an upload of `vpath` lands and what is there now; a folder is refused."""

@@ -54,6 +54,7 @@ WRITE_CALLS = {
     "copy_tree": lambda fs: fs.copy_tree("/dir", "/dircopy"),
     "set_mtime": lambda fs: fs.set_mtime("/file.txt", 1000.0),
     "truncate": lambda fs: fs.truncate("/file.txt", 0),
+    "undo_create_file": lambda fs: fs.undo_create_file("/file.txt", fs.stat("/file.txt")),
     "check_change": lambda fs: fs.check_change("/file.txt"),
     "check_replace": lambda fs: fs.check_replace("/file.txt"),
 }
@@ -650,3 +651,15 @@ def test_a_gap_past_the_end_up_to_max_hole_bytes_is_written_as_zeros():
         up.write_at(13, b"y")
         up.truncate(24)
     assert read(fs, "/f") == b"abc" + b"\0" * 10 + b"y" + b"\0" * 10
+
+
+def test_undo_create_file_removes_only_the_empty_file_it_was_given():
+    fs = make_fs()
+    created = fs.create_file("/lock-null.txt")
+    assert fs.undo_create_file("/lock-null.txt", created) is True
+    assert not fs.exists("/lock-null.txt")
+    created = fs.create_file("/written.txt")
+    put(fs, "/written.txt", b"a client wrote here since")
+    assert fs.undo_create_file("/written.txt", created) is False
+    assert read(fs, "/written.txt") == b"a client wrote here since"
+    assert fs.undo_create_file("/gone.txt", created) is False

@@ -583,6 +583,8 @@ class FolderResource(_Resource, DAVCollection):
             # a PUT target appears only when its upload commits.
             with self.mapped():
                 res.entry = self.fs.create_file(vpath)
+            # Taken back if the LOCK then fails (a conflict, a limit, the store down).
+            self.environ["gateway.created"] = (self.fs, vpath, res.entry)
         return res
 
     def create_collection(self, name: str) -> None:
@@ -730,7 +732,7 @@ class UserFSProvider(DAVProvider):
         storage = getattr(self.lock_manager, "storage", None)
         scope = storage.request_scope() if hasattr(storage, "request_scope") else contextlib.nullcontext()
         try:
-            with scope:
+            with scope, self._undone_on_failure(environ):
                 if method == "PROPFIND":
                     if self.fast_propfind:
                         answered = propfind.answer(self, environ, start_response)
@@ -751,6 +753,22 @@ class UserFSProvider(DAVProvider):
             raise
         finally:
             self._request.environ = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _undone_on_failure(environ: dict) -> Iterator[None]:
+        """A request that created an empty file (LOCK on a new name) and then failed removes it."""
+        try:
+            yield
+        except BaseException:
+            created = environ.pop("gateway.created", None)
+            if created is not None:
+                fs, vpath, entry = created
+                try:
+                    fs.undo_create_file(vpath, entry)
+                except GatewayError as exc:
+                    log.warning("the empty file %r of a failed LOCK stays: %s", vpath, exc)
+            raise
 
     def _refuse_root_change(self, environ: dict, method: str | None) -> None:
         """403 for DELETE of "/" and COPY/MOVE onto "/" (RFC 4918 9.6.1, 9.8.5).

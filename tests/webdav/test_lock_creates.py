@@ -94,3 +94,28 @@ def test_requests_with_an_if_header_format_no_debug_line_while_debug_is_off(alic
     assert alice.put("/doc.txt", b"x", If=f"({token})").status == 204
     assert alice.request("UNLOCK", "/doc.txt", headers={"Lock-Token": token}).status == 204
     assert formatted == []
+
+
+def _big_owner_lock() -> bytes:
+    return LOCK_BODY.replace(b"<D:owner>tests</D:owner>", b"<D:owner>" + b"x" * 8192 + b"</D:owner>")
+
+
+def test_a_refused_lock_on_a_new_name_leaves_no_empty_file(dav, alice):
+    # The file is created before the lock is tried; a refusal must take it back.
+    assert alice.request("LOCK", "/new.txt", _big_owner_lock(), XML).status == 400
+    assert not (dav.data / "alice" / "new.txt").exists()
+    assert alice.get("/new.txt").status == 404
+
+
+def test_a_refused_lock_is_taken_back_for_a_user_who_may_upload_but_not_delete(dav):
+    dav.add_user("dropper", perms={"/": ["list", "download", "upload"]})
+    dropper = DavClient(dav.webdav_port, "dropper")
+    assert dropper.request("LOCK", "/new.txt", _big_owner_lock(), XML).status == 400
+    assert not (dav.data / "dropper" / "new.txt").exists()
+
+
+def test_a_conflicting_lock_on_an_existing_file_removes_nothing(dav, alice, bob):
+    assert alice.put("/kept.txt", b"").status == 201
+    assert alice.request("LOCK", "/kept.txt", LOCK_BODY, XML).status == 200
+    assert alice.request("LOCK", "/kept.txt", LOCK_BODY, XML).status == 423
+    assert (dav.data / "alice" / "kept.txt").exists()
