@@ -35,6 +35,7 @@ from cheroot import wsgi
 from .. import metrics
 from ..shared_listener import SharedListenerServer
 from .body import direct_socket, read_body_into
+from .pace import Pace, PacedSocket
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,15 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        label = self.server.metrics_label
+        server = self.server
+        # Below cheroot's reader and writer (the SocketIO they read and write
+        # through): body reads and response writes keep the minimum rate.
+        self.pace = Pace(server.min_rate, server.rate_window, server.timeout)
+        for stream in (self.rfile, self.wfile):
+            raw = getattr(stream, "raw", None)
+            if isinstance(raw, socket.SocketIO):
+                raw._sock = PacedSocket(raw._sock, self.pace)
+        label = server.metrics_label
         self._counted = label is not None
         if label is not None:
             metrics.CONNECTIONS.labels(label).inc()
@@ -129,7 +138,9 @@ class _RequestBody:
     def __init__(self, req: DeferredContinueRequest) -> None:
         self._req = req
         self._rfile = req.rfile
-        self._socket = direct_socket(req)
+        sock = direct_socket(req)
+        pace = getattr(req.conn, "pace", None)
+        self._socket = PacedSocket(sock, pace) if sock is not None and pace is not None else sock
 
     @property
     def direct(self) -> bool:
@@ -195,7 +206,18 @@ class GuardedGateway(wsgi.Gateway_10):
     content_length: int | None = None
 
     def respond(self) -> None:
-        # cheroot's respond, plus the hand-off to sendfile after the first chunk.
+        # cheroot's respond, plus the hand-off to sendfile after the first chunk,
+        # and the minimum transfer rate while the request is served.
+        pace = getattr(self.req.conn, "pace", None)
+        if pace is not None:
+            pace.arm()
+        try:
+            self._respond()
+        finally:
+            if pace is not None:
+                pace.disarm()
+
+    def _respond(self) -> None:
         response = self.req.server.wsgi_app(self.env, self.start_response)
         try:
             written = 0
@@ -234,7 +256,16 @@ class GuardedGateway(wsgi.Gateway_10):
                 or type(req.conn.socket) is not socket.socket):
             return 0
         req.conn.wfile.flush()
-        return reader.send_to(req.conn.socket, length - written)
+        sock, pace = req.conn.socket, getattr(req.conn, "pace", None)
+        if pace is None or not pace.armed:
+            return reader.send_to(sock, length - written)
+        # sendfile waits for the client within the socket's timeout: a client
+        # that stops reading for a whole rate window is given up on then.
+        sock.settimeout(min(pace.window, pace.timeout or pace.window))
+        try:
+            return reader.send_to(sock, length - written)
+        finally:
+            sock.settimeout(pace.timeout)
 
     def write(self, chunk: bytes) -> None:
         req = self.req
@@ -509,6 +540,9 @@ class GatewayHTTPServer(SharedListenerServer):
     # (Not "protocol": cheroot's own attribute, "HTTP/1.1".)
     metrics_label: str | None = "webdav"
     name = "webdav"
+    # Minimum transfer rate of bodies and responses (bytes/s over seconds of waiting; 0: none). See pace.py.
+    min_rate = 0
+    rate_window = 0.0
 
     def __init__(self, *args, admit: Callable[[str], bool], release: Callable[[str], None],
                  header_timeout: int, max_header_size: int,
@@ -564,7 +598,8 @@ def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, heade
                 max_header_size: int, admit: Callable[[str], bool] = lambda ip: True,
                 release: Callable[[str], None] = lambda ip: None,
                 sock: socket.socket | None = None, name: str = "webdav",
-                protocol: str | None = "webdav") -> wsgi.Server:
+                protocol: str | None = "webdav", min_rate: int = 0,
+                rate_window: float = 0.0) -> wsgi.Server:
     """A cheroot WSGI server with the refinements above.
 
     `admit(ip)` decides at accept whether a connection may open (and counts
@@ -572,6 +607,8 @@ def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, heade
     With `sock` (a bound, listening socket that other worker processes share)
     the server accepts on it instead of binding `bind`. `name` goes in log
     lines; `protocol` labels its connections in the metrics (None: uncounted).
+    A request whose body or response moves under `min_rate` bytes/s over
+    `rate_window` seconds of waiting for the client is ended (pace.py; 0: never).
     """
     server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout,
                                server_name="gateway" if name == "webdav" else f"gateway-{name}",
@@ -579,5 +616,6 @@ def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, heade
                                release=release, header_timeout=header_timeout,
                                max_header_size=max_header_size, shared_socket=sock)
     server.name, server.metrics_label = name, protocol
+    server.min_rate, server.rate_window = min_rate, rate_window
     server.gateway = GuardedGateway
     return server

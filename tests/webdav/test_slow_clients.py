@@ -199,3 +199,137 @@ def test_plain_http_on_the_tls_port_gets_a_plain_400(make_gateway, tmp_path):
         reply = read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 400 Bad Request"), reply[:200]
     assert b"HTTPS" in reply
+
+
+# -- bodies and responses: one address or user holds only its share of the threads ----------
+
+def _basic(user: str) -> str:
+    import base64
+
+    from tests.conftest import PASSWORD
+    return "Basic " + base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
+
+
+def _accepted() -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("gateway_connections_total", {"protocol": "webdav"}) or 0.0
+
+
+def propfind_from(source: str, port: int, user: str) -> bytes:
+    """The status line of a PROPFIND / by `user` from the loopback address `source`.
+
+    Bounded by 30 s, half the server's socket timeout: a client starved of
+    threads until stalled transfers time out gets no answer, not a late one.
+    """
+    with connect_from(source, port) as sock:
+        sock.settimeout(30)
+        sock.sendall(f"PROPFIND / HTTP/1.1\r\nHost: gateway\r\nDepth: 0\r\nAuthorization: {_basic(user)}\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        return read_until_closed(sock).split(b"\r\n", 1)[0]
+
+
+def send_requests(port: int, sources: list[str], request: bytes, receive_buffer: int = 0) -> list[socket.socket]:
+    """One connection per entry of `sources` that sends `request`; returns once the gateway accepted all."""
+    before = _accepted()
+    socks = []
+    try:
+        for source in sources:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            if receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(60)
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request)
+        # Accepted connections whose headers are all there are queued for a
+        # thread in accept order: a later connection comes after these.
+        wait_for(lambda: _accepted() >= before + len(sources), "every connection accepted")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+@contextmanager
+def drip_puts(port: int, user: str, sources: list[str], interval: float = 1.0) -> Iterator[list[socket.socket]]:
+    """One PUT per entry of `sources` whose 1 MB body arrives one byte every `interval` seconds."""
+    request = (f"PUT /drip HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic(user)}\r\n"
+               f"Content-Length: 1000000\r\n\r\nx").encode()
+    socks = send_requests(port, sources, request)
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(interval):
+            for sock in socks:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=drip, name="dripper")
+    thread.start()
+    try:
+        yield socks
+    finally:
+        stop.set()
+        thread.join()
+        for sock in socks:
+            sock.close()
+
+
+def refused_with_503(socks: list[socket.socket]) -> int:
+    """How many of `socks` were answered 503 with Retry-After (each read until the server closes it)."""
+    count = 0
+    for sock in socks:
+        if select.select([sock], [], [], 0)[0]:
+            answer = read_until_closed(sock)
+            if answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: " in answer:
+                count += 1
+    return count
+
+
+def _without_rate_minimum(**webdav) -> dict:
+    # The drips are far under the default minimum rate, which would end them
+    # within its window: these tests are about the shares of the threads alone.
+    return {"webdav": {"min_rate": 0, **webdav}}
+
+
+def test_drip_uploads_from_one_address_leave_threads_for_another_address(make_gateway):
+    running = make_gateway(webdav=True, extra=_without_rate_minimum())
+    running.add_user("alice")
+    running.add_user("bob")
+    assert propfind_from("127.0.0.1", running.webdav_port, "alice").startswith(b"HTTP/1.1 207")
+    # One more slow upload than there are worker threads (32).
+    with drip_puts(running.webdav_port, "alice", ["127.0.0.1"] * 33) as socks:
+        assert propfind_from(OTHER_ADDRESS, running.webdav_port, "bob") == b"HTTP/1.1 207 Multi-Status"
+        # Half the threads (16) are the address's share; the rest were refused at once.
+        assert refused_with_503(socks) == 33 - 16
+
+
+def test_drip_uploads_of_one_user_from_two_addresses_leave_threads_for_another_user(make_gateway):
+    running = make_gateway(webdav=True, extra=_without_rate_minimum())
+    running.add_user("alice")
+    running.add_user("bob")
+    assert propfind_from("127.0.0.1", running.webdav_port, "alice").startswith(b"HTTP/1.1 207")
+    # Each address stays within its share (16); together they are over the threads.
+    with drip_puts(running.webdav_port, "alice", ["127.0.0.3"] * 16 + ["127.0.0.4"] * 17) as socks:
+        assert propfind_from(OTHER_ADDRESS, running.webdav_port, "bob") == b"HTTP/1.1 207 Multi-Status"
+        assert refused_with_503(socks) == 33 - 16
+
+
+def test_unread_downloads_from_one_address_leave_threads_for_another_address(make_gateway):
+    running = make_gateway(webdav=True, extra=_without_rate_minimum())
+    running.add_user("alice")
+    running.add_user("bob")
+    (running.data / "alice").mkdir(exist_ok=True)
+    (running.data / "alice" / "big").write_bytes(bytes(20 << 20))
+    request = f"GET /big HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic('alice')}\r\n\r\n".encode()
+    # A small receive buffer and no reading: every response stalls in its send.
+    socks = send_requests(running.webdav_port, ["127.0.0.1"] * 33, request, receive_buffer=4096)
+    try:
+        assert propfind_from(OTHER_ADDRESS, running.webdav_port, "bob") == b"HTTP/1.1 207 Multi-Status"
+    finally:
+        for sock in socks:
+            sock.close()

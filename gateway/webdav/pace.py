@@ -1,0 +1,104 @@
+"""A minimum transfer rate for request bodies and responses, so a client that drips holds no thread for long.
+
+A worker thread serves one request at a time; a client that sends its body
+one byte every few seconds, or never reads its response, used to keep the
+thread for as long as it kept the connection alive (the socket timeout only
+catches a client that sends nothing at all). `Pace` measures the time a
+request's worker spends *waiting for the client* (blocked in recv or send)
+and the bytes that moved meanwhile: once `window` seconds of waiting add up
+and fewer than `min_rate * window` bytes moved, the request is ended with
+`TooSlow`. Time the server spends itself (a slow backend, wsgidav's own
+work) is not counted against the client.
+
+`PacedSocket` stands in for the connection's socket below cheroot's reader
+and writer, so every body read and response write goes through `Pace`.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+
+class TooSlow(TimeoutError):
+    """The client moved fewer bytes than the minimum rate over a whole window (a socket timeout to cheroot)."""
+
+
+class Pace:
+    """The transfer-rate check of one connection; armed only while a request is being served.
+
+    `min_rate` bytes per second over `window` seconds of waiting; 0 turns it
+    off. `timeout` is the connection's socket timeout, restored after each call.
+    """
+
+    def __init__(self, min_rate: int, window: float, timeout: float | None) -> None:
+        self.min_rate = min_rate
+        self.window = window
+        self.timeout = timeout
+        self.armed = False
+        self._waited = 0.0
+        self._moved = 0
+
+    def arm(self) -> None:
+        """A request begins: a fresh window (no-op when the rate check is off)."""
+        self.armed = self.min_rate > 0 and self.window > 0
+        self._waited, self._moved = 0.0, 0
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def budget(self) -> float:
+        """Seconds the next blocking call may wait for the client: what is left of the window."""
+        left = max(self.window - self._waited, 0.05)
+        return left if self.timeout is None else min(left, self.timeout)
+
+    def account(self, waited: float, moved: int) -> None:
+        """Add one call's waiting time and bytes; raises TooSlow when a whole window fell short."""
+        self._waited += waited
+        self._moved += moved
+        if self._waited < self.window:
+            return
+        if self._moved < self.min_rate * self.window:
+            raise TooSlow(f"under {self.min_rate} bytes/s over {self.window:g} s")
+        self._waited, self._moved = 0.0, 0
+
+    def call(self, sock: socket.socket, operation, *args) -> int:
+        """Run `operation(*args)` (a recv_into or send of `sock`) within the window; its byte count."""
+        while True:
+            sock.settimeout(self.budget())
+            started = time.monotonic()
+            try:
+                count = operation(*args)
+            except TimeoutError:
+                # A window (or what was left of it) with nothing moved: TooSlow,
+                # unless the bytes earlier in the window were enough; then wait on.
+                self.account(time.monotonic() - started, 0)
+                continue
+            finally:
+                sock.settimeout(self.timeout)
+            self.account(time.monotonic() - started, count or 0)
+            return count
+
+
+class PacedSocket:
+    """A connection's socket as cheroot's reader and writer see it: recv_into and send go through `pace`.
+
+    Everything else is the wrapped socket's.
+    """
+
+    def __init__(self, sock: socket.socket, pace: Pace) -> None:
+        self._sock = sock
+        self._pace = pace
+
+    def recv_into(self, *args) -> int:
+        if not self._pace.armed:
+            return self._sock.recv_into(*args)
+        return self._pace.call(self._sock, self._sock.recv_into, *args)
+
+    def send(self, *args) -> int:
+        if not self._pace.armed:
+            return self._sock.send(*args)
+        return self._pace.call(self._sock, self._sock.send, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
