@@ -21,7 +21,18 @@ from typing import Any
 
 
 class TooSlow(TimeoutError):
-    """The client moved fewer bytes than the minimum rate over a whole window (a socket timeout to cheroot)."""
+    """The client moved fewer bytes than the minimum rate over a whole window.
+
+    To cheroot it is a socket timeout (it reads `args[0]`): the connection is
+    closed, after a `408 Request Timeout` when no response has started.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("timed out")
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class Pace:
@@ -58,9 +69,11 @@ class Pace:
         self._moved += moved
         if self._waited < self.window:
             return
-        if self._moved < self.min_rate * self.window:
-            raise TooSlow(f"under {self.min_rate} bytes/s over {self.window:g} s")
+        short = self._moved < self.min_rate * self.window
+        # A fresh window either way: after TooSlow, the error answer gets one to go out in.
         self._waited, self._moved = 0.0, 0
+        if short:
+            raise TooSlow(f"under {self.min_rate} bytes/s over {self.window:g} s of waiting for the client")
 
     def call(self, sock: socket.socket, operation, *args) -> int:
         """Run `operation(*args)` (a recv_into or send of `sock`) within the window; its byte count."""

@@ -333,3 +333,50 @@ def test_unread_downloads_from_one_address_leave_threads_for_another_address(mak
     finally:
         for sock in socks:
             sock.close()
+
+
+# -- bodies and responses: a minimum transfer rate ----------------------------------------
+
+SLOW_ADDRESS = "127.0.0.5"
+
+
+def _rate(min_rate: int, window: int) -> dict:
+    return {"webdav": {"min_rate": min_rate, "min_rate_window": window}}
+
+
+def test_an_upload_dripping_under_the_minimum_rate_is_ended_and_leaves_no_file(make_gateway):
+    running = make_gateway(webdav=True, extra=_rate(1000, 2))
+    running.add_user("alice")
+    with drip_puts(running.webdav_port, "alice", [SLOW_ADDRESS], interval=0.5) as (sock,):
+        sock.settimeout(30)
+        read_until_closed(sock)
+    wait_for(lambda: running.gateway.defender._connections.get(SLOW_ADDRESS) is None, "the slot given back")
+    assert DavClient(running.webdav_port, "alice").get("/drip").status == 404
+
+
+def test_a_download_the_client_stops_reading_is_ended_within_the_rate_window(make_gateway):
+    running = make_gateway(webdav=True, extra=_rate(1000, 2))
+    running.add_user("alice")
+    (running.data / "alice").mkdir(exist_ok=True)
+    (running.data / "alice" / "big").write_bytes(bytes(20 << 20))
+    request = f"GET /big HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic('alice')}\r\n\r\n".encode()
+    (sock,) = send_requests(running.webdav_port, [SLOW_ADDRESS], request, receive_buffer=4096)
+    with sock:
+        # Far below the server's socket timeout (60 s): only the rate ends it this soon.
+        wait_for(lambda: running.gateway.defender._connections.get(SLOW_ADDRESS) is None,
+                 "the stalled download ended", limit=30)
+        assert len(read_until_closed(sock)) < 20 << 20
+
+
+def test_a_slow_upload_above_the_minimum_rate_completes(make_gateway):
+    running = make_gateway(webdav=True, extra=_rate(1000, 1))
+    running.add_user("alice")
+    body = bytes(range(256)) * 80           # 20 KiB at about 5 KiB/s
+    with connect_from(SLOW_ADDRESS, running.webdav_port) as sock:
+        sock.sendall(f"PUT /steady HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic('alice')}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        for start in range(0, len(body), 1024):
+            sock.sendall(body[start:start + 1024])
+            threading.Event().wait(0.2)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 201 ")
+    assert (running.data / "alice" / "steady").read_bytes() == body
