@@ -11,7 +11,7 @@ from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
-from ..proxy_protocol import ProxiedListener, ProxyProtocol
+from ..proxy_protocol import ProxyProtocol
 from ..shared_listener import reload_tls
 from .auth import GatewayDomainController
 from .dir_browser import DirBrowser
@@ -147,7 +147,9 @@ class WebDAVServer:
                              admit=lambda ip: defender.open_connection(ip, check_ban=False),
                              release=defender.close_connection,
                              sock=self.gateway.listeners.get(self.name),
-                             min_rate=section.min_rate, rate_window=section.min_rate_window)
+                             min_rate=section.min_rate, rate_window=section.min_rate_window,
+                             # Read per connection as it arrives: REMOTE_ADDR is the client it names.
+                             proxy=ProxyProtocol.for_section(section, "webdav"))
         server.keep_alive_conn_limit = keep_alive_limit(section.threads,
                                                         self.gateway.config.defender.max_connections)
         if section.tls_cert is not None:
@@ -158,10 +160,6 @@ class WebDAVServer:
         except BaseException:
             self._close_state()
             raise
-        proxy = ProxyProtocol.for_section(section, "webdav")
-        if proxy is not None:
-            # Below cheroot and TLS: REMOTE_ADDR is the client the PROXY header names.
-            server.socket = ProxiedListener(server.socket, proxy)
         self._server = server
         host, port = server.bind_addr[:2]
         self.address = (host, port)

@@ -380,3 +380,74 @@ def test_a_slow_upload_above_the_minimum_rate_completes(make_gateway):
             threading.Event().wait(0.2)
         assert read_until_closed(sock).startswith(b"HTTP/1.1 201 ")
     assert (running.data / "alice" / "steady").read_bytes() == body
+
+
+# -- PROXY headers behind a load balancer: read as they arrive, never waited for ----------
+
+PROXIED_CLIENT = "203.0.113.7"
+PROXY_LINE = f"PROXY TCP4 {PROXIED_CLIENT} 127.0.0.1 5000 8080\r\n".encode()
+OPTIONS = b"OPTIONS / HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+
+def _behind_a_proxy(make_gateway, **webdav):
+    return make_gateway(webdav=True, extra={"webdav": {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"],
+                                                       **webdav}})
+
+
+def status_line(sock: socket.socket) -> bytes:
+    """The status line of the next response on `sock` (its headers read, its empty body too)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_silent_connections_of_a_trusted_proxy_hold_up_no_other_request(make_gateway):
+    running = _behind_a_proxy(make_gateway)
+    kept = connect_from("127.0.0.1", running.webdav_port)
+    silent = []
+    try:
+        kept.settimeout(20)
+        kept.sendall(PROXY_LINE + OPTIONS)
+        assert status_line(kept) == b"HTTP/1.1 200 OK"
+        # Each of these used to hold the accept path for 5 s, one after the other.
+        silent = [connect_from("127.0.0.1", running.webdav_port) for _ in range(10)]
+        with connect_from("127.0.0.1", running.webdav_port) as fresh:
+            fresh.settimeout(20)
+            fresh.sendall(PROXY_LINE + OPTIONS)
+            assert status_line(fresh) == b"HTTP/1.1 200 OK"
+        kept.sendall(OPTIONS)
+        assert status_line(kept) == b"HTTP/1.1 200 OK"
+        # The connection counts as the client the header named.
+        assert running.gateway.defender._connections.get(PROXIED_CLIENT) == 1
+    finally:
+        kept.close()
+        for sock in silent:
+            sock.close()
+
+
+def test_a_trusted_proxy_that_sends_no_header_is_closed_and_an_untrusted_peer_at_once(make_gateway):
+    running = _behind_a_proxy(make_gateway, header_timeout=1)
+    for source in ("127.0.0.1", OTHER_ADDRESS):
+        with connect_from(source, running.webdav_port) as sock:
+            sock.settimeout(20)
+            assert read_until_closed(sock) == b""
+    with connect_from("127.0.0.1", running.webdav_port) as sock:
+        sock.settimeout(20)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")   # no PROXY header first
+        assert read_until_closed(sock) == b""
+    assert running.gateway.defender._total_connections == 0
+
+
+def test_a_proxy_header_before_a_tls_handshake_names_the_client(make_gateway, tmp_path):
+    running, context = _tls_gateway(make_gateway, tmp_path, proxy_protocol=True, trusted_proxies=["127.0.0.1"])
+    raw = connect_from("127.0.0.1", running.webdav_port)
+    raw.settimeout(20)
+    raw.sendall(PROXY_LINE)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(OPTIONS)
+        assert status_line(sock) == b"HTTP/1.1 200 OK"
+        assert running.gateway.defender._connections.get(PROXIED_CLIENT) == 1
