@@ -151,6 +151,9 @@ class SFTPFrontEnd:
         self._unauthenticated: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._proxy = ProxyProtocol.for_section(self.config, "sftp")
+        # Connections of a trusted proxy whose PROXY header is being read, each
+        # in a thread of its own (so a silent one holds up no other), by thread.
+        self._header_reads: dict[threading.Thread, socket.socket] = {}
 
     # -- life cycle -----------------------------------------------------------
 
@@ -217,6 +220,15 @@ class SFTPFrontEnd:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        with self._lock:
+            header_reads = dict(self._header_reads)
+        for sock in header_reads.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # ends the header read at once
+            except OSError:
+                pass
+        for thread in header_reads:
+            thread.join(_JOIN_TIMEOUT)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -245,10 +257,46 @@ class SFTPFrontEnd:
                 log.warning("sftp accept failed: %s", exc)
                 self._stopping.wait(0.5)
                 continue
-            # Behind a load balancer the client is who the PROXY header names (None: refused, closed).
-            client = self._proxy.client_address(sock, addr) if self._proxy else addr
-            if client is not None:
+            if self._proxy is None:
+                self._open_connection(sock, addr[0])
+            else:
+                self._read_proxy_header(sock, addr)
+
+    def _read_proxy_header(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Behind a load balancer: read the PROXY header in a thread of its own, then open the connection.
+
+        The accept loop must not wait for it: a trusted proxy's silent
+        connection would hold up every other client for the header timeout.
+        """
+        if not self._proxy.trusts(peer[0]):
+            self._proxy.client_address(sock, peer)   # refuses, logs and closes
+            return
+        with self._lock:
+            busy = len(self._header_reads) >= self.config.max_unauthenticated
+        if busy:
+            log.info("sftp connection from %s refused: %d PROXY headers already being read", peer[0],
+                     self.config.max_unauthenticated)
+            sock.close()
+            return
+
+        def read() -> None:
+            try:
+                # The client the header names (None: refused, and closed).
+                client = self._proxy.client_address(sock, peer)
+                if client is None:
+                    return
+                if self._stopping.is_set() or self.draining.is_set():
+                    sock.close()
+                    return
                 self._open_connection(sock, client[0])
+            finally:
+                with self._lock:
+                    self._header_reads.pop(thread, None)
+
+        thread = threading.Thread(target=read, name=f"sftp-proxy-{peer[0]}", daemon=True)
+        with self._lock:
+            self._header_reads[thread] = sock
+        thread.start()
 
     def _open_connection(self, sock: socket.socket, ip: str) -> None:
         login = LoginServer(self, ip)
