@@ -172,6 +172,9 @@ class SFTPSection:
     # defender's connection slots (shared with WebDAV) until they log in.
     max_unauthenticated: int = 64
     max_unauthenticated_per_ip: int = 10
+    # Seconds a connection over those limits waits, unanswered, for a slot before it
+    # is refused (clients behind one NAT address dial at once); 0: refuse at once.
+    unauthenticated_wait: float = 10.0
     # Channels open at once on one connection (OpenSSH's MaxSessions is 10).
     max_channels: int = 10
     # Seconds a channel may stay open without starting the SFTP subsystem.
