@@ -115,7 +115,7 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
         server = self.server
         # Below cheroot's reader and writer (the SocketIO they read and write
         # through): body reads and response writes keep the minimum rate.
-        self.pace = Pace(server.min_rate, server.rate_window, server.timeout)
+        self.pace = Pace(self.socket, server.min_rate, server.rate_window, server.timeout)
         for stream in (self.rfile, self.wfile):
             raw = getattr(stream, "raw", None)
             if isinstance(raw, socket.SocketIO):
@@ -263,16 +263,9 @@ class GuardedGateway(wsgi.Gateway_10):
                 or type(req.conn.socket) is not socket.socket):
             return 0
         req.conn.wfile.flush()
-        sock, pace = req.conn.socket, getattr(req.conn, "pace", None)
-        if pace is None or not pace.armed:
-            return reader.send_to(sock, length - written)
-        # sendfile waits for the client within the socket's timeout: a client
-        # that stops reading for a whole rate window is given up on then.
-        sock.settimeout(min(pace.window, pace.timeout or pace.window))
-        try:
-            return reader.send_to(sock, length - written)
-        finally:
-            sock.settimeout(pace.timeout)
+        # sendfile waits for the client within the socket's timeout: with the
+        # minimum rate armed, that is its window (pace.py).
+        return reader.send_to(req.conn.socket, length - written)
 
     def write(self, chunk: bytes) -> None:
         req = self.req

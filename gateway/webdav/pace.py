@@ -39,10 +39,13 @@ class Pace:
     """The transfer-rate check of one connection; armed only while a request is being served.
 
     `min_rate` bytes per second over `window` seconds of waiting; 0 turns it
-    off. `timeout` is the connection's socket timeout, restored after each call.
+    off. While armed, the socket's timeout is the window (or `timeout`, the
+    connection's own, if shorter), so no single wait outlasts it: a request
+    below the rate ends within about two windows.
     """
 
-    def __init__(self, min_rate: int, window: float, timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, min_rate: int, window: float, timeout: float | None) -> None:
+        self._sock = sock
         self.min_rate = min_rate
         self.window = window
         self.timeout = timeout
@@ -52,16 +55,20 @@ class Pace:
 
     def arm(self) -> None:
         """A request begins: a fresh window (no-op when the rate check is off)."""
-        self.armed = self.min_rate > 0 and self.window > 0
+        if self.min_rate <= 0 or self.window <= 0:
+            return
         self._waited, self._moved = 0.0, 0
+        self._sock.settimeout(self.window if self.timeout is None else min(self.window, self.timeout))
+        self.armed = True
 
     def disarm(self) -> None:
-        self.armed = False
-
-    def budget(self) -> float:
-        """Seconds the next blocking call may wait for the client: what is left of the window."""
-        left = max(self.window - self._waited, 0.05)
-        return left if self.timeout is None else min(left, self.timeout)
+        """The request is done: the connection's own timeout again."""
+        if self.armed:
+            self.armed = False
+            try:
+                self._sock.settimeout(self.timeout)
+            except OSError:
+                pass   # closed meanwhile
 
     def account(self, waited: float, moved: int) -> None:
         """Add one call's waiting time and bytes; raises TooSlow when a whole window fell short."""
@@ -69,26 +76,23 @@ class Pace:
         self._moved += moved
         if self._waited < self.window:
             return
-        short = self._moved < self.min_rate * self.window
+        short = self._moved < self.min_rate * self._waited
         # A fresh window either way: after TooSlow, the error answer gets one to go out in.
         self._waited, self._moved = 0.0, 0
         if short:
             raise TooSlow(f"under {self.min_rate} bytes/s over {self.window:g} s of waiting for the client")
 
-    def call(self, sock: socket.socket, operation, *args) -> int:
-        """Run `operation(*args)` (a recv_into or send of `sock`) within the window; its byte count."""
+    def call(self, operation, *args) -> int:
+        """Run `operation(*args)` (a recv_into or send of the socket), counting its wait; its byte count."""
         while True:
-            sock.settimeout(self.budget())
             started = time.monotonic()
             try:
                 count = operation(*args)
             except TimeoutError:
-                # A window (or what was left of it) with nothing moved: TooSlow,
-                # unless the bytes earlier in the window were enough; then wait on.
+                # A whole socket timeout with nothing moved: TooSlow, unless the
+                # bytes earlier in the window were enough; then wait on.
                 self.account(time.monotonic() - started, 0)
                 continue
-            finally:
-                sock.settimeout(self.timeout)
             self.account(time.monotonic() - started, count or 0)
             return count
 
@@ -106,12 +110,12 @@ class PacedSocket:
     def recv_into(self, *args) -> int:
         if not self._pace.armed:
             return self._sock.recv_into(*args)
-        return self._pace.call(self._sock, self._sock.recv_into, *args)
+        return self._pace.call(self._sock.recv_into, *args)
 
     def send(self, *args) -> int:
         if not self._pace.armed:
             return self._sock.send(*args)
-        return self._pace.call(self._sock, self._sock.send, *args)
+        return self._pace.call(self._sock.send, *args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
