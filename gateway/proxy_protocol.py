@@ -1,9 +1,11 @@
 """PROXY protocol (v2 binary and v1 text) on freshly accepted sockets, for load balancers in front.
 
-With `proxy_protocol = true` a front-end asks `ProxyProtocol.client_address`
-about every accepted socket: a peer outside `trusted_proxies` is refused, and
+With `proxy_protocol = true` a peer outside `trusted_proxies` is refused, and
 a trusted peer must open with a valid header. The header is read exactly, so
-the bytes after it stay in the socket for cheroot or paramiko.
+the bytes after it stay in the socket for cheroot or paramiko. A silent
+trusted peer must hold up no one else: WebDAV reads the header without
+blocking as it arrives (`read_available`, in cheroot's selector), SFTP in a
+thread per connection (`ProxyProtocol.client_address`, which blocks).
 """
 from __future__ import annotations
 
