@@ -132,7 +132,8 @@ class WebDAVSection:
     proxy_protocol: bool = False
     trusted_proxies: list[str] = field(default_factory=list)
     # Requests served at once (each holds one of `threads`) for one client address,
-    # and for one user, per process; more get 503 with Retry-After at once, so one
+    # and for one user, per process. Beyond its share an address or user borrows idle
+    # threads while a quarter stay free; past that, 503 with Retry-After at once, so one
     # address or account never holds the whole pool. Unset: half of `threads`; 0: no limit.
     max_requests_per_ip: int | None = None
     max_requests_per_user: int | None = None

@@ -6,8 +6,11 @@ unread downloads) in flight than there are threads used to hold every
 thread, and every other client waited. `InFlight` counts the requests being
 served per client address (admitted before the application runs) and per
 user (admitted by `UserShare`, right after wsgidav's authentication, before
-any body is read); a request over either share is answered at once with 503
-and Retry-After, which costs its thread a moment only.
+any body is read). Over its share, an address or user may still borrow idle
+threads while a quarter of the pool stays free for everyone else (twenty
+clients behind one NAT address are not refused while nothing else runs);
+beyond that a request is answered at once with 503 and Retry-After, which
+costs its thread a moment only.
 """
 from __future__ import annotations
 
@@ -26,22 +29,26 @@ _USER = "gateway.inflight.user"
 
 
 class InFlight:
-    """Requests being served, per client address and per user; 0 for a share means no limit."""
+    """Requests being served, per client address and per user, out of `threads`; 0 for a share means no limit."""
 
-    def __init__(self, per_address: int, per_user: int) -> None:
+    def __init__(self, per_address: int, per_user: int, threads: int) -> None:
         self.per_address = per_address
         self.per_user = per_user
+        # Requests in flight over all addresses may borrow up to this many threads.
+        self.ceiling = threads - max(1, threads // 4)
         self._lock = threading.Lock()
         self._addresses: dict[str, int] = defaultdict(int)
         self._users: dict[str, int] = defaultdict(int)
+        self._total = 0   # every request admitted by address
 
-    def _enter(self, counts: dict[str, int], key: str, share: int) -> bool:
+    def _enter(self, counts: dict[str, int], key: str, share: int, new: int) -> bool:
+        """Count one more for `key`, and `new` more in the total: within its share, or while a quarter stays free."""
         with self._lock:
-            if share and counts[key] >= share:
-                if not counts[key]:
-                    del counts[key]
+            held = counts.get(key, 0)
+            if share and held >= share and self._total + new > self.ceiling:
                 return False
-            counts[key] += 1
+            counts[key] = held + 1
+            self._total += new
             return True
 
     def _leave(self, counts: dict[str, int], key: str) -> None:
@@ -51,20 +58,21 @@ class InFlight:
                 del counts[key]
 
     def enter_address(self, environ: dict) -> bool:
-        """Count the request against its client address; False (nothing counted) over the share."""
+        """Count the request against its client address; False (nothing counted) when it may not run now."""
         ip = environ.get("REMOTE_ADDR", "")
-        if not self._enter(self._addresses, ip, self.per_address):
-            log.info("webdav request from %s refused: %d requests of this address in flight", ip,
-                     self.per_address)
+        if not self._enter(self._addresses, ip, self.per_address, 1):
+            log.info("webdav request from %s refused: %d or more requests of this address in flight, "
+                     "%d in all", ip, self.per_address, self._total)
             return False
         environ[_ADDRESS] = ip
         return True
 
     def enter_user(self, environ: dict, user: str) -> bool:
-        """Count the request against its user; False (nothing counted) over the share."""
-        if not self._enter(self._users, user, self.per_user):
-            log.info("webdav request of %r from %s refused: %d requests of this user in flight", user,
-                     environ.get("REMOTE_ADDR", ""), self.per_user)
+        """Count the request against its user; False (nothing counted) when it may not run now."""
+        # This request is in the total already (admitted by address first).
+        if not self._enter(self._users, user, self.per_user, 0):
+            log.info("webdav request of %r from %s refused: %d or more requests of this user in flight, "
+                     "%d in all", user, environ.get("REMOTE_ADDR", ""), self.per_user, self._total)
             return False
         environ[_USER] = user
         return True
@@ -74,6 +82,8 @@ class InFlight:
         ip = environ.pop(_ADDRESS, None)
         if ip is not None:
             self._leave(self._addresses, ip)
+            with self._lock:
+                self._total -= 1
         user = environ.pop(_USER, None)
         if user is not None:
             self._leave(self._users, user)

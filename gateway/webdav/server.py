@@ -65,7 +65,8 @@ class WebDAVServer:
         self._lock_storage = None
         self._prop_manager = None
         self._requests = _RequestCount(gateway.fairness)
-        self.inflight = InFlight(self.section.max_requests_per_ip, self.section.max_requests_per_user)
+        self.inflight = InFlight(self.section.max_requests_per_ip, self.section.max_requests_per_user,
+                                 self.section.threads)
 
     def _open_fs(self, user, client_ip: str):
         # Each request in flight is a session: revoking the user stops its
