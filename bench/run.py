@@ -181,7 +181,9 @@ class Server:
 def gateway_config(work: Path, settings: list[str], s3_table: dict | None) -> dict:
     config = {
         "server": {"state_dir": "gw-state", "log_level": "warning"},
-        "webdav": {"listen": f"127.0.0.1:{free_port()}"},
+        # The same for the share of WebDAV threads one address or user may hold at
+        # once (half of them): every bench client is one user from one address.
+        "webdav": {"listen": f"127.0.0.1:{free_port()}", "max_requests_per_ip": 0, "max_requests_per_user": 0},
         "sftp": {"listen": f"127.0.0.1:{free_port()}"},
         "admin": {"listen": "127.0.0.1:0"},
         # Every bench client comes from 127.0.0.1: the per-address connection cap (64,

@@ -142,6 +142,27 @@ class WebDAVSection:
     # accepted only from these IPs/CIDR networks; every other peer is refused.
     proxy_protocol: bool = False
     trusted_proxies: list[str] = field(default_factory=list)
+    # Requests served at once (each holds one of `threads`) for one client address,
+    # and for one user, per process. Beyond its share an address or user borrows idle
+    # threads while a quarter stay free; past that, 503 with Retry-After at once, so one
+    # address or account never holds the whole pool. Unset: half of `threads`; 0: no limit.
+    max_requests_per_ip: int | None = None
+    max_requests_per_user: int | None = None
+    # A request whose body or response moves under `min_rate` bytes/s over
+    # `min_rate_window` seconds spent waiting for the client is ended; 0: no minimum.
+    min_rate: int = 500
+    min_rate_window: int = 20
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ConfigError(f"threads: must be at least 1, got {self.threads}")
+        share = max(1, self.threads // 2)
+        if self.max_requests_per_ip is None:
+            self.max_requests_per_ip = share
+        if self.max_requests_per_user is None:
+            self.max_requests_per_user = share
+        if self.min_rate and not self.min_rate_window:
+            raise ConfigError("min_rate_window: must be at least 1 second while min_rate is set")
 
 
 @dataclass
@@ -163,6 +184,9 @@ class SFTPSection:
     # defender's connection slots (shared with WebDAV) until they log in.
     max_unauthenticated: int = 64
     max_unauthenticated_per_ip: int = 10
+    # Seconds a connection over those limits waits, unanswered, for a slot before it
+    # is refused (clients behind one NAT address dial at once); 0: refuse at once.
+    unauthenticated_wait: float = 10.0
     # Channels open at once on one connection (OpenSSH's MaxSessions is 10).
     max_channels: int = 10
     # Seconds a channel may stay open without starting the SFTP subsystem.

@@ -1,9 +1,11 @@
 """PROXY protocol (v2 binary and v1 text) on freshly accepted sockets, for load balancers in front.
 
-With `proxy_protocol = true` a front-end asks `ProxyProtocol.client_address`
-about every accepted socket: a peer outside `trusted_proxies` is refused, and
+With `proxy_protocol = true` a peer outside `trusted_proxies` is refused, and
 a trusted peer must open with a valid header. The header is read exactly, so
-the bytes after it stay in the socket for cheroot or paramiko.
+the bytes after it stay in the socket for cheroot or paramiko. A silent
+trusted peer must hold up no one else: WebDAV reads the header without
+blocking as it arrives (`read_available`, in cheroot's selector), SFTP in a
+thread per connection (`ProxyProtocol.client_address`, which blocks).
 """
 from __future__ import annotations
 
@@ -93,34 +95,96 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return data
 
 
-def read_header(sock: socket.socket, timeout: float = HEADER_TIMEOUT) -> Address | None:
-    """Read one PROXY header (v2 or v1) from the start of `sock`, and nothing after it.
+def header_bytes_wanted(data: bytes) -> int:
+    """How many more bytes to read after `data` (the start of a connection) without passing the header's end.
 
-    Returns the client's (ip, port), or None when the header names no client:
-    a v2 LOCAL command (HAProxy's health checks), v1 UNKNOWN, or a v2 address
-    family other than IPv4/IPv6. Then, as the specification says, the
-    connection is served with the peer's own address.
+    0 once `data` is a complete header. Reading exactly this many (or fewer)
+    never takes a byte of the client's own stream: v2 says its length, and a
+    v1 line is read a byte at a time until its CRLF.
+
+    Raises:
+        ProxyHeaderError: `data` cannot start a valid PROXY header, or is over its size limit.
+    """
+    if len(data) < len(V1_PREFIX):
+        # Both versions are longer than 6 bytes ("PROXY UNKNOWN\r\n" is 15), so this never over-reads.
+        if not (V1_PREFIX.startswith(data) or V2_SIGNATURE.startswith(data)):
+            raise ProxyHeaderError("connection does not start with a PROXY header")
+        return len(V1_PREFIX) - len(data)
+    if data.startswith(V1_PREFIX):
+        if data.endswith(b"\r\n"):
+            return 0
+        if len(data) >= V1_MAX:
+            raise ProxyHeaderError(f"PROXY v1 line longer than {V1_MAX} bytes")
+        return 1
+    if data[:len(V2_SIGNATURE)] != V2_SIGNATURE[:len(data)]:
+        raise ProxyHeaderError("connection does not start with a PROXY header")
+    if len(data) < 16:
+        return 16 - len(data)
+    version, command = data[12] >> 4, data[12] & 0x0F
+    (length,) = struct.unpack("!H", data[14:16])
+    if version != 2 or command not in (0, 1):
+        raise ProxyHeaderError(f"unsupported PROXY v2 version/command byte {data[12]:#04x}")
+    if length > V2_MAX_PAYLOAD:
+        raise ProxyHeaderError(f"PROXY v2 header of {length} bytes is over the {V2_MAX_PAYLOAD} limit")
+    return 16 + length - len(data)
+
+
+def parse_header(header: bytes) -> Address | None:
+    """The client a complete PROXY header (as `header_bytes_wanted` read it) names.
+
+    Returns None when it names no client: a v2 LOCAL command (HAProxy's
+    health checks), v1 UNKNOWN, or a v2 address family other than IPv4/IPv6.
+    Then, as the specification says, the connection is served with the
+    peer's own address.
+
+    Raises:
+        ProxyHeaderError: the header is malformed.
+    """
+    if header.startswith(V1_PREFIX):
+        return _parse_v1(header)
+    return _parse_v2(header)
+
+
+def read_header(sock: socket.socket, timeout: float = HEADER_TIMEOUT) -> Address | None:
+    """Read one PROXY header (v2 or v1) from the start of the blocking `sock`, and nothing after it.
+
+    Blocks for up to `timeout` seconds: for a thread of the connection's own,
+    never an accept loop (`read_available` is the non-blocking way).
+    Returns what `parse_header` returns.
 
     Raises:
         ProxyHeaderError: the header is missing, malformed, too large, or not
             complete within `timeout` seconds.
     """
     deadline = time.monotonic() + timeout
-    # Both versions are longer than 6 bytes ("PROXY UNKNOWN\r\n" is 15), so this never over-reads.
-    start = _recv_exact(sock, len(V1_PREFIX), deadline)
-    if start == V1_PREFIX:
-        return _read_v1(sock, start, deadline)
-    if start == V2_SIGNATURE[:len(start)]:
-        return _read_v2(sock, start, deadline)
-    raise ProxyHeaderError("connection does not start with a PROXY header")
+    data = b""
+    while wanted := header_bytes_wanted(data):
+        data += _recv_exact(sock, wanted, deadline)
+    return parse_header(data)
 
 
-def _read_v1(sock: socket.socket, line: bytes, deadline: float) -> Address | None:
-    # One byte at a time: the line ends at CRLF and what follows belongs to the client.
-    while not line.endswith(b"\r\n"):
-        if len(line) >= V1_MAX:
-            raise ProxyHeaderError(f"PROXY v1 line longer than {V1_MAX} bytes")
-        line += _recv_exact(sock, 1, deadline)
+def read_available(sock: socket.socket, header: bytearray) -> bool:
+    """Append to `header` what the non-blocking `sock` has of its PROXY header now; True once complete.
+
+    Never reads past the header, so the bytes after it (HTTP, a TLS
+    ClientHello, an SSH banner) stay in the socket.
+
+    Raises:
+        ProxyHeaderError: the header is malformed or too large, or the connection ended first.
+        OSError: from the socket.
+    """
+    while wanted := header_bytes_wanted(bytes(header)):
+        try:
+            chunk = sock.recv(wanted)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise ProxyHeaderError("connection closed before a complete PROXY header")
+        header += chunk
+    return True
+
+
+def _parse_v1(line: bytes) -> Address | None:
     try:
         text = line[:-2].decode("ascii")
     except UnicodeDecodeError:
@@ -144,19 +208,11 @@ def _read_v1(sock: socket.socket, line: bytes, deadline: float) -> Address | Non
     return str(_canonical(source)), int(source_port)
 
 
-def _read_v2(sock: socket.socket, start: bytes, deadline: float) -> Address | None:
-    head = start + _recv_exact(sock, 16 - len(start), deadline)
-    if head[:12] != V2_SIGNATURE:
-        raise ProxyHeaderError("connection does not start with a PROXY header")
-    version, command = head[12] >> 4, head[12] & 0x0F
-    family, transport = head[13] >> 4, head[13] & 0x0F
-    (length,) = struct.unpack("!H", head[14:16])
-    if version != 2 or command not in (0, 1):
-        raise ProxyHeaderError(f"unsupported PROXY v2 version/command byte {head[12]:#04x}")
-    if length > V2_MAX_PAYLOAD:
-        raise ProxyHeaderError(f"PROXY v2 header of {length} bytes is over the {V2_MAX_PAYLOAD} limit")
-    # Read the whole block (addresses and TLVs) even when it is not used: it is not the client's data.
-    payload = _recv_exact(sock, length, deadline) if length else b""
+def _parse_v2(header: bytes) -> Address | None:
+    command = header[12] & 0x0F
+    family, transport = header[13] >> 4, header[13] & 0x0F
+    # The whole block (addresses and TLVs) was read even when it is not used: it is not the client's data.
+    payload = header[16:]
     if command == 0:
         return None
     if family == 1:
@@ -167,8 +223,8 @@ def _read_v2(sock: socket.socket, start: bytes, deadline: float) -> Address | No
         return None
     if transport != 1:
         raise ProxyHeaderError(f"PROXY v2 header for a non-stream transport ({transport})")
-    if length < layout.size:
-        raise ProxyHeaderError(f"PROXY v2 address block of {length} bytes is too short")
+    if len(payload) < layout.size:
+        raise ProxyHeaderError(f"PROXY v2 address block of {len(payload)} bytes is too short")
     source, _dest, source_port, _dest_port = layout.unpack_from(payload)
     return str(_canonical(str(ipaddress.ip_address(source)))), source_port
 
@@ -214,11 +270,17 @@ class ProxyProtocol:
         except (ProxyHeaderError, OSError) as exc:
             self._refuse(sock, ip, f"trusted proxy sent no valid header: {exc}")
             return None
-        if client is None:
-            return str(_canonical(ip)), peer[1]
-        return client
+        return self.client_of(client, peer)
 
-    def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
+    @staticmethod
+    def client_of(named: Address | None, peer: Address) -> Address:
+        """The client: the one a header named, else (LOCAL, UNKNOWN) the peer itself."""
+        if named is None:
+            return str(_canonical(peer[0])), peer[1]
+        return named
+
+    def refused(self, ip: str, reason: str) -> None:
+        """Log a refused peer: the first refusal per address at WARNING, repeats at DEBUG."""
         with self._lock:
             first = ip not in self._warned
             if first:
@@ -227,12 +289,19 @@ class ProxyProtocol:
                 self._warned.add(ip)
         log.log(logging.WARNING if first else logging.DEBUG,
                 "%s connection from %s refused (proxy_protocol is on): %s", self.name, ip, reason)
+
+    def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
+        self.refused(ip, reason)
         # Closed after logging, so the line is written by the time the peer sees the close.
         sock.close()
 
 
 class ProxiedListener:
     """A listening socket whose accept() answers with the client named in the PROXY header.
+
+    accept() blocks for up to the policy's timeout on a silent trusted peer:
+    only for a listener whose accept loop serves nothing else. cheroot's
+    reads the header without blocking (webdav/http.py, HeaderGate).
 
     cheroot takes the address accept() returns as REMOTE_ADDR, which the
     defender, wsgidav and the audit log all read; wrapping the listener sets it

@@ -223,3 +223,20 @@ def test_proxied_listener_turns_a_refusal_into_an_accept_timeout():
                 listener.accept()
             client.settimeout(5)
             assert client.recv(10) == b""
+
+
+# -- SFTP behind a load balancer: a silent proxy connection holds up no other --------------
+
+def test_silent_connections_of_a_trusted_proxy_delay_no_sftp_banner(make_gateway):
+    running = make_gateway(sftp=True, extra={"sftp": {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"]}})
+    # Each of these used to hold the accept loop for 5 s, one after the other.
+    silent = [socket.create_connection(("127.0.0.1", running.sftp_port)) for _ in range(10)]
+    try:
+        with socket.create_connection(("127.0.0.1", running.sftp_port), timeout=20) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 5000 2022\r\n")
+            assert client.makefile("rb").readline().startswith(b"SSH-2.0-")
+            (sftp,) = [f for f in running.gateway.frontends if f.name == "sftp"]
+            assert sftp._unauthenticated.get("203.0.113.7") == 1
+    finally:
+        for sock in silent:
+            sock.close()

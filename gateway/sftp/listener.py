@@ -9,7 +9,10 @@ it started.
 
 A connection that has not logged in counts against `max_unauthenticated` (in
 total and per address) only; it takes one of the defender's connection slots,
-which WebDAV shares, once it has logged in.
+which WebDAV shares, once it has logged in. A connection over those limits
+waits, unanswered, up to `unauthenticated_wait` seconds for a slot (clients
+behind one NAT address dial many at once) in a short queue served by its own
+thread; only then is it refused.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -150,7 +153,13 @@ class SFTPFrontEnd:
         self._connections: set[LoginServer] = set()
         self._unauthenticated: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+        # Connections waiting for an unauthenticated slot: (socket, address, deadline), oldest first.
+        self._waiting: deque[tuple[socket.socket, str, float]] = deque()
+        self._slot_freed = threading.Condition(self._lock)
         self._proxy = ProxyProtocol.for_section(self.config, "sftp")
+        # Connections of a trusted proxy whose PROXY header is being read, each
+        # in a thread of its own (so a silent one holds up no other), by thread.
+        self._header_reads: dict[threading.Thread, socket.socket] = {}
 
     # -- life cycle -----------------------------------------------------------
 
@@ -180,7 +189,8 @@ class SFTPFrontEnd:
         self._stopping.clear()
         self.draining.clear()
         self._threads = [threading.Thread(target=self._accept_loop, name="sftp-accept", daemon=True),
-                         threading.Thread(target=self._reap_loop, name="sftp-idle", daemon=True)]
+                         threading.Thread(target=self._reap_loop, name="sftp-idle", daemon=True),
+                         threading.Thread(target=self._queue_loop, name="sftp-queue", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -217,6 +227,15 @@ class SFTPFrontEnd:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        with self._lock:
+            header_reads = dict(self._header_reads)
+        for sock in header_reads.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)   # ends the header read at once
+            except OSError:
+                pass
+        for thread in header_reads:
+            thread.join(_JOIN_TIMEOUT)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -245,17 +264,104 @@ class SFTPFrontEnd:
                 log.warning("sftp accept failed: %s", exc)
                 self._stopping.wait(0.5)
                 continue
-            # Behind a load balancer the client is who the PROXY header names (None: refused, closed).
-            client = self._proxy.client_address(sock, addr) if self._proxy else addr
-            if client is not None:
-                self._open_connection(sock, client[0])
+            if self._proxy is None:
+                self._open_connection(sock, addr[0])
+            else:
+                self._read_proxy_header(sock, addr)
 
-    def _open_connection(self, sock: socket.socket, ip: str) -> None:
-        login = LoginServer(self, ip)
-        if self.gateway.defender.is_banned(ip) or not self._admit_unauthenticated(login):
-            log.info("sftp connection from %s refused (unauthenticated limit or ban)", ip)
+    def _read_proxy_header(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Behind a load balancer: read the PROXY header in a thread of its own, then open the connection.
+
+        The accept loop must not wait for it: a trusted proxy's silent
+        connection would hold up every other client for the header timeout.
+        """
+        if not self._proxy.trusts(peer[0]):
+            self._proxy.client_address(sock, peer)   # refuses, logs and closes
+            return
+        with self._lock:
+            busy = len(self._header_reads) >= self.config.max_unauthenticated
+        if busy:
+            log.info("sftp connection from %s refused: %d PROXY headers already being read", peer[0],
+                     self.config.max_unauthenticated)
             sock.close()
             return
+
+        def read() -> None:
+            try:
+                # The client the header names (None: refused, and closed).
+                client = self._proxy.client_address(sock, peer)
+                if client is None:
+                    return
+                if self._stopping.is_set() or self.draining.is_set():
+                    sock.close()
+                    return
+                self._open_connection(sock, client[0])
+            finally:
+                with self._lock:
+                    self._header_reads.pop(thread, None)
+
+        thread = threading.Thread(target=read, name=f"sftp-proxy-{peer[0]}", daemon=True)
+        with self._lock:
+            self._header_reads[thread] = sock
+        thread.start()
+
+    def _open_connection(self, sock: socket.socket, ip: str) -> None:
+        if self.gateway.defender.is_banned(ip):
+            log.info("sftp connection from %s refused (banned)", ip)
+            sock.close()
+            return
+        with self._lock:
+            login = self._take_slot(ip)
+            queued = login is None and self._enqueue(sock, ip)
+        if login is not None:
+            self._start_transport(sock, login)
+        elif not queued:
+            log.info("sftp connection from %s refused (unauthenticated limit, queue full)", ip)
+            sock.close()
+
+    def _enqueue(self, sock: socket.socket, ip: str) -> bool:
+        """Queue a connection over the unauthenticated limits (lock held); False when it must be refused."""
+        wait = self.config.unauthenticated_wait
+        if self._stopping.is_set():
+            return False   # the queue's thread is gone or going
+        # The queue is short: as many as may be unauthenticated, and per address as many as it may have.
+        if not wait or len(self._waiting) >= self.config.max_unauthenticated or \
+                sum(1 for _, queued, _ in self._waiting if queued == ip) >= self.config.max_unauthenticated_per_ip:
+            return False
+        self._waiting.append((sock, ip, time.monotonic() + wait))
+        return True
+
+    def _queue_loop(self) -> None:
+        """Give freed unauthenticated slots to waiting connections, oldest first; refuse those past their wait."""
+        while not self._stopping.is_set():
+            admitted, refused = [], []
+            with self._lock:
+                self._slot_freed.wait(0.25)
+                now, left = time.monotonic(), deque()
+                ending = self._stopping.is_set() or self.draining.is_set()
+                for sock, ip, deadline in self._waiting:
+                    login = None if ending else self._take_slot(ip)
+                    if login is not None:
+                        admitted.append((sock, login))
+                    elif ending or deadline <= now:
+                        refused.append((sock, ip))
+                    else:
+                        left.append((sock, ip, deadline))
+                self._waiting = left
+            for sock, login in admitted:
+                self._start_transport(sock, login)
+            for sock, ip in refused:
+                log.info("sftp connection from %s refused (unauthenticated limit; no slot within %gs)", ip,
+                         self.config.unauthenticated_wait)
+                sock.close()
+        with self._lock:
+            waiting, self._waiting = self._waiting, deque()
+        for sock, _, _ in waiting:
+            sock.close()
+
+    def _start_transport(self, sock: socket.socket, login: LoginServer) -> None:
+        """Run the SSH server for a connection that holds an unauthenticated slot, in its own thread."""
+        ip = login.ip
         metrics.CONNECTIONS.labels("sftp").inc()
         metrics.CONNECTIONS_OPEN.labels("sftp").inc()
         try:
@@ -277,24 +383,24 @@ class SFTPFrontEnd:
             self._connection_ended(login)
             sock.close()
 
-    def _admit_unauthenticated(self, login: LoginServer) -> bool:
-        """Count a new connection as not logged in; False over `max_unauthenticated` (total or per address)."""
-        with self._lock:
-            total = sum(self._unauthenticated.values())
-            if total >= self.config.max_unauthenticated or \
-                    self._unauthenticated[login.ip] >= self.config.max_unauthenticated_per_ip:
-                if not self._unauthenticated[login.ip]:
-                    del self._unauthenticated[login.ip]
-                return False
-            self._unauthenticated[login.ip] += 1
-            login.slot = "unauthenticated"
-            self._connections.add(login)
-            return True
+    def _take_slot(self, ip: str) -> LoginServer | None:
+        """A new connection counted as not logged in (lock held); None over `max_unauthenticated` (total or per address)."""
+        total = sum(self._unauthenticated.values())
+        if total >= self.config.max_unauthenticated or \
+                self._unauthenticated.get(ip, 0) >= self.config.max_unauthenticated_per_ip:
+            return None
+        login = LoginServer(self, ip)
+        self._unauthenticated[ip] += 1
+        login.slot = "unauthenticated"
+        self._connections.add(login)
+        return login
 
     def _release_unauthenticated(self, ip: str) -> None:
+        """Give back an unauthenticated slot (lock held), to the oldest connection waiting for one."""
         self._unauthenticated[ip] -= 1
         if self._unauthenticated[ip] <= 0:
             del self._unauthenticated[ip]
+        self._slot_freed.notify()
 
     def _logged_in(self, login: LoginServer) -> bool:
         """Move a connection that logged in to a defender slot; False when the limits refuse it."""

@@ -33,6 +33,15 @@ def _request_line(environ: dict) -> str:
     return f"{environ.get('REQUEST_METHOD', '?')} {path}{'?' + query if query else ''}"
 
 
+def _client_timeout(exc: BaseException | None) -> TimeoutError | None:
+    """The socket timeout behind `exc` (wrapped by wsgidav or not): the client stalled or crawled."""
+    for _ in range(8):
+        if exc is None or isinstance(exc, TimeoutError):
+            return exc
+        exc = getattr(exc, "src_exception", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def _log_unexpected(environ: dict) -> None:
     """Log the request's unexpected exception, if any, once: the request line and its traceback."""
     if UNEXPECTED_ERROR in environ:
@@ -100,20 +109,28 @@ class ErrorPages(BaseMiddleware):
                 close = getattr(app_iter, "close", None)
                 if close is not None:
                     close()
-        except DAVError as exc:
-            if exc.value == 500:
+        except Exception as exc:
+            timeout = _client_timeout(exc)
+            if timeout is not None:
+                # The client stalled, or moved under the minimum rate (pace.py):
+                # not our error. A body left unread closes the connection.
+                environ.pop(UNEXPECTED_ERROR, None)
+                log.info("%s from %s ended: the client was too slow (%s)", _request_line(environ),
+                         environ.get("REMOTE_ADDR", ""), timeout)
+                if started:
+                    raise
+                yield from self._page(environ, start_response, "408 Request Timeout", [])
+                return
+            if not isinstance(exc, DAVError):
+                environ.setdefault(UNEXPECTED_ERROR, exc)
+                exc = DAVError(500)
+            elif exc.value == 500:
                 # The exception wsgidav wrapped, else the DAVError itself.
                 environ.setdefault(UNEXPECTED_ERROR, exc.src_exception or exc)
             if started:
                 raise   # the status line is out; cheroot drops the connection
             _log_unexpected(environ)
             yield from self._error(environ, start_response, exc)
-        except Exception as exc:
-            environ.setdefault(UNEXPECTED_ERROR, exc)
-            if started:
-                raise
-            _log_unexpected(environ)
-            yield from self._error(environ, start_response, DAVError(500))
 
     def _replace_page(self, environ: dict, start_response, captured: _Captured):
         if _status_code(captured.status) == 500:

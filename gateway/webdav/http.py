@@ -17,7 +17,9 @@ Stock cheroot also does the TLS handshake in that selector thread, blocking,
 for up to the socket timeout: one client that opens a connection and sends
 half a ClientHello stalled every other connection for a minute. Here the
 handshake is non-blocking too, driven by the same selector within the same
-deadline as the headers.
+deadline as the headers. So is the PROXY protocol header of a load balancer
+in front (`proxy_protocol`): read before the handshake, as it arrives; the
+connection counts against the limits of the client it names once it is read.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 
 from .. import metrics
+from ..proxy_protocol import ProxyHeaderError, ProxyProtocol, parse_header, read_available
 from ..shared_listener import SharedListenerServer
 from .body import direct_socket, read_body_into
+from .pace import Pace, PacedSocket
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +105,22 @@ class DeferredContinueConnection(cheroot_server.HTTPConnection):
     # adapter that wrapped it, and whether its first byte was TLS.
     tls_adapter = None
     tls_started = False
+    # Set by HeaderGate behind a load balancer (proxy_protocol) until the PROXY
+    # header is read: its bytes so far, and the monotonic time of the accept.
+    proxy_header: bytearray | None = None
+    accepted_at = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        label = self.server.metrics_label
+        server = self.server
+        # Below cheroot's reader and writer (the SocketIO they read and write
+        # through): body reads and response writes keep the minimum rate.
+        self.pace = Pace(self.socket, server.min_rate, server.rate_window, server.timeout)
+        for stream in (self.rfile, self.wfile):
+            raw = getattr(stream, "raw", None)
+            if isinstance(raw, socket.SocketIO):
+                raw._sock = PacedSocket(raw._sock, self.pace)
+        label = server.metrics_label
         self._counted = label is not None
         if label is not None:
             metrics.CONNECTIONS.labels(label).inc()
@@ -129,7 +145,9 @@ class _RequestBody:
     def __init__(self, req: DeferredContinueRequest) -> None:
         self._req = req
         self._rfile = req.rfile
-        self._socket = direct_socket(req)
+        sock = direct_socket(req)
+        pace = getattr(req.conn, "pace", None)
+        self._socket = PacedSocket(sock, pace) if sock is not None and pace is not None else sock
 
     @property
     def direct(self) -> bool:
@@ -195,7 +213,18 @@ class GuardedGateway(wsgi.Gateway_10):
     content_length: int | None = None
 
     def respond(self) -> None:
-        # cheroot's respond, plus the hand-off to sendfile after the first chunk.
+        # cheroot's respond, plus the hand-off to sendfile after the first chunk,
+        # and the minimum transfer rate while the request is served.
+        pace = getattr(self.req.conn, "pace", None)
+        if pace is not None:
+            pace.arm()
+        try:
+            self._respond()
+        finally:
+            if pace is not None:
+                pace.disarm()
+
+    def _respond(self) -> None:
         response = self.req.server.wsgi_app(self.env, self.start_response)
         try:
             written = 0
@@ -234,6 +263,8 @@ class GuardedGateway(wsgi.Gateway_10):
                 or type(req.conn.socket) is not socket.socket):
             return 0
         req.conn.wfile.flush()
+        # sendfile waits for the client within the socket's timeout: with the
+        # minimum rate armed, that is its window (pace.py).
         return reader.send_to(req.conn.socket, length - written)
 
     def write(self, chunk: bytes) -> None:
@@ -275,15 +306,28 @@ _PLAIN_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConte
 class _AdmittingSocket:
     """The listening socket as HeaderGate lets cheroot see it: accept() refuses over the limits."""
 
-    def __init__(self, sock: socket.socket, admit: Callable[[str], bool], name: str) -> None:
+    def __init__(self, sock: socket.socket, admit: Callable[[str], bool], name: str,
+                 proxy: ProxyProtocol | None = None) -> None:
         self._sock = sock
         self._admit = admit
         self._name = name
+        self._proxy = proxy
         self.ip: str | None = None
+        self.proxied = False
 
     def accept(self):
         sock, addr = self._sock.accept()
         ip = addr[0] if isinstance(addr, tuple) else ""
+        if self._proxy is not None:
+            # Security: only a trusted proxy may name another address; anyone
+            # else could forge a header to dodge a ban or frame an innocent address.
+            if not self._proxy.trusts(ip):
+                self._proxy.refused(ip, "the peer is not in trusted_proxies")
+                sock.close()
+                raise BlockingIOError(errno.EAGAIN, "connection refused: not a trusted proxy")
+            # Admitted (and counted) once its PROXY header names the client.
+            self.proxied = True
+            return sock, addr
         if not self._admit(ip):
             log.info("%s connection from %s refused: connection limit", self._name, ip)
             sock.close()
@@ -291,6 +335,16 @@ class _AdmittingSocket:
             raise BlockingIOError(errno.EAGAIN, "connection refused by limit")
         self.ip = ip
         return sock, addr
+
+
+class _BelowTLS:
+    """A socket's plain TCP recv, also for a TLS socket before its handshake (the PROXY header precedes it)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def recv(self, size: int) -> bytes:
+        return socket.socket.recv(self._sock, size)
 
 
 class HeaderGate(connections.ConnectionManager):
@@ -309,7 +363,8 @@ class HeaderGate(connections.ConnectionManager):
         if server_socket is None:
             # stop_accepting() closed the listener after select() saw a connection.
             return None
-        listener = _AdmittingSocket(server_socket, self.server.admit_connection, self.server.name)
+        listener = _AdmittingSocket(server_socket, self.server.admit_connection, self.server.name,
+                                    self.server.proxy)
         try:
             if self.server.ssl_adapter is not None:
                 conn = self._accept_tls(listener)
@@ -327,8 +382,47 @@ class HeaderGate(connections.ConnectionManager):
         conn.client_ip = listener.ip
         conn.last_used = time.time()
         conn.header_buffer = bytearray()
-        conn.header_deadline = time.monotonic() + self.server.header_timeout
+        conn.accepted_at = time.monotonic()
+        conn.header_deadline = conn.accepted_at + self.server.header_timeout
+        if listener.proxied:
+            conn.proxy_header = bytearray()
+            conn.header_deadline = conn.accepted_at + min(self.server.header_timeout, self.server.proxy.timeout)
         return conn
+
+    def _proxy_header_done(self, conn) -> bool:
+        """Read `conn`'s PROXY header as far as it has come, without blocking; True once it is read and admitted.
+
+        False: it waits for more (registered for reading again), or it was
+        refused (the connection is closed).
+        """
+        server, proxy, sock = self.server, self.server.proxy, conn.socket
+        peer = conn.remote_addr or ""
+        try:
+            sock.setblocking(False)
+            complete = read_available(_BelowTLS(sock), conn.proxy_header)
+            named = parse_header(bytes(conn.proxy_header)) if complete else None
+        except (ProxyHeaderError, OSError) as exc:
+            proxy.refused(peer, f"trusted proxy sent no valid header: {exc}")
+            conn.close()
+            return False
+        finally:
+            try:
+                sock.settimeout(server.timeout)
+            except OSError:
+                pass
+        if not complete:
+            self._selector.register(sock.fileno(), connections.selectors.EVENT_READ, data=conn)
+            return False
+        named = proxy.client_of(named, (peer, conn.remote_port))
+        conn.proxy_header = None
+        if not server.admit_connection(named[0]):
+            log.info("%s connection from %s (through %s) refused: connection limit", server.name, named[0], peer)
+            conn.close()
+            return False
+        conn.client_ip = named[0]
+        conn.remote_addr, conn.remote_port = named
+        conn.header_deadline = conn.accepted_at + server.header_timeout
+        return True
 
     def _accept_tls(self, listener: "_AdmittingSocket"):
         """Accept a connection and wrap it for TLS without a handshake yet (headers_complete drives it)."""
@@ -412,6 +506,8 @@ class HeaderGate(connections.ConnectionManager):
         back); every read is non-blocking. A connection that is closed here,
         or must wait for more bytes, is handled and False returned.
         """
+        if conn.proxy_header is not None and not self._proxy_header_done(conn):
+            return False
         if conn.tls_adapter is not None and not self._handshake_done(conn):
             return False
         rfile = conn.rfile
@@ -484,8 +580,12 @@ class HeaderGate(connections.ConnectionManager):
                 if conn is not self.server and conn.header_buffer is not None
                 and conn.header_deadline < now]
         for fd, conn in late:
-            log.info("%s connection from %s closed: no complete request headers within %ds",
-                     self.server.name, conn.client_ip, self.server.header_timeout)
+            if conn.proxy_header is not None:
+                self.server.proxy.refused(conn.remote_addr or "", "trusted proxy sent no complete header "
+                                          "in time")
+            else:
+                log.info("%s connection from %s closed: no complete request headers within %ds",
+                         self.server.name, conn.client_ip, self.server.header_timeout)
             self._selector.unregister(fd)
             conn.close()
 
@@ -509,6 +609,11 @@ class GatewayHTTPServer(SharedListenerServer):
     # (Not "protocol": cheroot's own attribute, "HTTP/1.1".)
     metrics_label: str | None = "webdav"
     name = "webdav"
+    # Behind a load balancer: the PROXY protocol policy (None: off). HeaderGate reads the header.
+    proxy: ProxyProtocol | None = None
+    # Minimum transfer rate of bodies and responses (bytes/s over seconds of waiting; 0: none). See pace.py.
+    min_rate = 0
+    rate_window = 0.0
 
     def __init__(self, *args, admit: Callable[[str], bool], release: Callable[[str], None],
                  header_timeout: int, max_header_size: int,
@@ -564,7 +669,8 @@ def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, heade
                 max_header_size: int, admit: Callable[[str], bool] = lambda ip: True,
                 release: Callable[[str], None] = lambda ip: None,
                 sock: socket.socket | None = None, name: str = "webdav",
-                protocol: str | None = "webdav") -> wsgi.Server:
+                protocol: str | None = "webdav", min_rate: int = 0,
+                rate_window: float = 0.0, proxy: ProxyProtocol | None = None) -> wsgi.Server:
     """A cheroot WSGI server with the refinements above.
 
     `admit(ip)` decides at accept whether a connection may open (and counts
@@ -572,6 +678,10 @@ def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, heade
     With `sock` (a bound, listening socket that other worker processes share)
     the server accepts on it instead of binding `bind`. `name` goes in log
     lines; `protocol` labels its connections in the metrics (None: uncounted).
+    A request whose body or response moves under `min_rate` bytes/s over
+    `rate_window` seconds of waiting for the client is ended (pace.py; 0: never).
+    With `proxy`, every connection must open with a PROXY header from a trusted
+    peer; the client it names is the connection's address (REMOTE_ADDR, limits).
     """
     server = GatewayHTTPServer(bind, app, numthreads=threads, timeout=timeout,
                                server_name="gateway" if name == "webdav" else f"gateway-{name}",
@@ -579,5 +689,7 @@ def make_server(bind: tuple[str, int], app, *, threads: int, timeout: int, heade
                                release=release, header_timeout=header_timeout,
                                max_header_size=max_header_size, shared_socket=sock)
     server.name, server.metrics_label = name, protocol
+    server.min_rate, server.rate_window = min_rate, rate_window
+    server.proxy = proxy
     server.gateway = GuardedGateway
     return server

@@ -11,13 +11,14 @@ from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
-from ..proxy_protocol import ProxiedListener, ProxyProtocol
+from ..proxy_protocol import ProxyProtocol
 from ..shared_listener import reload_tls
 from .auth import GatewayDomainController
 from .dir_browser import DirBrowser
 from .error_page import ErrorPages
 from .guard import RequestGuard, front_door
 from .http import make_server
+from .inflight import InFlight, UserShare, busy
 from . import lazy_debug
 from ..errors import GatewayError
 from .provider import MACOS_PATTERNS, UserFSProvider
@@ -64,6 +65,8 @@ class WebDAVServer:
         self._lock_storage = None
         self._prop_manager = None
         self._requests = _RequestCount(gateway.fairness)
+        self.inflight = InFlight(self.section.max_requests_per_ip, self.section.max_requests_per_user,
+                                 self.section.threads)
 
     def _open_fs(self, user, client_ip: str):
         # Each request in flight is a session: revoking the user stops its
@@ -117,10 +120,10 @@ class WebDAVServer:
                 "trusted_auth_header": None,
             },
             "gateway": {"auth": self.gateway.auth, "max_xml_body": section.max_xml_body,
-                        "macos_files": section.macos_files},
+                        "macos_files": section.macos_files, "inflight": self.inflight},
             "lock_storage": self._lock_storage,
             "property_manager": self._prop_manager,
-            "middleware_stack": [ErrorPages, HTTPAuthenticator, RequestGuard,
+            "middleware_stack": [ErrorPages, HTTPAuthenticator, UserShare, RequestGuard,
                                  DirBrowser, RequestResolver],
             "block_size": section.block_size,
             "verbose": 1,
@@ -133,7 +136,8 @@ class WebDAVServer:
                             "libre_office_support": False, "response_trailer": "",
                             "show_user": True},
         }
-        return front_door(_closing_sessions(WsgiDAVApp(config), self.gateway.sessions, self._requests),
+        return front_door(_closing_sessions(WsgiDAVApp(config), self.gateway.sessions, self._requests,
+                                            self.inflight),
                           self.gateway.defender)
 
     def start(self) -> None:
@@ -152,7 +156,10 @@ class WebDAVServer:
                              max_header_size=section.max_header_size,
                              admit=lambda ip: defender.open_connection(ip, check_ban=False),
                              release=defender.close_connection,
-                             sock=self.gateway.listeners.get(self.name))
+                             sock=self.gateway.listeners.get(self.name),
+                             min_rate=section.min_rate, rate_window=section.min_rate_window,
+                             # Read per connection as it arrives: REMOTE_ADDR is the client it names.
+                             proxy=ProxyProtocol.for_section(section, "webdav"))
         server.keep_alive_conn_limit = keep_alive_limit(section.threads,
                                                         self.gateway.config.defender.max_connections)
         if section.tls_cert is not None:
@@ -163,10 +170,6 @@ class WebDAVServer:
         except BaseException:
             self._close_state()
             raise
-        proxy = ProxyProtocol.for_section(section, "webdav")
-        if proxy is not None:
-            # Below cheroot and TLS: REMOTE_ADDR is the client the PROXY header names.
-            server.socket = ProxiedListener(server.socket, proxy)
         self._server = server
         host, port = server.bind_addr[:2]
         self.address = (host, port)
@@ -257,10 +260,12 @@ class _ClosingBody:
             self._close_session()
 
 
-def _closing_sessions(app, sessions: "SessionRegistry", requests: _RequestCount):
+def _closing_sessions(app, sessions: "SessionRegistry", requests: _RequestCount, inflight: InFlight):
     """Wrap the wsgidav app so the session a request opened is closed when the response is done.
 
-    `requests` counts the requests in between (cheroot closes every body it got).
+    `requests` counts the requests in between (cheroot closes every body it got);
+    `inflight` admits them by client address first, and its counts (the user's
+    too) are given back then.
     """
 
     def close_session(environ: dict) -> None:
@@ -269,9 +274,12 @@ def _closing_sessions(app, sessions: "SessionRegistry", requests: _RequestCount)
             if fs is not None and fs.session is not None:
                 sessions.close(fs.session)
         finally:
+            inflight.leave(environ)
             requests.add(-1)
 
     def wrapped(environ: dict, start_response):
+        if not inflight.enter_address(environ):
+            return busy(start_response, "address")
         requests.add(1)
         try:
             body = app(environ, start_response)

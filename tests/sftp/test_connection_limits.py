@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import io
 import resource
+import select
 import signal
 import socket
 import subprocess
+import threading
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -193,3 +195,43 @@ def test_start_raises_the_soft_open_file_limit_to_the_hard_one(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "open file limit raised from 256" in err
+
+
+def test_a_connection_over_the_per_address_limit_waits_for_a_slot_instead_of_being_refused(tmp_path, host_key_dir):
+    with gateway_with(tmp_path, host_key_dir, sftp={"max_unauthenticated_per_ip": 2,
+                                                    "unauthenticated_wait": 30}) as running:
+        held = [socket.create_connection(("127.0.0.1", running.sftp_port), timeout=20) for _ in range(2)]
+        try:
+            for sock in held:
+                assert sock.recv(64).startswith(b"SSH-2.0-")
+            (sftp,) = [f for f in running.gateway.frontends if f.name == "sftp"]
+            with socket.create_connection(("127.0.0.1", running.sftp_port), timeout=20) as waiting:
+                # Queued, or (as it used to be) refused: no banner while both slots are held.
+                wait_for(lambda: len(getattr(sftp, "_waiting", ())) == 1
+                         or select.select([waiting], [], [], 0)[0], "the third connection accepted")
+                held.pop().close()
+                assert waiting.recv(64).startswith(b"SSH-2.0-")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_sixteen_clients_dialling_at_once_from_one_address_all_log_in(tmp_path, host_key_dir):
+    # The per-address limit (10) stays; the six over it wait for the first logins.
+    with gateway_with(tmp_path, host_key_dir, sftp={"unauthenticated_wait": 60}) as running:
+        running.add_user("alice")
+        problems: list[str] = []
+
+        def client(number: int) -> None:
+            try:
+                with sftp_client(running.sftp_port, "alice") as sftp:
+                    sftp.listdir("/")
+            except Exception as exc:
+                problems.append(f"client {number}: {exc!r}")
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert problems == []

@@ -199,3 +199,259 @@ def test_plain_http_on_the_tls_port_gets_a_plain_400(make_gateway, tmp_path):
         reply = read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 400 Bad Request"), reply[:200]
     assert b"HTTPS" in reply
+
+
+# -- bodies and responses: one address or user holds only its share of the threads ----------
+
+def _basic(user: str) -> str:
+    import base64
+
+    from tests.conftest import PASSWORD
+    return "Basic " + base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
+
+
+def _accepted() -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("gateway_connections_total", {"protocol": "webdav"}) or 0.0
+
+
+def propfind_from(source: str, port: int, user: str) -> bytes:
+    """The status line of a PROPFIND / by `user` from the loopback address `source`.
+
+    Bounded by 30 s, half the server's socket timeout: a client starved of
+    threads until stalled transfers time out gets no answer, not a late one.
+    """
+    with connect_from(source, port) as sock:
+        sock.settimeout(30)
+        sock.sendall(f"PROPFIND / HTTP/1.1\r\nHost: gateway\r\nDepth: 0\r\nAuthorization: {_basic(user)}\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        return read_until_closed(sock).split(b"\r\n", 1)[0]
+
+
+def send_requests(port: int, sources: list[str], request: bytes, receive_buffer: int = 0) -> list[socket.socket]:
+    """One connection per entry of `sources` that sends `request`; returns once the gateway accepted all."""
+    before = _accepted()
+    socks = []
+    try:
+        for source in sources:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            if receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(60)
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request)
+        # Accepted connections whose headers are all there are queued for a
+        # thread in accept order: a later connection comes after these.
+        wait_for(lambda: _accepted() >= before + len(sources), "every connection accepted")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+@contextmanager
+def drip_puts(port: int, user: str, sources: list[str], interval: float = 1.0) -> Iterator[list[socket.socket]]:
+    """One PUT per entry of `sources` whose 1 MB body arrives one byte every `interval` seconds."""
+    request = (f"PUT /drip HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic(user)}\r\n"
+               f"Content-Length: 1000000\r\n\r\nx").encode()
+    socks = send_requests(port, sources, request)
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(interval):
+            for sock in socks:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=drip, name="dripper")
+    thread.start()
+    try:
+        yield socks
+    finally:
+        stop.set()
+        thread.join()
+        for sock in socks:
+            sock.close()
+
+
+def refused_with_503(socks: list[socket.socket]) -> int:
+    """How many of `socks` were answered 503 with Retry-After (each read until the server closes it)."""
+    count = 0
+    for sock in socks:
+        if select.select([sock], [], [], 0)[0]:
+            answer = read_until_closed(sock)
+            if answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: " in answer:
+                count += 1
+    return count
+
+
+def _without_rate_minimum(**webdav) -> dict:
+    # The drips are far under the default minimum rate, which would end them
+    # within its window: these tests are about the shares of the threads alone.
+    return {"webdav": {"min_rate": 0, **webdav}}
+
+
+def test_drip_uploads_from_one_address_leave_threads_for_another_address(make_gateway):
+    running = make_gateway(webdav=True, extra=_without_rate_minimum())
+    running.add_user("alice")
+    running.add_user("bob")
+    assert propfind_from("127.0.0.1", running.webdav_port, "alice").startswith(b"HTTP/1.1 207")
+    # One more slow upload than there are worker threads (32).
+    with drip_puts(running.webdav_port, "alice", ["127.0.0.1"] * 33) as socks:
+        assert propfind_from(OTHER_ADDRESS, running.webdav_port, "bob") == b"HTTP/1.1 207 Multi-Status"
+        # Half the threads (16) are the address's share; it borrowed idle ones
+        # until a quarter (8) were left for others, and the rest were refused at once.
+        assert refused_with_503(socks) == 33 - 24
+
+
+def test_drip_uploads_of_one_user_from_two_addresses_leave_threads_for_another_user(make_gateway):
+    running = make_gateway(webdav=True, extra=_without_rate_minimum())
+    running.add_user("alice")
+    running.add_user("bob")
+    assert propfind_from("127.0.0.1", running.webdav_port, "alice").startswith(b"HTTP/1.1 207")
+    # Each address stays within its share (16); together they are over the threads.
+    with drip_puts(running.webdav_port, "alice", ["127.0.0.3"] * 16 + ["127.0.0.4"] * 17) as socks:
+        assert propfind_from(OTHER_ADDRESS, running.webdav_port, "bob") == b"HTTP/1.1 207 Multi-Status"
+        # Her share (16), and idle threads borrowed until a quarter (8) were left.
+        assert refused_with_503(socks) >= 33 - 24
+        (webdav,) = [f for f in running.gateway.frontends if f.name == "webdav"]
+        assert webdav.inflight.held(user="alice") <= 24
+
+
+def test_unread_downloads_from_one_address_leave_threads_for_another_address(make_gateway):
+    running = make_gateway(webdav=True, extra=_without_rate_minimum())
+    running.add_user("alice")
+    running.add_user("bob")
+    (running.data / "alice").mkdir(exist_ok=True)
+    (running.data / "alice" / "big").write_bytes(bytes(20 << 20))
+    request = f"GET /big HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic('alice')}\r\n\r\n".encode()
+    # A small receive buffer and no reading: every response stalls in its send.
+    socks = send_requests(running.webdav_port, ["127.0.0.1"] * 33, request, receive_buffer=4096)
+    try:
+        assert propfind_from(OTHER_ADDRESS, running.webdav_port, "bob") == b"HTTP/1.1 207 Multi-Status"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# -- bodies and responses: a minimum transfer rate ----------------------------------------
+
+SLOW_ADDRESS = "127.0.0.5"
+
+
+def _rate(min_rate: int, window: int) -> dict:
+    return {"webdav": {"min_rate": min_rate, "min_rate_window": window}}
+
+
+def test_an_upload_dripping_under_the_minimum_rate_is_ended_and_leaves_no_file(make_gateway):
+    running = make_gateway(webdav=True, extra=_rate(1000, 2))
+    running.add_user("alice")
+    with drip_puts(running.webdav_port, "alice", [SLOW_ADDRESS], interval=0.5) as (sock,):
+        sock.settimeout(30)
+        read_until_closed(sock)
+    wait_for(lambda: running.gateway.defender._connections.get(SLOW_ADDRESS) is None, "the slot given back")
+    assert DavClient(running.webdav_port, "alice").get("/drip").status == 404
+
+
+def test_a_download_the_client_stops_reading_is_ended_within_the_rate_window(make_gateway):
+    running = make_gateway(webdav=True, extra=_rate(1000, 2))
+    running.add_user("alice")
+    (running.data / "alice").mkdir(exist_ok=True)
+    (running.data / "alice" / "big").write_bytes(bytes(20 << 20))
+    request = f"GET /big HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic('alice')}\r\n\r\n".encode()
+    (sock,) = send_requests(running.webdav_port, [SLOW_ADDRESS], request, receive_buffer=4096)
+    with sock:
+        # Far below the server's socket timeout (60 s): only the rate ends it this soon.
+        wait_for(lambda: running.gateway.defender._connections.get(SLOW_ADDRESS) is None,
+                 "the stalled download ended", limit=30)
+        assert len(read_until_closed(sock)) < 20 << 20
+
+
+def test_a_slow_upload_above_the_minimum_rate_completes(make_gateway):
+    running = make_gateway(webdav=True, extra=_rate(1000, 1))
+    running.add_user("alice")
+    body = bytes(range(256)) * 80           # 20 KiB at about 5 KiB/s
+    with connect_from(SLOW_ADDRESS, running.webdav_port) as sock:
+        sock.sendall(f"PUT /steady HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic('alice')}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        for start in range(0, len(body), 1024):
+            sock.sendall(body[start:start + 1024])
+            threading.Event().wait(0.2)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 201 ")
+    assert (running.data / "alice" / "steady").read_bytes() == body
+
+
+# -- PROXY headers behind a load balancer: read as they arrive, never waited for ----------
+
+PROXIED_CLIENT = "203.0.113.7"
+PROXY_LINE = f"PROXY TCP4 {PROXIED_CLIENT} 127.0.0.1 5000 8080\r\n".encode()
+OPTIONS = b"OPTIONS / HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+
+def _behind_a_proxy(make_gateway, **webdav):
+    return make_gateway(webdav=True, extra={"webdav": {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"],
+                                                       **webdav}})
+
+
+def status_line(sock: socket.socket) -> bytes:
+    """The status line of the next response on `sock` (its headers read, its empty body too)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_silent_connections_of_a_trusted_proxy_hold_up_no_other_request(make_gateway):
+    running = _behind_a_proxy(make_gateway)
+    kept = connect_from("127.0.0.1", running.webdav_port)
+    silent = []
+    try:
+        kept.settimeout(20)
+        kept.sendall(PROXY_LINE + OPTIONS)
+        assert status_line(kept) == b"HTTP/1.1 200 OK"
+        # Each of these used to hold the accept path for 5 s, one after the other.
+        silent = [connect_from("127.0.0.1", running.webdav_port) for _ in range(10)]
+        with connect_from("127.0.0.1", running.webdav_port) as fresh:
+            fresh.settimeout(20)
+            fresh.sendall(PROXY_LINE + OPTIONS)
+            assert status_line(fresh) == b"HTTP/1.1 200 OK"
+        kept.sendall(OPTIONS)
+        assert status_line(kept) == b"HTTP/1.1 200 OK"
+        # The connection counts as the client the header named.
+        assert running.gateway.defender._connections.get(PROXIED_CLIENT) == 1
+    finally:
+        kept.close()
+        for sock in silent:
+            sock.close()
+
+
+def test_a_trusted_proxy_that_sends_no_header_is_closed_and_an_untrusted_peer_at_once(make_gateway):
+    running = _behind_a_proxy(make_gateway, header_timeout=1)
+    for source in ("127.0.0.1", OTHER_ADDRESS):
+        with connect_from(source, running.webdav_port) as sock:
+            sock.settimeout(20)
+            assert read_until_closed(sock) == b""
+    with connect_from("127.0.0.1", running.webdav_port) as sock:
+        sock.settimeout(20)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")   # no PROXY header first
+        assert read_until_closed(sock) == b""
+    assert running.gateway.defender._total_connections == 0
+
+
+def test_a_proxy_header_before_a_tls_handshake_names_the_client(make_gateway, tmp_path):
+    running, context = _tls_gateway(make_gateway, tmp_path, proxy_protocol=True, trusted_proxies=["127.0.0.1"])
+    raw = connect_from("127.0.0.1", running.webdav_port)
+    raw.settimeout(20)
+    raw.sendall(PROXY_LINE)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(OPTIONS)
+        assert status_line(sock) == b"HTTP/1.1 200 OK"
+        assert running.gateway.defender._connections.get(PROXIED_CLIENT) == 1
