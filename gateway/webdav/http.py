@@ -242,7 +242,7 @@ class GuardedGateway(wsgi.Gateway_10):
                 # A body shorter than its Content-Length (the file shrank while
                 # it was read): the client would wait for the rest, or take the
                 # next response for it. End the connection instead.
-                log.warning("%s %s: the body ended %d bytes short of its Content-Length; closing the "
+                log.warning("%r %r: the body ended %d bytes short of its Content-Length; closing the "
                             "connection", self.env.get("REQUEST_METHOD"), self.env.get("PATH_INFO", ""),
                             length - written)
                 self.req.close_connection = True
