@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+from paramiko.sftp import CMD_CLOSE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (CONNECTS, PASSWORD, REPO, S3_USER, USER, Http, RssWatch, Server, _children,  # noqa: E402
@@ -394,10 +395,19 @@ class SftpClient:
         self.soak.ledger.created_empty(path, certain=False)
 
         def write(sftp: paramiko.SFTPClient) -> None:
-            with sftp.open(path, "wb") as fh:
-                fh.set_pipelined(self.pipelined)
+            fh = sftp.open(path, "wb")
+            fh.set_pipelined(self.pipelined)
+            try:
                 for i in range(0, len(data), 32768):
                     fh.write(data[i:i + 32768])
+                fh.flush()
+                sftp._finish_responses(fh)      # a pipelined handle's WRITE statuses; raises on a failed one
+            finally:
+                # paramiko's close() swallows a failed CLOSE, and CLOSE is where the server
+                # reports a failed upload (pipelining clients learn of failed WRITEs there):
+                # send it here, so that its status counts.
+                fh._closed = True
+                sftp._request(CMD_CLOSE, fh.handle)
         try:
             self.call(write)
         except Outcome as e:
