@@ -16,6 +16,8 @@ import logging
 from wsgidav.dav_error import DAVError, get_http_status_string
 from wsgidav.mw.base_mw import BaseMiddleware
 
+from ..errors import GatewayError
+
 log = logging.getLogger(__name__)
 
 _NO_BODY = (204, 304)
@@ -34,11 +36,21 @@ def _request_line(environ: dict) -> str:
 
 
 def _client_timeout(exc: BaseException | None) -> TimeoutError | None:
-    """The socket timeout behind `exc` (wrapped by wsgidav or not): the client stalled or crawled."""
+    """The socket timeout behind `exc` (wrapped by wsgidav or not): the client stalled or crawled.
+
+    A GatewayError ends the search: its timeouts are storage's or the
+    store's (an S3 read timeout is a 503, not the client's 408), and so is
+    whatever it replaced with `raise ... from None`.
+    """
     for _ in range(8):
         if exc is None or isinstance(exc, TimeoutError):
             return exc
-        exc = getattr(exc, "src_exception", None) or exc.__cause__ or exc.__context__
+        if isinstance(exc, GatewayError):
+            return None
+        wrapped = getattr(exc, "src_exception", None) or exc.__cause__
+        if wrapped is None and not exc.__suppress_context__:
+            wrapped = exc.__context__
+        exc = wrapped
     return None
 
 
