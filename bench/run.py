@@ -379,12 +379,23 @@ class Http:
         if self.conn is None:
             self.conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=self.timeout)
         try:
-            self.conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
-            response = self.conn.getresponse()
+            try:
+                self.conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
+            except (BrokenPipeError, ConnectionResetError) as sending:
+                # A server may answer before it reads a body (401, 503) and close:
+                # read that answer, as curl does, rather than report a broken pipe.
+                try:
+                    response = self.conn.getresponse()
+                except Exception:
+                    raise sending from None
+            else:
+                response = self.conn.getresponse()
             data = response.read()
         except Exception:
             self.close()
             raise
+        if response.will_close:
+            self.close()
         return response.status, response, data
 
     def expect(self, method: str, path: str, statuses: tuple[int, ...], **kwargs) -> http.client.HTTPResponse:

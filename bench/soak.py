@@ -41,6 +41,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -341,6 +342,9 @@ class DavClient:
 def sftp_outcome(exc: BaseException) -> Outcome:
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return Outcome("hang (client timeout)", False, str(exc))
+    if isinstance(exc, OSError) and str(exc) == "Socket is closed":
+        # paramiko's word for a request on a transport that already died: the connection is gone.
+        return Outcome("SFTP connection: closed", False, str(exc))
     if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.args:
         message = str(exc.args[-1]) if exc.args else ""
         # A status with a message (SFTP_FAILURE "No space left", ENOENT...): a clear failure.
@@ -402,12 +406,14 @@ class SftpClient:
                     fh.write(data[i:i + 32768])
                 fh.flush()
                 sftp._finish_responses(fh)      # a pipelined handle's WRITE statuses; raises on a failed one
-            finally:
-                # paramiko's close() swallows a failed CLOSE, and CLOSE is where the server
-                # reports a failed upload (pipelining clients learn of failed WRITEs there):
-                # send it here, so that its status counts.
-                fh._closed = True
-                sftp._request(CMD_CLOSE, fh.handle)
+            except BaseException:
+                fh.close()                      # the write's error is the outcome, not the close's
+                raise
+            # paramiko's close() swallows a failed CLOSE, and CLOSE is where the server
+            # reports a failed upload (pipelining clients learn of failed WRITEs there):
+            # send it here, so that its status counts.
+            fh._closed = True
+            sftp._request(CMD_CLOSE, fh.handle)
         try:
             self.call(write)
         except Outcome as e:
@@ -873,8 +879,12 @@ class Soak:
     def leftovers(self) -> dict:
         out: dict[str, object] = {}
         from gateway.storage.base import TEMP_PREFIX as prefix     # the name the local backend's temp files start with
-        temps = [str(p) for p in Path(self.work / "data").rglob(f"{prefix}*")]
+        temps = [p for p in Path(self.work / "data").rglob(f"{prefix}*")]
         out["temp files"] = len(temps)
+        if temps:
+            # Which, how big and how old: enough to tell whose upload it was.
+            out["temp file examples"] = [f"{p.relative_to(self.work)} {p.stat().st_size} B, "
+                                         f"{time.time() - p.stat().st_mtime:.0f} s old" for p in temps[:5]]
         if self.s3 is not None:
             client = self.s3.client()
             try:
@@ -1050,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=60, help="seconds of load")
     parser.add_argument("--webdav", type=int, default=48, help="WebDAV clients")
+    parser.add_argument("--keep-logs", type=Path, help="copy each node's gateway.log into this folder")
     parser.add_argument("--sftp", type=int, default=16, help="SFTP clients (half pipelined, half checking each write)")
     parser.add_argument("--fault", choices=FAULTS, default="none")
     parser.add_argument("--fault-seconds", type=float, default=8, help="how long a fault lasts")
@@ -1086,6 +1097,10 @@ def main(argv: list[str] | None = None) -> int:
         result = soak.run()
     finally:
         soak.stop()
+        if args.keep_logs:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for log_file in work.glob("node*/gateway.log"):
+                shutil.copy2(log_file, args.keep_logs / f"{log_file.parent.name}.log")
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
     print(render(result))
     out = args.out or RESULTS / (f"soak-{time.strftime('%Y%m%d-%H%M%S')}-{args.fault}-{args.backend}-{args.store}"
