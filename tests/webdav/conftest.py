@@ -89,6 +89,17 @@ def proppatch_body(name: str, ns: str, value: str) -> bytes:
             f'<D:set><D:prop><Z:{name}>{value}</Z:{name}></D:prop></D:set></D:propertyupdate>').encode()
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """A response's status line and headers, read from a raw socket (what arrives until the blank line)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def read_until_closed(sock) -> bytes:
     """Everything a raw socket receives until the server closes (or resets) it."""
     data = b""

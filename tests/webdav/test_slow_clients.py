@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from tests.conftest import wait_for
 from tests.test_serve import _listening_ports, config, start, wait_for_line
-from tests.webdav.conftest import DavClient, read_until_closed
+from tests.webdav.conftest import DavClient, read_head, read_until_closed
 
 OTHER_ADDRESS = "127.0.0.2"
 
@@ -38,22 +38,34 @@ def still_connected(sock: socket.socket) -> bool:
 def tricklers(port: int, count: int, source: str, interval: float = 0.5) -> Iterator[list[socket.socket]]:
     """`count` connections that send one more header line every `interval` seconds, never the end."""
     socks = [connect_from(source, port) for _ in range(count)]
-    stop = threading.Event()
-
-    def trickle() -> None:
+    try:
         for sock in socks:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: gateway\r\n")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    with sending(socks, b"X-Slow: still coming\r\n", interval, "trickler"):
+        yield socks
+
+
+@contextmanager
+def sending(socks: list[socket.socket], data: bytes, interval: float, name: str) -> Iterator[None]:
+    """Send `data` on every socket every `interval` seconds while the block runs; then close them all."""
+    stop = threading.Event()
+
+    def keep_sending() -> None:
         while not stop.wait(interval):
             for sock in socks:
                 try:
-                    sock.sendall(b"X-Slow: still coming\r\n")
+                    sock.send(data)
                 except OSError:
                     pass
 
-    thread = threading.Thread(target=trickle, name="trickler")
+    thread = threading.Thread(target=keep_sending, name=name)
     thread.start()
     try:
-        yield socks
+        yield
     finally:
         stop.set()
         thread.join()
@@ -258,25 +270,8 @@ def drip_puts(port: int, user: str, sources: list[str], interval: float = 1.0) -
     request = (f"PUT /drip HTTP/1.1\r\nHost: gateway\r\nAuthorization: {_basic(user)}\r\n"
                f"Content-Length: 1000000\r\n\r\nx").encode()
     socks = send_requests(port, sources, request)
-    stop = threading.Event()
-
-    def drip() -> None:
-        while not stop.wait(interval):
-            for sock in socks:
-                try:
-                    sock.send(b"x")
-                except OSError:
-                    pass
-
-    thread = threading.Thread(target=drip, name="dripper")
-    thread.start()
-    try:
+    with sending(socks, b"x", interval, "dripper"):
         yield socks
-    finally:
-        stop.set()
-        thread.join()
-        for sock in socks:
-            sock.close()
 
 
 def refused_with_503(socks: list[socket.socket]) -> int:
@@ -400,13 +395,7 @@ def _behind_a_proxy(make_gateway, **webdav):
 
 def status_line(sock: socket.socket) -> bytes:
     """The status line of the next response on `sock` (its headers read, its empty body too)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\r\n", 1)[0]
+    return read_head(sock).split(b"\r\n", 1)[0]
 
 
 def test_silent_connections_of_a_trusted_proxy_hold_up_no_other_request(make_gateway):

@@ -7,7 +7,7 @@ import socket
 
 from gateway.vfs import UserFS
 from tests.conftest import PASSWORD
-from tests.webdav.conftest import LOCK_BODY, DavClient, proppatch_body, read_until_closed
+from tests.webdav.conftest import LOCK_BODY, DavClient, proppatch_body, read_head, read_until_closed
 
 
 def _auth_header(user: str, password: str = PASSWORD) -> str:
@@ -17,16 +17,6 @@ def _auth_header(user: str, password: str = PASSWORD) -> str:
 def _connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     return sock
-
-
-def _read_head(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def _leftovers(home) -> list[str]:
@@ -65,7 +55,7 @@ def test_unauthenticated_big_put_is_refused_without_100_continue_or_reading_the_
     # 100 Continue first) never answers 401 here.
     sock.sendall(b"PUT /big.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 10737418240\r\n"
                  b"Expect: 100-continue\r\n\r\n")
-    head = _read_head(sock)
+    head = read_head(sock)
     assert head.startswith(b"HTTP/1.1 401"), head
     assert b"connection: close" in head.lower()
     assert read_until_closed(sock) is not None   # the server closes; no body is awaited
@@ -77,7 +67,7 @@ def test_wrong_password_big_put_without_expect_is_refused_and_the_connection_clo
     sock = _connect(dav.webdav_port)
     sock.sendall((f"PUT /big.bin HTTP/1.1\r\nHost: x\r\n{_auth_header('alice', 'wrong')}"
                   "Content-Length: 10737418240\r\n\r\n").encode() + b"z" * 65536)
-    head = _read_head(sock)
+    head = read_head(sock)
     assert head.startswith(b"HTTP/1.1 401"), head
     sock.close()
 
@@ -87,7 +77,7 @@ def test_unauthorized_put_is_refused_before_the_body_with_403(dav):
     sock = _connect(dav.webdav_port)
     sock.sendall((f"PUT /big.bin HTTP/1.1\r\nHost: x\r\n{_auth_header('reader')}"
                   "Content-Length: 10737418240\r\nExpect: 100-continue\r\n\r\n").encode())
-    head = _read_head(sock)
+    head = read_head(sock)
     assert head.startswith(b"HTTP/1.1 403"), head
     sock.close()
 
@@ -96,9 +86,9 @@ def test_authorized_put_with_expect_gets_100_continue_when_the_body_is_wanted(da
     sock = _connect(dav.webdav_port)
     sock.sendall((f"PUT /e.txt HTTP/1.1\r\nHost: x\r\n{_auth_header('alice')}"
                   "Content-Length: 5\r\nExpect: 100-continue\r\n\r\n").encode())
-    assert _read_head(sock).startswith(b"HTTP/1.1 100 Continue")
+    assert read_head(sock).startswith(b"HTTP/1.1 100 Continue")
     sock.sendall(b"hello")
-    assert _read_head(sock).startswith(b"HTTP/1.1 201")
+    assert read_head(sock).startswith(b"HTTP/1.1 201")
     sock.close()
     assert alice.get("/e.txt").body == b"hello"
 
