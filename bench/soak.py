@@ -44,7 +44,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -495,78 +494,6 @@ class SftpClient:
 
 # -- faults -----------------------------------------------------------------------------
 
-class Forwarder:
-    """A TCP forwarder on a port of its own: cut() closes it and every connection, restore()
-    opens it again on the same port; `delay` seconds are added before each chunk forwarded."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target, self.port, self.delay = target_port, free_port(), 0.0
-        self.conns: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        self.listener: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(256)
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), name="soak-forward", daemon=True).start()
-
-    def cut(self) -> None:
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        with self.lock:
-            conns, self.conns = self.conns, set()
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                # Linger 0: the close resets. The shutdown wakes the thread blocked in recv on
-                # it (a close alone would not, and the socket would stay open, silent).
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.conns |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), name="soak-forward", daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                if self.delay:
-                    time.sleep(self.delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            with self.lock:
-                self.conns.discard(src)
-            src.close()
-
-    def close(self) -> None:
-        self.cut()
-
-
 def tree(root: int) -> list[int]:
     children, pids, out = _children(), [root], []
     while pids:
@@ -615,11 +542,12 @@ class Soak:
                                      f"store.node_timeout={self.args.node_timeout}",
                                      f"store.sweep_interval={self.args.sweep_interval}"]
         settings += args.set
+        from tests.s3_server import TcpForwarder   # the same cuttable, slowable TCP path the tests use
         if args.store == "postgresql":
             from tests.postgres import running_postgres
             self.pg = self.stack.enter_context(running_postgres())
-            self.pg_forward = Forwarder(self.pg.port)
-            self.stack.callback(self.pg_forward.close)
+            self.pg_forward = TcpForwarder(("127.0.0.1", self.pg.port))
+            self.stack.callback(self.pg_forward.cut)
             url = self.pg.create_database().replace(f":{self.pg.port}/", f":{self.pg_forward.port}/")
             settings.append(f'store.url="{url}"')
         s3_table = None
@@ -627,8 +555,8 @@ class Soak:
             self.s3 = start_moto(self.work)
             self.stack.callback(self.s3.stop)
             self.stack.callback(lambda: os.kill(self.s3.pid, signal.SIGCONT))   # never leave it frozen
-            self.s3_forward = Forwarder(int(self.s3.endpoint_url.rpartition(":")[2]))
-            self.stack.callback(self.s3_forward.close)
+            self.s3_forward = TcpForwarder(("127.0.0.1", int(self.s3.endpoint_url.rpartition(":")[2])))
+            self.stack.callback(self.s3_forward.cut)
             s3_table = self.s3.backend_table(prefix="soak/",
                                              endpoint_url=f"http://127.0.0.1:{self.s3_forward.port}")
         data = self.work / "data"

@@ -13,9 +13,11 @@ import os
 import secrets
 import selectors
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,17 +163,19 @@ def start_s3_server_process(bucket: str = "gateway-test", *, setup: str = "") ->
 
 
 class TcpForwarder:
-    """A TCP path from 127.0.0.1:`port` to `target` that a test can cut and restore.
+    """A TCP path from 127.0.0.1:`port` to `target` that a test or the soak cuts, restores and slows.
 
-    `cut()` closes the listener and every connection through it, as a
-    network failure between the gateway and S3 would (new connections are
-    refused); `restore()` listens on the same port again. Its threads are
-    named "moto-..." like the server's.
+    `cut()` closes the listener and resets every connection through it, as a
+    network failure between the gateway and S3 or PostgreSQL would (new
+    connections are refused); `restore()` listens on the same port again;
+    `delay` seconds are slept before each chunk forwarded (a slow link). Its
+    threads are named "moto-..." like the server's.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.port = 0
+        self.delay = 0.0
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -186,7 +190,7 @@ class TcpForwarder:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
+        listener.listen(256)
         self.port = listener.getsockname()[1]
         self._listener = listener
         self._start(self._accept, listener)
@@ -201,6 +205,8 @@ class TcpForwarder:
             doomed, self._sockets = self._sockets, set()
         for sock in doomed:
             with contextlib.suppress(OSError):
+                # Linger 0: the close resets. The shutdown wakes the pump blocked in recv on it.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         for thread in self._threads:
@@ -210,7 +216,7 @@ class TcpForwarder:
     def _start(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, name=f"{THREAD_PREFIX}forward", daemon=True)
         thread.start()
-        self._threads.append(thread)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -230,16 +236,28 @@ class TcpForwarder:
                     server.close()
                     return
                 self._sockets |= {client, server}
-            self._start(self._pump, client, server)
-            self._start(self._pump, server, client)
+            ended: list[socket.socket] = []
+            self._start(self._pump, client, server, ended)
+            self._start(self._pump, server, client, ended)
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, ended: list[socket.socket]) -> None:
         try:
             while data := source.recv(65536):
+                if self.delay:
+                    time.sleep(self.delay)
                 sink.sendall(data)
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        with self._lock:
+            # Both directions done: the pair is closed, so a long soak holds no dead sockets.
+            ended.append(source)
+            done = len(ended) == 2
+            if done:
+                self._sockets -= {source, sink}
+        if done:
+            source.close()
+            sink.close()
 
 
 @contextlib.contextmanager
